@@ -1,0 +1,389 @@
+//! Authentication: finds the bearer token in a request and verifies it into an [`Identity`].
+//!
+//! Tokens are HS256 JWTs (other HMAC algorithms only when configured): `iss` is the application,
+//! `sub` the user, `exp` is required, `nbf` is honoured. Both identifiers must be safe to embed in
+//! Redis keys and channel names. Each failure has a stable machine-readable reason.
+
+use base64::Engine;
+use http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::config::Config;
+
+/// The longest application or user id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// The claim that grants extra rights. A string or an array of strings.
+pub const ROLE_CLAIM: &str = "sse_role";
+
+/// Why a token was refused. Every variant is a 401 with `WWW-Authenticate: Bearer error="invalid_token"`
+/// (except `MissingToken`, which per RFC 6750 carries no error code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token in the Authorization header or the access_token query parameter")]
+    MissingToken,
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    #[error("the token's algorithm is not accepted")]
+    UnsupportedAlgorithm,
+    #[error("the token's signature does not match")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token's claims are missing or invalid (exp, iss and sub are required; iss and sub must be safe ids)")]
+    InvalidClaims,
+}
+
+impl AuthError {
+    /// The stable reason string used in JSON bodies, logs and metric labels.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::MissingToken => "missing_token",
+            AuthError::Malformed => "malformed",
+            AuthError::UnsupportedAlgorithm => "unsupported_algorithm",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::InvalidClaims => "invalid_claims",
+        }
+    }
+}
+
+/// Extra rights a token may carry in [`ROLE_CLAIM`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// May `POST /publish` to its application.
+    pub publisher: bool,
+    /// May list every connection of its application.
+    pub operator: bool,
+}
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub app: String,
+    pub user: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    pub roles: Roles,
+}
+
+/// Verifies tokens against one secret and algorithm allow-list.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    pub fn new(config: &Config) -> Verifier {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = config.jwt_algorithms.clone();
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        validation.leeway = config.jwt_leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        Verifier {
+            key: DecodingKey::from_secret(config.jwt_secret.expose()),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.check_algorithm(token)?;
+        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
+            .map_err(|e| map_jwt_error(e.kind()))?;
+        let claims = data.claims;
+        let text = |name: &str| -> Result<String, AuthError> {
+            match claims.get(name) {
+                Some(Value::String(s)) if is_safe_id(s) => Ok(s.clone()),
+                _ => Err(AuthError::InvalidClaims),
+            }
+        };
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or(AuthError::InvalidClaims)?;
+        Ok(Identity {
+            app: text("iss")?,
+            user: text("sub")?,
+            exp,
+            roles: parse_roles(claims.get(ROLE_CLAIM))?,
+        })
+    }
+
+    /// Reads `alg` ourselves so that `none` and asymmetric algorithms get their own reason
+    /// instead of a generic parse failure.
+    fn check_algorithm(&self, token: &str) -> Result<(), AuthError> {
+        let header = token.split('.').next().ok_or(AuthError::Malformed)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .map_err(|_| AuthError::Malformed)?;
+        let header: Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+        let alg = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or(AuthError::Malformed)?;
+        let accepted = self
+            .validation
+            .algorithms
+            .iter()
+            .any(|a| format!("{a:?}") == alg);
+        if accepted {
+            Ok(())
+        } else {
+            Err(AuthError::UnsupportedAlgorithm)
+        }
+    }
+}
+
+fn parse_roles(claim: Option<&Value>) -> Result<Roles, AuthError> {
+    let mut roles = Roles::default();
+    let mut grant = |name: &str| match name {
+        "publisher" => roles.publisher = true,
+        "operator" => roles.operator = true,
+        _ => {} // unknown roles grant nothing
+    };
+    match claim {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => grant(s),
+        Some(Value::Array(items)) => {
+            for item in items {
+                grant(item.as_str().ok_or(AuthError::InvalidClaims)?);
+            }
+        }
+        Some(_) => return Err(AuthError::InvalidClaims),
+    }
+    Ok(roles)
+}
+
+fn map_jwt_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => {
+            AuthError::UnsupportedAlgorithm
+        }
+        ErrorKind::MissingRequiredClaim(_)
+        | ErrorKind::InvalidClaimFormat(_)
+        | ErrorKind::InvalidIssuer
+        | ErrorKind::InvalidSubject
+        | ErrorKind::InvalidAudience => AuthError::InvalidClaims,
+        _ => AuthError::Malformed,
+    }
+}
+
+/// Application and user ids become parts of Redis keys, channel names and URL path segments, so only
+/// `A-Z a-z 0-9 . _ ~ @ + = -` are allowed, 1 to [`MAX_ID_LEN`] bytes: no `:`, glob characters,
+/// slashes, whitespace or control characters.
+pub fn is_safe_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~@+=-".contains(&b))
+}
+
+/// Finds the token: `Authorization: Bearer <t>` first, then the `access_token` query parameter
+/// (RFC 6750), then the original service's `Authorization` query parameter.
+pub fn extract_token(headers: &HeaderMap, query: Option<&str>) -> Result<String, AuthError> {
+    for value in headers.get_all(http::header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?.trim();
+        let Some((scheme, rest)) = value.split_once(' ') else {
+            if value.eq_ignore_ascii_case("bearer") {
+                return Err(AuthError::MissingToken);
+            }
+            continue;
+        };
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let token = rest.trim();
+            if token.is_empty() {
+                return Err(AuthError::MissingToken);
+            }
+            return Ok(token.to_string());
+        }
+    }
+    if let Some(query) = query {
+        let mut fallback = None;
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if k == "access_token" && !v.is_empty() {
+                return Ok(v.into_owned());
+            }
+            if k == "Authorization" && !v.is_empty() && fallback.is_none() {
+                // The original expected the raw token here; tolerate a "Bearer " prefix too.
+                let v = v.trim();
+                let v = v
+                    .strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .unwrap_or(v);
+                fallback = Some(v.trim().to_string());
+            }
+        }
+        if let Some(t) = fallback.filter(|t| !t.is_empty()) {
+            return Ok(t);
+        }
+    }
+    Err(AuthError::MissingToken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &str = "test-secret";
+
+    fn verifier() -> Verifier {
+        Verifier::new(&Config::for_tests(SECRET))
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn sign(alg: Algorithm, claims: Value, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    /// A correctly signed token whose parts are arbitrary text.
+    fn signed_raw(header: &str, payload: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let message = format!("{}.{}", b64(header), b64(payload));
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
+        format!("{message}.{sig}")
+    }
+
+    fn token(claims: Value) -> String {
+        sign(Algorithm::HS256, claims, SECRET)
+    }
+
+    #[test]
+    fn valid_token_gives_identity_and_roles() {
+        let id = verifier()
+            .verify(&token(json!({"iss":"app-1","sub":"user@x.io","exp":now()+60,
+                                   "sse_role":["publisher","operator","other"]})))
+            .unwrap();
+        assert_eq!(id.app, "app-1");
+        assert_eq!(id.user, "user@x.io");
+        assert!(id.roles.publisher && id.roles.operator);
+        let id = verifier()
+            .verify(&token(json!({"iss":"a","sub":"u","exp":now()+60})))
+            .unwrap();
+        assert_eq!(id.roles, Roles::default());
+    }
+
+    #[test]
+    fn failure_reasons() {
+        let v = verifier();
+        let exp = now() + 60;
+        let cases = [
+            ("not-a-jwt".to_string(), AuthError::Malformed),
+            ("a.b.c".to_string(), AuthError::Malformed),
+            (signed_raw(r#"{"alg":"HS256"}"#, "not json"), AuthError::Malformed),
+            (signed_raw(r#"{"alg":"HS256"}"#, "[1,2]"), AuthError::Malformed),
+            (
+                sign(Algorithm::HS256, json!({"iss":"a","sub":"u","exp":exp}), "other"),
+                AuthError::BadSignature,
+            ),
+            (
+                sign(Algorithm::HS512, json!({"iss":"a","sub":"u","exp":exp}), SECRET),
+                AuthError::UnsupportedAlgorithm,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u","exp":now()-3600})),
+                AuthError::Expired,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u","exp":exp,"nbf":now()+3600})),
+                AuthError::NotYetValid,
+            ),
+            (token(json!({"iss":"a","sub":"u"})), AuthError::InvalidClaims),
+            (token(json!({"sub":"u","exp":exp})), AuthError::InvalidClaims),
+            (token(json!({"iss":"a","exp":exp})), AuthError::InvalidClaims),
+            (token(json!({"iss":"","sub":"u","exp":exp})), AuthError::InvalidClaims),
+            (token(json!({"iss":"a:b","sub":"u","exp":exp})), AuthError::InvalidClaims),
+            (token(json!({"iss":"a","sub":"u*","exp":exp})), AuthError::InvalidClaims),
+            (token(json!({"iss":"a","sub":"u v","exp":exp})), AuthError::InvalidClaims),
+            (token(json!({"iss":5,"sub":"u","exp":exp})), AuthError::InvalidClaims),
+            (
+                token(json!({"iss":"a","sub":"u","exp":"soon"})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u","exp":exp,"sse_role":{"x":1}})),
+                AuthError::InvalidClaims,
+            ),
+        ];
+        for (t, want) in cases {
+            assert_eq!(v.verify(&t).unwrap_err(), want, "token {t}");
+        }
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let b64 = |v: Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let t = format!(
+            "{}.{}.",
+            b64(json!({"alg":"none","typ":"JWT"})),
+            b64(json!({"iss":"a","sub":"u","exp":now()+60}))
+        );
+        assert_eq!(verifier().verify(&t), Err(AuthError::UnsupportedAlgorithm));
+    }
+
+    #[test]
+    fn original_test_vector_verifies_only_its_signature() {
+        // From the original service's screenshots; it expired in 2024.
+        let t = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIyLXVzZXItMiIsImlzcyI6IjEtc3RhbmQtMSIsImlhdCI6MTcyNTg5NTU5MiwiZXhwIjoxNzI4NDc2NzkyfQ.92ZbRKfKdf9sm-7Ku6OG2V3wLFM4WczArU6W0AXFPKs";
+        let v = Verifier::new(&Config::for_tests("svsdmv343f30vjmme"));
+        assert_eq!(v.verify(t), Err(AuthError::Expired));
+        let wrong = Verifier::new(&Config::for_tests("other"));
+        assert_eq!(wrong.verify(t), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn safe_ids() {
+        for ok in ["a", "app-1", "user@example.com", "A.b_c~d+e=f", &"x".repeat(128)] {
+            assert!(is_safe_id(ok), "{ok}");
+        }
+        for bad in [
+            "", "a:b", "a*", "a?", "a[", "a b", "a\n", "a\0", "a/b", "é", &"x".repeat(129),
+        ] {
+            assert!(!is_safe_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn token_locations() {
+        let mut h = HeaderMap::new();
+        assert_eq!(extract_token(&h, None), Err(AuthError::MissingToken));
+        assert_eq!(extract_token(&h, Some("access_token=abc")).unwrap(), "abc");
+        assert_eq!(extract_token(&h, Some("Authorization=abc")).unwrap(), "abc");
+        assert_eq!(
+            extract_token(&h, Some("Authorization=Bearer%20abc")).unwrap(),
+            "abc"
+        );
+        assert_eq!(extract_token(&h, Some("x=1")), Err(AuthError::MissingToken));
+        h.insert("authorization", "Bearer hdr".parse().unwrap());
+        assert_eq!(extract_token(&h, Some("access_token=abc")).unwrap(), "hdr");
+        h.insert("authorization", "bearer   hdr2 ".parse().unwrap());
+        assert_eq!(extract_token(&h, None).unwrap(), "hdr2");
+        h.insert("authorization", "Bearer".parse().unwrap());
+        assert_eq!(extract_token(&h, None), Err(AuthError::MissingToken));
+        h.insert("authorization", "Bearer ".parse().unwrap());
+        assert_eq!(extract_token(&h, None), Err(AuthError::MissingToken));
+        h.insert("authorization", "Basic dXNlcjpwdw==".parse().unwrap());
+        assert_eq!(extract_token(&h, Some("access_token=q")).unwrap(), "q");
+    }
+}

@@ -1,0 +1,159 @@
+//! The broker interface: pub/sub between gateway instances and storage for the connection registry.
+//!
+//! Two implementations: [`redis::RedisBroker`] (every instance sharing one Redis) and
+//! [`embedded::EmbeddedBroker`] (one process, nothing installed). The rest of the gateway sees only
+//! the [`Broker`] trait, so the Redis client could be swapped without touching the core.
+//!
+//! Channel names are part of the publisher contract and are shared by both implementations:
+//! `{app}:channel:{user}` (the original service's name) and `{app}:broadcast` for every user of an app.
+
+pub mod embedded;
+pub mod redis;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why the broker could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The link to the broker is down (Redis unreachable, reconnecting).
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker answered, but with an error.
+    #[error("broker error: {0}")]
+    Command(String),
+}
+
+/// Where the broker hands messages it receives on subscribed channels.
+pub trait MessageSink: Send + Sync + 'static {
+    fn deliver(&self, channel: &str, payload: &[u8]);
+}
+
+/// Health of the broker links, for readiness and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LinkState {
+    pub kind: &'static str,
+    /// Commands (publish, registry) can be sent.
+    pub commands: bool,
+    /// The subscriber link is up, so subscribed messages arrive.
+    pub pubsub: bool,
+}
+
+impl LinkState {
+    pub fn ready(&self) -> bool {
+        self.commands && self.pubsub
+    }
+}
+
+/// One live connection as the registry stores it. Serialises to the original service's JSON shape
+/// (`id`, `created_at`, `remote_addr`, `application.id`, `user.id`) plus the fields it lacked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionRecord {
+    pub id: String,
+    pub created_at: u64,
+    pub remote_addr: String,
+    pub application: IdRef,
+    pub user: IdRef,
+    pub instance: String,
+    pub user_agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IdRef {
+    pub id: String,
+}
+
+/// A change to the registry. Applied in order; a batch is pipelined.
+#[derive(Debug, Clone)]
+pub enum RegistryOp {
+    /// Write (or rewrite) the entry and push its expiry `ttl` seconds into the future.
+    Put(Arc<ConnectionRecord>),
+    /// Delete the entry.
+    Remove { app: String, user: String, id: String },
+}
+
+/// Where a channel's messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic<'a> {
+    User { app: &'a str, user: &'a str },
+    App { app: &'a str },
+}
+
+pub fn user_channel(app: &str, user: &str) -> String {
+    format!("{app}:channel:{user}")
+}
+
+pub fn app_channel(app: &str) -> String {
+    format!("{app}:broadcast")
+}
+
+/// The inverse of [`user_channel`] and [`app_channel`]; `None` for anything else.
+pub fn parse_channel(channel: &str) -> Option<Topic<'_>> {
+    if let Some(app) = channel.strip_suffix(":broadcast") {
+        return (!app.contains(':') && !app.is_empty()).then_some(Topic::App { app });
+    }
+    let (app, user) = channel.split_once(":channel:")?;
+    let ok = |s: &str| !s.is_empty() && !s.contains(':');
+    (ok(app) && ok(user)).then_some(Topic::User { app, user })
+}
+
+/// Pub/sub and registry storage. Every method is safe to call while the link is down: it fails
+/// with [`BrokerError::Unavailable`] (or queues, for `unsubscribe`) instead of hanging.
+pub trait Broker: Send + Sync + 'static {
+    /// Connects (where there is anything to connect to) and starts handing messages to `sink`.
+    fn start(&self, sink: Arc<dyn MessageSink>) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Resolves once the broker delivers messages published to `channels` from now on.
+    fn subscribe(&self, channels: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Stops delivery for `channels`. Ordered after every earlier `subscribe` call.
+    fn unsubscribe(&self, channels: Vec<String>);
+
+    /// Publishes `payload`; returns how many subscribers (gateway instances) received it.
+    fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>>;
+
+    /// Applies registry changes in order, each entry living `ttl_secs` unless rewritten.
+    fn registry_apply(
+        &self,
+        ops: Vec<RegistryOp>,
+        ttl_secs: u64,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Live entries of an application, or of one of its users.
+    fn registry_list<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<ConnectionRecord>, BrokerError>>;
+
+    fn link(&self) -> LinkState;
+
+    /// Changes every time the broker reconnects, so that lost state can be rewritten.
+    fn reconnects(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Closes the links.
+    fn stop(&self) -> BoxFuture<'_, ()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_round_trip() {
+        assert_eq!(
+            parse_channel(&user_channel("a", "u")),
+            Some(Topic::User { app: "a", user: "u" })
+        );
+        assert_eq!(parse_channel(&app_channel("a")), Some(Topic::App { app: "a" }));
+        for bad in ["", "a", "a:channel:", ":channel:u", "a:b:channel:u", ":broadcast", "a:x:broadcast"] {
+            assert_eq!(parse_channel(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! The Redis broker: every use of fred lives in this file.
+//!
+//! Two connections: one for commands (publish, registry writes, pipelined) and one dedicated
+//! subscriber. Both reconnect forever with exponential backoff; fred re-issues tracked subscriptions
+//! after a reconnect. Subscribe and unsubscribe requests go through one task, so they reach Redis in
+//! the order the hub made them and concurrent requests are batched into one command.
+//!
+//! Registry keys (see docs/redis.md):
+//! - `{app}:client:{user}:{conn}`: a hash per live connection, expiring unless rewritten;
+//! - `{app}:connections` and `{app}:connections:{user}`: sorted-set indexes whose scores are the
+//!   entries' expiry times, so listing never scans the keyspace and dead instances' entries age out.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fred::clients::{Client, SubscriberClient};
+use fred::error::Error as FredError;
+use fred::interfaces::{
+    ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
+    SortedSetsInterface,
+};
+use fred::types::config::{Config as FredConfig, ReconnectPolicy, TcpConfig};
+use fred::types::{Builder, Value};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::{
+    Broker, BoxFuture, BrokerError, ConnectionRecord, IdRef, LinkState, MessageSink, RegistryOp,
+    user_channel,
+};
+use crate::metrics::{Metrics, ReasonLabel};
+
+/// Upper bound on any single Redis command, so nothing on a request path can hang.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for bursts between the subscriber connection and the hub; overflowing it loses messages
+/// (counted as `lagged`), so it is generous.
+const MESSAGE_BUFFER: usize = 1 << 16;
+/// Largest number of subscription requests folded into one SUBSCRIBE.
+const SUBSCRIBE_BATCH: usize = 1024;
+
+enum SubRequest {
+    Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(Vec<String>),
+    /// After a reconnect: drop subscriptions fred restored that nobody wants any more.
+    Reconcile,
+}
+
+pub struct RedisBroker {
+    client: Client,
+    subscriber: SubscriberClient,
+    requests: mpsc::UnboundedSender<SubRequest>,
+    request_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<SubRequest>>>,
+    reconnects: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisBroker {
+    /// Builds the clients; nothing connects until [`Broker::start`].
+    pub fn new(url: &str, metrics: Arc<Metrics>) -> Result<RedisBroker, BrokerError> {
+        let mut config = FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
+        // Keep retrying when Redis is not up yet at start-up, instead of failing.
+        config.fail_fast = false;
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(3);
+                c.internal_command_timeout = COMMAND_TIMEOUT;
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+                c.unresponsive.max_timeout = Some(Duration::from_secs(10));
+                c.unresponsive.interval = Duration::from_secs(2);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = COMMAND_TIMEOUT;
+                p.broadcast_channel_capacity = MESSAGE_BUFFER;
+            })
+            // fred does not reconnect unless told to: forever, 100 ms doubling up to 5 s.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let client = builder
+            .build()
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        Ok(RedisBroker {
+            client,
+            subscriber,
+            requests,
+            request_rx: std::sync::Mutex::new(Some(request_rx)),
+            reconnects: watch::channel(0).0,
+            metrics,
+        })
+    }
+}
+
+fn unavailable(e: FredError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn conn_key(app: &str, user: &str, id: &str) -> String {
+    format!("{app}:client:{user}:{id}")
+}
+
+fn app_index(app: &str) -> String {
+    format!("{app}:connections")
+}
+
+fn user_index(app: &str, user: &str) -> String {
+    format!("{app}:connections:{user}")
+}
+
+impl Broker for RedisBroker {
+    fn start(&self, sink: Arc<dyn MessageSink>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let Some(request_rx) = self
+                .request_rx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            else {
+                return Ok(()); // already started
+            };
+            // Listen before connecting so that no message or reconnect event is missed.
+            tokio::spawn(pump_messages(
+                self.subscriber.message_rx(),
+                sink,
+                self.metrics.clone(),
+            ));
+            tokio::spawn(watch_reconnects(
+                self.client.reconnect_rx(),
+                self.reconnects.clone(),
+                self.metrics.clone(),
+                "commands",
+                None,
+            ));
+            tokio::spawn(watch_reconnects(
+                self.subscriber.reconnect_rx(),
+                watch::channel(0).0,
+                self.metrics.clone(),
+                "pubsub",
+                Some(self.requests.clone()),
+            ));
+            tokio::spawn(log_errors(self.client.error_rx(), "commands"));
+            tokio::spawn(log_errors(self.subscriber.error_rx(), "pubsub"));
+            tokio::spawn(manage_subscriptions(self.subscriber.clone(), request_rx));
+            let _resubscribe = self.subscriber.manage_subscriptions();
+            self.client.connect();
+            self.subscriber.connect();
+            let wait = async {
+                self.client.wait_for_connect().await?;
+                self.subscriber.wait_for_connect().await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), wait).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(BrokerError::Unavailable(
+                    "no connection to Redis within 5s; still retrying".into(),
+                )),
+            }
+        })
+    }
+
+    fn subscribe(&self, channels: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if !self.subscriber.is_connected() {
+                return Err(BrokerError::Unavailable("subscriber link is down".into()));
+            }
+            let (tx, rx) = oneshot::channel();
+            self.requests
+                .send(SubRequest::Subscribe(channels, tx))
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+            rx.await
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?
+        })
+    }
+
+    fn unsubscribe(&self, channels: Vec<String>) {
+        let _ = self.requests.send(SubRequest::Unsubscribe(channels));
+    }
+
+    fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>> {
+        Box::pin(async move {
+            if !self.client.is_connected() {
+                return Err(BrokerError::Unavailable("Redis link is down".into()));
+            }
+            let n: i64 = self
+                .client
+                .publish(channel, payload)
+                .await
+                .map_err(unavailable)?;
+            Ok(n.max(0) as u64)
+        })
+    }
+
+    fn registry_apply(
+        &self,
+        ops: Vec<RegistryOp>,
+        ttl_secs: u64,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if !self.client.is_connected() {
+                return Err(BrokerError::Unavailable("Redis link is down".into()));
+            }
+            let ttl = ttl_secs as i64;
+            let expires = now_secs() + ttl_secs as f64;
+            let pipe = self.client.pipeline();
+            for op in &ops {
+                match op {
+                    RegistryOp::Put(rec) => {
+                        let (app, user, id) = (&rec.application.id, &rec.user.id, &rec.id);
+                        let key = conn_key(app, user, id);
+                        let fields: Vec<(&str, String)> = vec![
+                            ("id", id.clone()),
+                            ("app", app.clone()),
+                            ("user", user.clone()),
+                            ("instance", rec.instance.clone()),
+                            ("remote_addr", rec.remote_addr.clone()),
+                            ("created_at", rec.created_at.to_string()),
+                            ("user_agent", rec.user_agent.clone()),
+                            ("channel_id", user_channel(app, user)),
+                        ];
+                        let _: () = pipe.hset(&key, fields).await.map_err(unavailable)?;
+                        let _: () = pipe.expire(&key, ttl, None).await.map_err(unavailable)?;
+                        let member = format!("{user}:{id}");
+                        for (index, member) in [
+                            (app_index(app), member.as_str()),
+                            (user_index(app, user), id.as_str()),
+                        ] {
+                            let _: () = pipe
+                                .zadd(&index, None, None, false, false, (expires, member))
+                                .await
+                                .map_err(unavailable)?;
+                            let _: () = pipe.expire(&index, ttl, None).await.map_err(unavailable)?;
+                        }
+                    }
+                    RegistryOp::Remove { app, user, id } => {
+                        let _: () = pipe
+                            .del(conn_key(app, user, id))
+                            .await
+                            .map_err(unavailable)?;
+                        let _: () = pipe
+                            .zrem(app_index(app), format!("{user}:{id}"))
+                            .await
+                            .map_err(unavailable)?;
+                        let _: () = pipe
+                            .zrem(user_index(app, user), id.as_str())
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            for result in pipe.try_all::<Value>().await {
+                result.map_err(|e| BrokerError::Command(e.to_string()))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn registry_list<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<ConnectionRecord>, BrokerError>> {
+        Box::pin(async move {
+            if !self.client.is_connected() {
+                return Err(BrokerError::Unavailable("Redis link is down".into()));
+            }
+            let index = match user {
+                Some(u) => user_index(app, u),
+                None => app_index(app),
+            };
+            let now = now_secs();
+            // Entries of instances that died stay in the index until their score passes; prune them.
+            let _: i64 = self
+                .client
+                .zremrangebyscore(&index, "-inf".to_string(), now)
+                .await
+                .map_err(unavailable)?;
+            let members: Vec<String> = self
+                .client
+                .zrangebyscore(&index, now, "+inf".to_string(), false, None)
+                .await
+                .map_err(unavailable)?;
+            if members.is_empty() {
+                return Ok(Vec::new());
+            }
+            let pipe = self.client.pipeline();
+            for m in &members {
+                let key = match user {
+                    Some(u) => conn_key(app, u, m),
+                    None => match m.split_once(':') {
+                        Some((u, id)) => conn_key(app, u, id),
+                        None => continue,
+                    },
+                };
+                let _: () = pipe.hgetall(key).await.map_err(unavailable)?;
+            }
+            let mut records = Vec::with_capacity(members.len());
+            for hash in pipe.try_all::<HashMap<String, String>>().await {
+                let hash = hash.map_err(|e| BrokerError::Command(e.to_string()))?;
+                if let Some(rec) = record_from_hash(hash) {
+                    records.push(rec);
+                }
+            }
+            Ok(records)
+        })
+    }
+
+    fn link(&self) -> LinkState {
+        LinkState {
+            kind: "redis",
+            commands: self.client.is_connected(),
+            pubsub: self.subscriber.is_connected(),
+        }
+    }
+
+    fn reconnects(&self) -> watch::Receiver<u64> {
+        self.reconnects.subscribe()
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = self.subscriber.quit().await;
+                let _ = self.client.quit().await;
+            })
+            .await;
+        })
+    }
+}
+
+/// An entry written by [`Broker::registry_apply`]; `None` when the hash has expired or is incomplete.
+fn record_from_hash(mut h: HashMap<String, String>) -> Option<ConnectionRecord> {
+    let mut take = |k: &str| h.remove(k);
+    Some(ConnectionRecord {
+        id: take("id")?,
+        created_at: take("created_at")?.parse().ok()?,
+        application: IdRef { id: take("app")? },
+        user: IdRef { id: take("user")? },
+        remote_addr: take("remote_addr").unwrap_or_default(),
+        instance: take("instance").unwrap_or_default(),
+        user_agent: take("user_agent").unwrap_or_default(),
+    })
+}
+
+async fn pump_messages(
+    mut rx: broadcast::Receiver<fred::types::Message>,
+    sink: Arc<dyn MessageSink>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(msg) => {
+                let payload = msg.value.as_bytes().unwrap_or_default();
+                sink.deliver(&msg.channel, payload);
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                metrics
+                    .messages_dropped
+                    .get_or_create(&ReasonLabel { reason: "lagged" })
+                    .inc_by(n);
+                tracing::error!(lost = n, "messages lost: the hub fell behind the Redis subscriber");
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+async fn watch_reconnects(
+    mut rx: broadcast::Receiver<fred::types::config::Server>,
+    notify: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+    link: &'static str,
+    reconcile: Option<mpsc::UnboundedSender<SubRequest>>,
+) {
+    let mut first = true;
+    loop {
+        match rx.recv().await {
+            Ok(server) => {
+                if first {
+                    tracing::info!(%server, link, "connected to Redis");
+                    first = false;
+                } else {
+                    metrics.broker_reconnects.inc();
+                    tracing::info!(%server, link, "reconnected to Redis");
+                }
+                notify.send_modify(|n| *n += 1);
+                if let Some(tx) = &reconcile {
+                    let _ = tx.send(SubRequest::Reconcile);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+async fn log_errors(
+    mut rx: broadcast::Receiver<(FredError, Option<fred::types::config::Server>)>,
+    link: &'static str,
+) {
+    loop {
+        match rx.recv().await {
+            Ok((error, server)) => {
+                let server = server.map(|s| s.to_string()).unwrap_or_default();
+                tracing::warn!(%error, %server, link, "Redis connection error");
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// The one place SUBSCRIBE and UNSUBSCRIBE are sent from. Requests that queued up while a command
+/// was in flight are folded into one batch; within a batch a later request wins, so an
+/// unsubscribe followed by a subscribe of the same channel leaves it subscribed.
+async fn manage_subscriptions(
+    subscriber: SubscriberClient,
+    mut requests: mpsc::UnboundedReceiver<SubRequest>,
+) {
+    let mut active: HashSet<String> = HashSet::new();
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < SUBSCRIBE_BATCH {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut to_sub: Vec<String> = Vec::new();
+        let mut pending: HashSet<String> = HashSet::new();
+        let mut to_unsub: HashSet<String> = HashSet::new();
+        let mut waiters = Vec::new();
+        let mut reconcile = false;
+        for request in batch {
+            match request {
+                SubRequest::Subscribe(channels, tx) => {
+                    for ch in &channels {
+                        if !active.contains(ch) && pending.insert(ch.clone()) {
+                            to_unsub.remove(ch);
+                            to_sub.push(ch.clone());
+                        }
+                    }
+                    waiters.push((channels, tx));
+                }
+                SubRequest::Unsubscribe(channels) => {
+                    for ch in channels {
+                        active.remove(&ch);
+                        if pending.remove(&ch) {
+                            to_sub.retain(|c| c != &ch);
+                        } else {
+                            to_unsub.insert(ch);
+                        }
+                    }
+                }
+                SubRequest::Reconcile => reconcile = true,
+            }
+        }
+        if reconcile {
+            for ch in subscriber.tracked_channels() {
+                if !active.contains(&*ch) && !pending.contains(&*ch) {
+                    to_unsub.insert(ch.to_string());
+                }
+            }
+        }
+        if !to_unsub.is_empty() {
+            let list: Vec<String> = to_unsub.into_iter().collect();
+            if let Err(error) = subscriber.unsubscribe(list).await {
+                tracing::warn!(%error, "UNSUBSCRIBE failed; reconciled after the next reconnect");
+            }
+        }
+        let outcome = if to_sub.is_empty() {
+            Ok(())
+        } else {
+            subscriber.subscribe(to_sub.clone()).await.map_err(unavailable)
+        };
+        match &outcome {
+            Ok(()) => active.extend(to_sub),
+            Err(error) => tracing::warn!(%error, "SUBSCRIBE failed"),
+        }
+        for (channels, tx) in waiters {
+            let result = if channels.iter().all(|c| active.contains(c)) {
+                Ok(())
+            } else {
+                Err(outcome
+                    .clone()
+                    .err()
+                    .unwrap_or_else(|| BrokerError::Unavailable("subscription withdrawn".into())))
+            };
+            let _ = tx.send(result);
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! sse-gateway: a multi-tenant, JWT-authenticated Server-Sent Events gateway over Redis.
+//!
+//! # Layout
+//!
+//! Protocol and I/O at the edges, a small core in the middle:
+//!
+//! - [`http`]: the hyper server, routes, CORS and JSON errors (edge).
+//! - [`sse`]: the `text/event-stream` wire encoding of published payloads (edge).
+//! - [`broker`]: the [`broker::Broker`] trait, with the Redis implementation (all fred use) and the
+//!   embedded in-process one (edge).
+//! - [`auth`]: token extraction and JWT verification into an identity (core).
+//! - [`hub`]: which local streams belong to which app and user; subscription ref-counting and
+//!   fan-out of encoded events (core).
+//! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
+//! - [`config`], [`metrics`], [`logging`], [`shutdown`]: settings, Prometheus metrics, log output,
+//!   signal handling and drain order.
+//!
+//! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod logging;
+pub mod metrics;
+pub mod registry;
+pub mod shutdown;
+pub mod sse;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::{BrokerConfig, Config};
+use crate::http::AppState;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("broker: {0}")]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// Runs the gateway on `listener` until `shutdown` resolves, then drains gracefully.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let broker: Arc<dyn Broker> = match &config.broker {
+        BrokerConfig::Embedded => {
+            tracing::warn!(
+                "no REDIS_URL or REDIS_HOST set: running single-node on the embedded in-process broker \
+                 (publish with POST /publish; nothing is shared with other instances)"
+            );
+            Arc::new(broker::embedded::EmbeddedBroker::new())
+        }
+        BrokerConfig::Redis { url } => {
+            tracing::info!(redis = %redact_url(url), "using Redis");
+            Arc::new(broker::redis::RedisBroker::new(url, metrics.clone())?)
+        }
+    };
+    let (registry, writer) = Registry::new(
+        broker.clone(),
+        &config.instance_id,
+        config.registry_ttl,
+        metrics.clone(),
+    );
+    let writer = tokio::spawn(writer.run());
+    let hub = Arc::new(Hub::new(
+        broker.clone(),
+        registry,
+        metrics.clone(),
+        config.client_queue,
+        config.max_message_bytes,
+    ));
+    if let Err(error) = broker.start(hub.clone()).await {
+        // Not fatal: the link keeps retrying, /ready says 503 meanwhile.
+        tracing::error!(%error, "broker not reachable yet; retrying in the background");
+    }
+
+    let stop = CancellationToken::new();
+    tokio::spawn(registry::heartbeat(
+        hub.clone(),
+        broker.clone(),
+        config.registry_heartbeat,
+        stop.clone(),
+    ));
+    tokio::spawn(ping(hub.clone(), config.ping_interval, stop.clone()));
+
+    let state = Arc::new(AppState {
+        verifier: auth::Verifier::new(&config),
+        hub: hub.clone(),
+        broker: broker.clone(),
+        metrics,
+        hello: Bytes::from(format!("retry: {}\n\n", config.retry_ms)),
+        config,
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, instance = %state.config.instance_id, app_name = %state.config.app_name,
+            "ready to accept connections");
+    }
+    let server = tokio::spawn(http::server::serve(listener, state.clone(), stop.clone()));
+    shutdown.await;
+    stop.cancel();
+    let graceful = match server.await {
+        Ok(g) => g,
+        Err(error) => {
+            tracing::error!(%error, "accept loop failed");
+            return Ok(());
+        }
+    };
+    shutdown::drain(
+        &hub,
+        graceful,
+        &broker,
+        state.config.retry_ms,
+        state.config.shutdown_timeout,
+    )
+    .await;
+    writer.abort();
+    Ok(())
+}
+
+/// Sends the keep-alive `ping` to every stream: one timer for the whole process, not one per stream.
+/// A write that fails because the peer vanished ends that stream.
+async fn ping(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => hub.push_all(&sse::PING),
+            _ = stop.cancelled() => break,
+        }
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            super::redact_url("rediss://user:pw@h:6380/1"),
+            "rediss://user:***@h:6380/1"
+        );
+        assert_eq!(super::redact_url("redis://:pw@h"), "redis://:***@h");
+    }
+}

@@ -1,0 +1,41 @@
+//! The `sse-gateway` binary: loads the configuration, starts logging and a runtime, runs the gateway.
+
+use std::process::ExitCode;
+
+use sse_gateway::config::Config;
+
+fn main() -> ExitCode {
+    // Before the runtime exists: dotenvy sets environment variables, which is unsound once other
+    // threads run.
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    sse_gateway::logging::init(config.mode);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {}: {e}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        match sse_gateway::run(config, listener, sse_gateway::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,194 @@
+//! Prometheus metrics: every family the gateway exports, named `sse_*` and labelled by application only
+//! (never by user or connection, whose label sets are unbounded).
+
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::broker::LinkState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    pub app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppReasonLabel {
+    pub app: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabel {
+    pub link: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub app: String,
+    pub outcome: &'static str,
+}
+
+/// Why a stream ended, as counted in `sse_connections_closed_total`.
+pub mod close_reason {
+    pub const CLIENT_GONE: &str = "client_gone";
+    pub const SLOW: &str = "slow_client";
+    pub const SHUTDOWN: &str = "shutdown";
+    pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<AppLabel, Gauge>,
+    /// The original service's gauge: all open streams.
+    pub active_clients: Gauge,
+    pub connections_opened: Family<AppLabel, Counter>,
+    pub connections_closed: Family<AppReasonLabel, Counter>,
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub broker_messages: Family<KindLabel, Counter>,
+    pub messages_dropped: Family<ReasonLabel, Counter>,
+    /// The original's `sse_message_sent_total`, by application instead of by user.
+    pub message_sent: Family<AppLabel, Counter>,
+    /// The original's `sse_dropped_message_total`: messages a slow client lost when it was cut off.
+    pub dropped_message: Family<AppLabel, Counter>,
+    pub slow_clients: Family<AppLabel, Counter>,
+    pub sanitised_fields: Counter,
+    pub publish_requests: Family<OutcomeLabel, Counter>,
+    pub broker_link_up: Family<LinkLabel, Gauge>,
+    pub broker_reconnects: Counter,
+    pub registry_write_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections: Family::default(),
+            active_clients: Gauge::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            auth_failures: Family::default(),
+            broker_messages: Family::default(),
+            messages_dropped: Family::default(),
+            message_sent: Family::default(),
+            dropped_message: Family::default(),
+            slow_clients: Family::default(),
+            sanitised_fields: Counter::default(),
+            publish_requests: Family::default(),
+            broker_link_up: Family::default(),
+            broker_reconnects: Counter::default(),
+            registry_write_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sse_connections", "Open SSE streams", m.connections.clone());
+        registry.register(
+            "sse_active_clients",
+            "Open SSE streams, all applications (the original service's gauge)",
+            m.active_clients.clone(),
+        );
+        registry.register(
+            "sse_connections_opened",
+            "SSE streams opened",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "sse_connections_closed",
+            "SSE streams closed, by reason",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "sse_auth_failures",
+            "Requests refused for a missing or invalid token, by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "sse_broker_messages_received",
+            "Messages received from the broker, by payload kind",
+            m.broker_messages.clone(),
+        );
+        registry.register(
+            "sse_messages_dropped",
+            "Broker messages not delivered to anyone, by reason",
+            m.messages_dropped.clone(),
+        );
+        registry.register(
+            "sse_message_sent",
+            "Events queued to SSE streams (one per stream per message)",
+            m.message_sent.clone(),
+        );
+        registry.register(
+            "sse_dropped_message",
+            "Events lost by streams cut off for being too slow",
+            m.dropped_message.clone(),
+        );
+        registry.register(
+            "sse_slow_clients_disconnected",
+            "Streams cut off because their outgoing queue was full",
+            m.slow_clients.clone(),
+        );
+        registry.register(
+            "sse_sanitised_fields",
+            "Published id/type fields stripped of control characters or cut to length",
+            m.sanitised_fields.clone(),
+        );
+        registry.register(
+            "sse_publish_requests",
+            "POST /publish requests, by outcome",
+            m.publish_requests.clone(),
+        );
+        registry.register(
+            "sse_broker_link_up",
+            "Whether the broker link is up (1) or down (0)",
+            m.broker_link_up.clone(),
+        );
+        registry.register(
+            "sse_broker_reconnects",
+            "Times a broker link was re-established",
+            m.broker_reconnects.clone(),
+        );
+        registry.register(
+            "sse_registry_write_errors",
+            "Registry write batches that failed (retried by the heartbeat)",
+            m.registry_write_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn app(app: &str) -> AppLabel {
+        AppLabel {
+            app: app.to_string(),
+        }
+    }
+
+    /// Renders the OpenMetrics text exposition, with the broker link state read at scrape time.
+    pub fn render(&self, link: LinkState) -> String {
+        self.broker_link_up
+            .get_or_create(&LinkLabel { link: "commands" })
+            .set(i64::from(link.commands));
+        self.broker_link_up
+            .get_or_create(&LinkLabel { link: "pubsub" })
+            .set(i64::from(link.pubsub));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

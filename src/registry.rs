@@ -1,0 +1,159 @@
+//! The cluster-wide connection registry: keeps one broker entry per live local stream, written on
+//! connect, deleted on disconnect and on shutdown, and rewritten by a heartbeat so that entries of a
+//! dead instance expire by themselves and entries lost with a Redis restart come back.
+//!
+//! Writes go through one task in the order they were made and are batched into pipelines, so
+//! connecting never waits for the registry and a burst of connects costs a few round trips.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, RegistryOp};
+use crate::hub::{Conn, Hub};
+use crate::metrics::Metrics;
+
+/// Most changes written in one pipeline.
+const BATCH: usize = 512;
+
+enum Op {
+    Put(Arc<Conn>),
+    Remove(Arc<Conn>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A cheap handle for queueing registry changes.
+#[derive(Clone)]
+pub struct Registry {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+/// The writer side, run by [`Writer::run`].
+pub struct Writer {
+    rx: mpsc::UnboundedReceiver<Op>,
+    broker: Arc<dyn Broker>,
+    instance: Arc<str>,
+    ttl_secs: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        instance: &str,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Registry, Writer) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Registry { tx },
+            Writer {
+                rx,
+                broker,
+                instance: Arc::from(instance),
+                ttl_secs: ttl.as_secs().max(1),
+                metrics,
+            },
+        )
+    }
+
+    pub fn put(&self, conn: &Arc<Conn>) {
+        let _ = self.tx.send(Op::Put(conn.clone()));
+    }
+
+    pub fn remove(&self, conn: &Arc<Conn>) {
+        let _ = self.tx.send(Op::Remove(conn.clone()));
+    }
+
+    /// Resolves once every change queued before it has been tried.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Op::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl Writer {
+    pub async fn run(mut self) {
+        // Deletes that failed (Redis down) are retried; puts need no retry, the heartbeat rewrites them.
+        let mut retry: Vec<RegistryOp> = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let first = tokio::select! {
+                op = self.rx.recv() => match op {
+                    Some(op) => Some(op),
+                    None => break,
+                },
+                _ = tick.tick(), if !retry.is_empty() => None,
+            };
+            let mut batch = std::mem::take(&mut retry);
+            let mut flushes = Vec::new();
+            let mut next = first;
+            while let Some(op) = next {
+                match op {
+                    Op::Put(conn) => batch.push(RegistryOp::Put(Arc::new(conn.record(&self.instance)))),
+                    Op::Remove(conn) => batch.push(RegistryOp::Remove {
+                        app: conn.app.to_string(),
+                        user: conn.user.to_string(),
+                        id: conn.id.to_string(),
+                    }),
+                    Op::Flush(tx) => flushes.push(tx),
+                }
+                if batch.len() >= BATCH {
+                    break;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            if !batch.is_empty()
+                && let Err(error) = self.broker.registry_apply(batch.clone(), self.ttl_secs).await
+            {
+                self.metrics.registry_write_errors.inc();
+                tracing::warn!(%error, ops = batch.len(), "registry write failed; will retry");
+                retry = batch
+                    .into_iter()
+                    .filter(|op| matches!(op, RegistryOp::Remove { .. }))
+                    .collect();
+            }
+            for tx in flushes {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// Rewrites every local entry each `interval`, and at once whenever the broker reconnects.
+pub async fn heartbeat(
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut reconnects = Some(broker.reconnects());
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = next_change(&mut reconnects) => {
+                if !changed {
+                    reconnects = None;
+                    continue;
+                }
+                tracing::info!("broker reconnected: rewriting registry entries");
+            }
+            _ = shutdown.cancelled() => break,
+        }
+        hub.refresh_registry();
+    }
+}
+
+async fn next_change(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}

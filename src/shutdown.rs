@@ -1,0 +1,88 @@
+//! Graceful shutdown: the signal that starts it and the order in which the gateway drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_util::server::graceful::GracefulShutdown;
+
+use crate::broker::Broker;
+use crate::hub::Hub;
+use crate::sse::Event;
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The last event of every stream: a `shutdown` event with a `retry:` hint spread between one and
+/// two `retry_ms`, so that a large instance's clients do not all reconnect in the same instant.
+pub fn farewell(retry_ms: u64, conn_key: u128) -> Bytes {
+    let jitter = (conn_key % 1000) as u64 * retry_ms / 1000;
+    Event {
+        event: Some("shutdown".into()),
+        data: r#"{"reconnect":true}"#.into(),
+        retry: Some(retry_ms + jitter),
+        ..Event::default()
+    }
+    .encode()
+}
+
+/// Stops the streams, drains connections within `timeout`, removes this instance's registry
+/// entries and closes the broker. The listener must already be closed.
+pub async fn drain(
+    hub: &Arc<Hub>,
+    graceful: GracefulShutdown,
+    broker: &Arc<dyn Broker>,
+    retry_ms: u64,
+    timeout: Duration,
+) {
+    let streams = hub.len();
+    tracing::info!(streams, "shutting down: telling every stream to reconnect elsewhere");
+    hub.close_all(|conn| farewell(retry_ms, conn.id.as_u128()));
+    if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?timeout, remaining = hub.len(), "drain timed out; closing the rest");
+    }
+    if tokio::time::timeout(Duration::from_secs(5), hub.clear_registry())
+        .await
+        .is_err()
+    {
+        tracing::warn!("registry cleanup timed out; entries will expire by themselves");
+    }
+    broker.stop().await;
+    tracing::info!("shutdown complete");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn farewell_spreads_retry_hints() {
+        let a = farewell(1000, 7);
+        let text = std::str::from_utf8(&a).unwrap();
+        assert!(text.starts_with("event: shutdown\nretry: 1007\n"), "{text}");
+        assert!(text.ends_with("\n\n"));
+        let b = farewell(1000, 999_999);
+        assert!(std::str::from_utf8(&b).unwrap().contains("retry: 1999\n"));
+    }
+}
