@@ -34,7 +34,9 @@ pub enum AuthError {
     Expired,
     #[error("the token is not valid yet (nbf)")]
     NotYetValid,
-    #[error("the token's claims are missing or invalid (exp, iss and sub are required; iss and sub must be safe ids)")]
+    #[error(
+        "the token's claims are missing or invalid (exp, iss and sub are required; iss and sub must be safe ids)"
+    )]
     InvalidClaims,
 }
 
@@ -270,8 +272,10 @@ mod tests {
     #[test]
     fn valid_token_gives_identity_and_roles() {
         let id = verifier()
-            .verify(&token(json!({"iss":"app-1","sub":"user@x.io","exp":now()+60,
-                                   "sse_role":["publisher","operator","other"]})))
+            .verify(&token(
+                json!({"iss":"app-1","sub":"user@x.io","exp":now()+60,
+                                   "sse_role":["publisher","operator","other"]}),
+            ))
             .unwrap();
         assert_eq!(id.app, "app-1");
         assert_eq!(id.user, "user@x.io");
@@ -289,14 +293,28 @@ mod tests {
         let cases = [
             ("not-a-jwt".to_string(), AuthError::Malformed),
             ("a.b.c".to_string(), AuthError::Malformed),
-            (signed_raw(r#"{"alg":"HS256"}"#, "not json"), AuthError::Malformed),
-            (signed_raw(r#"{"alg":"HS256"}"#, "[1,2]"), AuthError::Malformed),
             (
-                sign(Algorithm::HS256, json!({"iss":"a","sub":"u","exp":exp}), "other"),
+                signed_raw(r#"{"alg":"HS256"}"#, "not json"),
+                AuthError::Malformed,
+            ),
+            (
+                signed_raw(r#"{"alg":"HS256"}"#, "[1,2]"),
+                AuthError::Malformed,
+            ),
+            (
+                sign(
+                    Algorithm::HS256,
+                    json!({"iss":"a","sub":"u","exp":exp}),
+                    "other",
+                ),
                 AuthError::BadSignature,
             ),
             (
-                sign(Algorithm::HS512, json!({"iss":"a","sub":"u","exp":exp}), SECRET),
+                sign(
+                    Algorithm::HS512,
+                    json!({"iss":"a","sub":"u","exp":exp}),
+                    SECRET,
+                ),
                 AuthError::UnsupportedAlgorithm,
             ),
             (
@@ -307,14 +325,38 @@ mod tests {
                 token(json!({"iss":"a","sub":"u","exp":exp,"nbf":now()+3600})),
                 AuthError::NotYetValid,
             ),
-            (token(json!({"iss":"a","sub":"u"})), AuthError::InvalidClaims),
-            (token(json!({"sub":"u","exp":exp})), AuthError::InvalidClaims),
-            (token(json!({"iss":"a","exp":exp})), AuthError::InvalidClaims),
-            (token(json!({"iss":"","sub":"u","exp":exp})), AuthError::InvalidClaims),
-            (token(json!({"iss":"a:b","sub":"u","exp":exp})), AuthError::InvalidClaims),
-            (token(json!({"iss":"a","sub":"u*","exp":exp})), AuthError::InvalidClaims),
-            (token(json!({"iss":"a","sub":"u v","exp":exp})), AuthError::InvalidClaims),
-            (token(json!({"iss":5,"sub":"u","exp":exp})), AuthError::InvalidClaims),
+            (
+                token(json!({"iss":"a","sub":"u"})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"sub":"u","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"","sub":"u","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a:b","sub":"u","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u*","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u v","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":5,"sub":"u","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
             (
                 token(json!({"iss":"a","sub":"u","exp":"soon"})),
                 AuthError::InvalidClaims,
@@ -331,9 +373,7 @@ mod tests {
 
     #[test]
     fn alg_none_is_refused() {
-        let b64 = |v: Value| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-        };
+        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
         let t = format!(
             "{}.{}.",
             b64(json!({"alg":"none","typ":"JWT"})),
@@ -354,11 +394,27 @@ mod tests {
 
     #[test]
     fn safe_ids() {
-        for ok in ["a", "app-1", "user@example.com", "A.b_c~d+e=f", &"x".repeat(128)] {
+        for ok in [
+            "a",
+            "app-1",
+            "user@example.com",
+            "A.b_c~d+e=f",
+            &"x".repeat(128),
+        ] {
             assert!(is_safe_id(ok), "{ok}");
         }
         for bad in [
-            "", "a:b", "a*", "a?", "a[", "a b", "a\n", "a\0", "a/b", "é", &"x".repeat(129),
+            "",
+            "a:b",
+            "a*",
+            "a?",
+            "a[",
+            "a b",
+            "a\n",
+            "a\0",
+            "a/b",
+            "é",
+            &"x".repeat(129),
         ] {
             assert!(!is_safe_id(bad), "{bad:?}");
         }

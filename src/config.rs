@@ -115,7 +115,11 @@ impl Config {
 
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         // An empty variable counts as unset: compose files often pass `FOO=` through.
-        let get = |k: &str| get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let get = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
 
         let app_name = get("APP_NAME").unwrap_or_else(|| "sse-gateway".into());
         let mode = match get("APP_MODE").as_deref() {
@@ -253,9 +257,7 @@ where
 {
     match value {
         None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|e| invalid(name, format!("{v:?}: {e}"))),
+        Some(v) => v.parse().map_err(|e| invalid(name, format!("{v:?}: {e}"))),
     }
 }
 
@@ -282,9 +284,12 @@ fn duration_or(
         Some(i) => v.split_at(i),
         None => (v.as_str(), "s"),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| invalid(name, format!("{v:?} is not a duration like 30, 30s, 250ms or 5m")))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        invalid(
+            name,
+            format!("{v:?} is not a duration like 30, 30s, 250ms or 5m"),
+        )
+    })?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -386,7 +391,10 @@ mod tests {
     fn cors_list_is_parsed() {
         let c = parse(&[
             ("JWT_SECRET", "s"),
-            ("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example/"),
+            (
+                "CORS_ALLOWED_ORIGINS",
+                "https://a.example, https://b.example/",
+            ),
         ])
         .unwrap();
         assert_eq!(

@@ -460,10 +460,16 @@ impl MessageSink for Hub {
         if payload.len() > self.max_message_bytes {
             self.metrics
                 .messages_dropped
-                .get_or_create(&ReasonLabel { reason: "too_large" })
+                .get_or_create(&ReasonLabel {
+                    reason: "too_large",
+                })
                 .inc();
-            tracing::warn!(channel, bytes = payload.len(), limit = self.max_message_bytes,
-                "message not delivered: larger than MAX_MESSAGE_BYTES");
+            tracing::warn!(
+                channel,
+                bytes = payload.len(),
+                limit = self.max_message_bytes,
+                "message not delivered: larger than MAX_MESSAGE_BYTES"
+            );
             return;
         }
         let parsed = sse::parse_payload(payload);
@@ -477,7 +483,10 @@ impl MessageSink for Hub {
             .inc();
         if parsed.sanitised {
             self.metrics.sanitised_fields.inc();
-            tracing::warn!(channel, "published id/type held control characters or was too long; sanitised");
+            tracing::warn!(
+                channel,
+                "published id/type held control characters or was too long; sanitised"
+            );
         }
         let bytes = parsed.event.encode();
         self.fan_out(&topic, &bytes);

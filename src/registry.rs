@@ -94,7 +94,9 @@ impl Writer {
             let mut next = first;
             while let Some(op) = next {
                 match op {
-                    Op::Put(conn) => batch.push(RegistryOp::Put(Arc::new(conn.record(&self.instance)))),
+                    Op::Put(conn) => {
+                        batch.push(RegistryOp::Put(Arc::new(conn.record(&self.instance))))
+                    }
                     Op::Remove(conn) => batch.push(RegistryOp::Remove {
                         app: conn.app.to_string(),
                         user: conn.user.to_string(),
@@ -108,7 +110,10 @@ impl Writer {
                 next = self.rx.try_recv().ok();
             }
             if !batch.is_empty()
-                && let Err(error) = self.broker.registry_apply(batch.clone(), self.ttl_secs).await
+                && let Err(error) = self
+                    .broker
+                    .registry_apply(batch.clone(), self.ttl_secs)
+                    .await
             {
                 self.metrics.registry_write_errors.inc();
                 tracing::warn!(%error, ops = batch.len(), "registry write failed; will retry");

@@ -57,10 +57,20 @@ pub async fn drain(
     timeout: Duration,
 ) {
     let streams = hub.len();
-    tracing::info!(streams, "shutting down: telling every stream to reconnect elsewhere");
+    tracing::info!(
+        streams,
+        "shutting down: telling every stream to reconnect elsewhere"
+    );
     hub.close_all(|conn| farewell(retry_ms, conn.id.as_u128()));
-    if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?timeout, remaining = hub.len(), "drain timed out; closing the rest");
+    if tokio::time::timeout(timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?timeout,
+            remaining = hub.len(),
+            "drain timed out; closing the rest"
+        );
     }
     if tokio::time::timeout(Duration::from_secs(5), hub.clear_registry())
         .await

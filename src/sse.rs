@@ -215,10 +215,19 @@ mod tests {
     #[test]
     fn non_envelopes_are_delivered_raw() {
         assert_eq!(wire("hello"), "data: hello\n\n");
-        assert_eq!(wire("a\nb\r\nc\rd"), "data: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(
+            wire("a\nb\r\nc\rd"),
+            "data: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
         assert_eq!(wire("[1,2]"), "data: [1,2]\n\n");
-        assert_eq!(wire(r#"{"hello":"world"}"#), "data: {\"hello\":\"world\"}\n\n");
-        assert_eq!(wire(r#"{"type":{"x":1}}"#), "data: {\"type\":{\"x\":1}}\n\n");
+        assert_eq!(
+            wire(r#"{"hello":"world"}"#),
+            "data: {\"hello\":\"world\"}\n\n"
+        );
+        assert_eq!(
+            wire(r#"{"type":{"x":1}}"#),
+            "data: {\"type\":{\"x\":1}}\n\n"
+        );
         assert_eq!(wire(""), "data:\n\n");
         let p = parse_payload(b"\xff\xfe ok");
         assert_eq!(p.event.data, "\u{fffd}\u{fffd} ok");

@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
-use super::{
-    Broker, BoxFuture, BrokerError, ConnectionRecord, LinkState, MessageSink, RegistryOp,
-};
+use super::{BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, RegistryOp};
 
 /// app -> (user, connection id) -> entry
 type Entries = HashMap<String, BTreeMap<(String, String), Arc<ConnectionRecord>>>;

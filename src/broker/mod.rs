@@ -75,7 +75,11 @@ pub enum RegistryOp {
     /// Write (or rewrite) the entry and push its expiry `ttl` seconds into the future.
     Put(Arc<ConnectionRecord>),
     /// Delete the entry.
-    Remove { app: String, user: String, id: String },
+    Remove {
+        app: String,
+        user: String,
+        id: String,
+    },
 }
 
 /// Where a channel's messages go.
@@ -149,10 +153,24 @@ mod tests {
     fn channels_round_trip() {
         assert_eq!(
             parse_channel(&user_channel("a", "u")),
-            Some(Topic::User { app: "a", user: "u" })
+            Some(Topic::User {
+                app: "a",
+                user: "u"
+            })
         );
-        assert_eq!(parse_channel(&app_channel("a")), Some(Topic::App { app: "a" }));
-        for bad in ["", "a", "a:channel:", ":channel:u", "a:b:channel:u", ":broadcast", "a:x:broadcast"] {
+        assert_eq!(
+            parse_channel(&app_channel("a")),
+            Some(Topic::App { app: "a" })
+        );
+        for bad in [
+            "",
+            "a",
+            "a:channel:",
+            ":channel:u",
+            "a:b:channel:u",
+            ":broadcast",
+            "a:x:broadcast",
+        ] {
             assert_eq!(parse_channel(bad), None, "{bad}");
         }
     }

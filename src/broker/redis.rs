@@ -1,9 +1,10 @@
 //! The Redis broker: every use of fred lives in this file.
 //!
 //! Two connections: one for commands (publish, registry writes, pipelined) and one dedicated
-//! subscriber. Both reconnect forever with exponential backoff; fred re-issues tracked subscriptions
-//! after a reconnect. Subscribe and unsubscribe requests go through one task, so they reach Redis in
-//! the order the hub made them and concurrent requests are batched into one command.
+//! subscriber. Both reconnect forever with exponential backoff. Subscribe and unsubscribe requests go
+//! through one task, so they reach Redis in the order the hub made them and concurrent requests are
+//! batched into one command; that task also restores every wanted subscription after a reconnect
+//! (fred's own `manage_subscriptions` is not used: it raced the first subscribe on a fresh link).
 //!
 //! Registry keys (see docs/redis.md):
 //! - `{app}:client:{user}:{conn}`: a hash per live connection, expiring unless rewritten;
@@ -26,7 +27,7 @@ use fred::types::{Builder, Value};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{
-    Broker, BoxFuture, BrokerError, ConnectionRecord, IdRef, LinkState, MessageSink, RegistryOp,
+    BoxFuture, Broker, BrokerError, ConnectionRecord, IdRef, LinkState, MessageSink, RegistryOp,
     user_channel,
 };
 use crate::metrics::{Metrics, ReasonLabel};
@@ -42,8 +43,8 @@ const SUBSCRIBE_BATCH: usize = 1024;
 enum SubRequest {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(Vec<String>),
-    /// After a reconnect: drop subscriptions fred restored that nobody wants any more.
-    Reconcile,
+    /// The subscriber link (re)connected: subscribe every wanted channel again.
+    Resubscribe,
 }
 
 pub struct RedisBroker {
@@ -58,7 +59,8 @@ pub struct RedisBroker {
 impl RedisBroker {
     /// Builds the clients; nothing connects until [`Broker::start`].
     pub fn new(url: &str, metrics: Arc<Metrics>) -> Result<RedisBroker, BrokerError> {
-        let mut config = FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
+        let mut config =
+            FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
         // Keep retrying when Redis is not up yet at start-up, instead of failing.
         config.fail_fast = false;
         let mut builder = Builder::from_config(config);
@@ -154,7 +156,6 @@ impl Broker for RedisBroker {
             tokio::spawn(log_errors(self.client.error_rx(), "commands"));
             tokio::spawn(log_errors(self.subscriber.error_rx(), "pubsub"));
             tokio::spawn(manage_subscriptions(self.subscriber.clone(), request_rx));
-            let _resubscribe = self.subscriber.manage_subscriptions();
             self.client.connect();
             self.subscriber.connect();
             let wait = async {
@@ -241,7 +242,8 @@ impl Broker for RedisBroker {
                                 .zadd(&index, None, None, false, false, (expires, member))
                                 .await
                                 .map_err(unavailable)?;
-                            let _: () = pipe.expire(&index, ttl, None).await.map_err(unavailable)?;
+                            let _: () =
+                                pipe.expire(&index, ttl, None).await.map_err(unavailable)?;
                         }
                     }
                     RegistryOp::Remove { app, user, id } => {
@@ -370,7 +372,10 @@ async fn pump_messages(
                     .messages_dropped
                     .get_or_create(&ReasonLabel { reason: "lagged" })
                     .inc_by(n);
-                tracing::error!(lost = n, "messages lost: the hub fell behind the Redis subscriber");
+                tracing::error!(
+                    lost = n,
+                    "messages lost: the hub fell behind the Redis subscriber"
+                );
             }
             Err(broadcast::error::RecvError::Closed) => break,
         }
@@ -382,7 +387,7 @@ async fn watch_reconnects(
     notify: watch::Sender<u64>,
     metrics: Arc<Metrics>,
     link: &'static str,
-    reconcile: Option<mpsc::UnboundedSender<SubRequest>>,
+    resubscribe: Option<mpsc::UnboundedSender<SubRequest>>,
 ) {
     let mut first = true;
     loop {
@@ -396,8 +401,8 @@ async fn watch_reconnects(
                     tracing::info!(%server, link, "reconnected to Redis");
                 }
                 notify.send_modify(|n| *n += 1);
-                if let Some(tx) = &reconcile {
-                    let _ = tx.send(SubRequest::Reconcile);
+                if let Some(tx) = &resubscribe {
+                    let _ = tx.send(SubRequest::Resubscribe);
                 }
             }
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
@@ -424,7 +429,8 @@ async fn log_errors(
 
 /// The one place SUBSCRIBE and UNSUBSCRIBE are sent from. Requests that queued up while a command
 /// was in flight are folded into one batch; within a batch a later request wins, so an
-/// unsubscribe followed by a subscribe of the same channel leaves it subscribed.
+/// unsubscribe followed by a subscribe of the same channel leaves it subscribed. `active` is the
+/// truth about what this instance wants; after a reconnect all of it is subscribed again.
 async fn manage_subscriptions(
     subscriber: SubscriberClient,
     mut requests: mpsc::UnboundedReceiver<SubRequest>,
@@ -442,7 +448,7 @@ async fn manage_subscriptions(
         let mut pending: HashSet<String> = HashSet::new();
         let mut to_unsub: HashSet<String> = HashSet::new();
         let mut waiters = Vec::new();
-        let mut reconcile = false;
+        let mut resubscribe = false;
         for request in batch {
             match request {
                 SubRequest::Subscribe(channels, tx) => {
@@ -464,30 +470,34 @@ async fn manage_subscriptions(
                         }
                     }
                 }
-                SubRequest::Reconcile => reconcile = true,
+                SubRequest::Resubscribe => resubscribe = true,
             }
         }
-        if reconcile {
-            for ch in subscriber.tracked_channels() {
-                if !active.contains(&*ch) && !pending.contains(&*ch) {
-                    to_unsub.insert(ch.to_string());
-                }
+        if resubscribe {
+            // A fresh connection has no subscriptions, so nothing needs unsubscribing either.
+            to_unsub.clear();
+            let restore: Vec<String> = active.drain().filter(|c| !pending.contains(c)).collect();
+            if !restore.is_empty() {
+                tracing::info!(channels = restore.len(), "restoring subscriptions");
             }
+            to_sub.extend(restore);
         }
         if !to_unsub.is_empty() {
             let list: Vec<String> = to_unsub.into_iter().collect();
             if let Err(error) = subscriber.unsubscribe(list).await {
-                tracing::warn!(%error, "UNSUBSCRIBE failed; reconciled after the next reconnect");
+                // Harmless: messages for nobody are dropped by the hub; a reconnect clears them.
+                tracing::warn!(%error, "UNSUBSCRIBE failed");
             }
         }
-        let outcome = if to_sub.is_empty() {
-            Ok(())
-        } else {
-            subscriber.subscribe(to_sub.clone()).await.map_err(unavailable)
-        };
-        match &outcome {
-            Ok(()) => active.extend(to_sub),
-            Err(error) => tracing::warn!(%error, "SUBSCRIBE failed"),
+        let mut outcome = Ok(());
+        for chunk in to_sub.chunks(SUBSCRIBE_BATCH) {
+            match subscriber.subscribe(chunk.to_vec()).await {
+                Ok(()) => active.extend(chunk.iter().cloned()),
+                Err(error) => {
+                    tracing::warn!(%error, channels = chunk.len(), "SUBSCRIBE failed");
+                    outcome = Err(unavailable(error));
+                }
+            }
         }
         for (channels, tx) in waiters {
             let result = if channels.iter().all(|c| active.contains(c)) {

@@ -198,7 +198,14 @@ mod tests {
             connections_path("/connections/a/u%40x"),
             Some(("a".into(), Some("u@x".into())))
         );
-        for bad in ["/connections/", "/connections/a/", "/connections/a/b/", "/connections/a/b/c", "/connections//b", "/connections/%zz"] {
+        for bad in [
+            "/connections/",
+            "/connections/a/",
+            "/connections/a/b/",
+            "/connections/a/b/c",
+            "/connections//b",
+            "/connections/%zz",
+        ] {
             assert_eq!(connections_path(bad), None, "{bad}");
         }
     }

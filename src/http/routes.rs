@@ -33,7 +33,11 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Identity, Box<H
     auth::extract_token(req.headers(), req.uri().query())
         .and_then(|token| state.verifier.verify(&token))
         .map_err(|e| {
-            tracing::debug!(reason = e.reason(), path = req.uri().path(), "authentication failed");
+            tracing::debug!(
+                reason = e.reason(),
+                path = req.uri().path(),
+                "authentication failed"
+            );
             Box::new(unauthorized(&state.metrics, e))
         })
 }
@@ -277,7 +281,10 @@ fn plan_publish(app: &str, req: PublishRequest) -> Result<(Vec<String>, Bytes), 
         {
             return Err((
                 "invalid_field",
-                format!("\"{name}\" must have no control characters and at most {} bytes", crate::sse::MAX_FIELD_LEN),
+                format!(
+                    "\"{name}\" must have no control characters and at most {} bytes",
+                    crate::sse::MAX_FIELD_LEN
+                ),
             ));
         }
     }
@@ -300,10 +307,7 @@ fn checked_user(user: &str) -> Result<&str, PlanError> {
     if auth::is_safe_id(user) {
         Ok(user)
     } else {
-        Err((
-            "invalid_user",
-            format!("{user:?} is not a valid user id"),
-        ))
+        Err(("invalid_user", format!("{user:?} is not a valid user id")))
     }
 }
 
@@ -365,7 +369,11 @@ pub async fn connections<B>(
     };
     match body {
         Ok(bytes) => json_bytes(StatusCode::OK, bytes),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -391,10 +399,19 @@ mod tests {
         let (ch, _) = plan(json!({"broadcast":true})).unwrap();
         assert_eq!(ch, vec!["app:broadcast"]);
         assert_eq!(plan(json!({"data":1})).unwrap_err().0, "invalid_target");
-        assert_eq!(plan(json!({"user":"u","broadcast":true})).unwrap_err().0, "invalid_target");
+        assert_eq!(
+            plan(json!({"user":"u","broadcast":true})).unwrap_err().0,
+            "invalid_target"
+        );
         assert_eq!(plan(json!({"users":[]})).unwrap_err().0, "invalid_target");
         assert_eq!(plan(json!({"user":"a:b"})).unwrap_err().0, "invalid_user");
-        assert_eq!(plan(json!({"user":"u","type":"x\ny"})).unwrap_err().0, "invalid_field");
-        assert_eq!(plan(json!({"user":"u","id":"1\u{0}"})).unwrap_err().0, "invalid_field");
+        assert_eq!(
+            plan(json!({"user":"u","type":"x\ny"})).unwrap_err().0,
+            "invalid_field"
+        );
+        assert_eq!(
+            plan(json!({"user":"u","id":"1\u{0}"})).unwrap_err().0,
+            "invalid_field"
+        );
     }
 }

@@ -1,0 +1,503 @@
+//! Shared test helpers: a `redis-server` per test on a free port, the real gateway binary, tokens,
+//! and a small SSE client that keeps the raw bytes it read.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::interfaces::ClientLike;
+use futures_util::{Stream, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "integration-test-secret-5c1f";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+pub fn sign(claims: &Value) -> String {
+    sign_with(Algorithm::HS256, claims, SECRET)
+}
+
+pub fn sign_with(alg: Algorithm, claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// A browser token for `user` of `app`, valid for an hour.
+pub fn user_token(app: &str, user: &str) -> String {
+    sign(&json!({"iss": app, "sub": user, "exp": now() + 3600}))
+}
+
+pub fn publisher_token(app: &str) -> String {
+    sign(&json!({"iss": app, "sub": "backend", "exp": now() + 3600, "sse_role": "publisher"}))
+}
+
+pub fn operator_token(app: &str) -> String {
+    sign(&json!({"iss": app, "sub": "ops", "exp": now() + 3600, "sse_role": "operator"}))
+}
+
+/// A throwaway `redis-server`, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server outright (its data is gone: it keeps nothing on disk).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts an empty server on the same port again.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> fred::clients::Client {
+        let config = fred::types::config::Config::from_url(&self.url()).expect("url");
+        let client = fred::types::Builder::from_config(config)
+            .build()
+            .expect("client");
+        client.init().await.expect("connect to test redis");
+        client
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The real gateway binary, on a free port; SIGKILLed when dropped.
+pub struct Gateway {
+    pub port: u16,
+    pub instance: String,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+pub struct GatewayBuilder {
+    env: HashMap<String, String>,
+}
+
+impl GatewayBuilder {
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn redis(self, r: &RedisServer) -> Self {
+        self.env("REDIS_URL", &r.url())
+    }
+
+    pub async fn start(self) -> Gateway {
+        let g = self.spawn();
+        g.wait_healthy().await;
+        g
+    }
+
+    /// Starts the process without waiting for it to be healthy.
+    pub fn spawn(self) -> Gateway {
+        let port = free_port();
+        let dir = TempDir::new();
+        let log = dir.path.join("gateway.log");
+        let instance = format!("gw-{port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .current_dir(&dir.path)
+            .env("APP_HOST", "127.0.0.1")
+            .env("APP_PORT", port.to_string())
+            .env("JWT_SECRET", SECRET)
+            .env("APP_MODE", "debug")
+            .env("INSTANCE_ID", &instance);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn gateway");
+        Gateway {
+            port,
+            instance,
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+}
+
+impl Gateway {
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            env: HashMap::new(),
+        }
+    }
+
+    pub async fn embedded() -> Gateway {
+        Gateway::builder().start().await
+    }
+
+    pub async fn with_redis(r: &RedisServer) -> Gateway {
+        Gateway::builder().redis(r).start().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = http().get(self.url("/health")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+        }
+    }
+
+    /// Waits for the process to exit, returning its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gateway did not exit within {within:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Publishes over HTTP with a publisher token of `app`.
+    pub async fn publish(&self, app: &str, body: Value) -> reqwest::Response {
+        http()
+            .post(self.url("/publish"))
+            .bearer_auth(publisher_token(app))
+            .json(&body)
+            .send()
+            .await
+            .expect("publish request")
+    }
+
+    /// Opens `/sse` for a user with the token in the Authorization header.
+    pub async fn connect(&self, app: &str, user: &str) -> SseClient {
+        let c = SseClient::open(
+            http()
+                .get(self.url("/sse"))
+                .bearer_auth(user_token(app, user)),
+        )
+        .await;
+        assert_eq!(c.status, 200, "connect {app}/{user}");
+        c
+    }
+
+    /// Scrapes `/metrics` and returns the value of the first sample whose line starts with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let text = http()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// One dispatched SSE event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+    pub retry: Option<u64>,
+}
+
+impl Event {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).expect("event data is JSON")
+    }
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// A minimal EventSource: parses the stream as the WHATWG spec does and keeps every raw byte.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    stream: ByteStream,
+    buf: String,
+    pub raw: String,
+    pub ended: bool,
+}
+
+impl SseClient {
+    pub async fn open(req: reqwest::RequestBuilder) -> SseClient {
+        let resp = req.send().await.expect("sse request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        SseClient {
+            status,
+            headers,
+            stream: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+            raw: String::new(),
+            ended: false,
+        }
+    }
+
+    pub fn connection_id(&self) -> String {
+        self.headers
+            .get("x-connection-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("x-connection-id")
+            .to_string()
+    }
+
+    /// The next event with data (pings included), or `None` if the stream ended or `within` passed.
+    pub async fn next_within(&mut self, within: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                if let Some(ev) = parse_block(&block) {
+                    return Some(ev);
+                }
+                continue;
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return None,
+                Ok(None) | Ok(Some(Err(_))) => self.ended = true,
+                Ok(Some(Ok(chunk))) => {
+                    let text = String::from_utf8_lossy(&chunk).replace("\r\n", "\n");
+                    self.raw.push_str(&text);
+                    self.buf.push_str(&text);
+                }
+            }
+        }
+    }
+
+    /// The next event that is not a ping; panics after 10 s.
+    pub async fn next(&mut self) -> Event {
+        loop {
+            let ev = self
+                .next_within(Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("no event within 10s; raw so far: {:?}", self.raw));
+            if ev.event != "ping" {
+                return ev;
+            }
+        }
+    }
+
+    /// Asserts that no non-ping event arrives within `within`.
+    pub async fn expect_silence(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Some(ev) = self
+            .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            assert_eq!(ev.event, "ping", "unexpected event {ev:?}");
+        }
+    }
+
+    /// Reads until the server ends the stream; returns the events seen on the way.
+    pub async fn until_end(&mut self, within: Duration) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Some(ev) = self
+            .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+        {
+            seen.push(ev);
+        }
+        assert!(self.ended, "stream still open after {within:?}: {seen:?}");
+        seen
+    }
+}
+
+/// One event block, as the WHATWG parser reads it: no data line, no event.
+fn parse_block(block: &str) -> Option<Event> {
+    let mut ev = Event::default();
+    let mut data: Option<String> = None;
+    for line in block.lines() {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (name, value) = match line.split_once(':') {
+            Some((n, v)) => (n, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match name {
+            "id" => ev.id = Some(value.to_string()),
+            "event" => ev.event = value.to_string(),
+            "retry" => ev.retry = value.parse().ok(),
+            "data" => {
+                let d = data.get_or_insert_with(String::new);
+                d.push_str(value);
+                d.push('\n');
+            }
+            _ => {}
+        }
+    }
+    let mut data = data?;
+    data.pop();
+    if ev.event.is_empty() {
+        ev.event = "message".into();
+    }
+    ev.data = data;
+    Some(ev)
+}
+
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls an async condition every 50 ms until it holds; panics with `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A temporary directory removed when dropped.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!("sse-gw-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
