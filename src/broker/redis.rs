@@ -23,7 +23,7 @@ use fred::interfaces::{
     SortedSetsInterface,
 };
 use fred::types::config::{Config as FredConfig, ReconnectPolicy, TcpConfig};
-use fred::types::{Builder, Value};
+use fred::types::{Builder, ExpireOptions, Value};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{
@@ -242,8 +242,15 @@ impl Broker for RedisBroker {
                                 .zadd(&index, None, None, false, false, (expires, member))
                                 .await
                                 .map_err(unavailable)?;
-                            let _: () =
-                                pipe.expire(&index, ttl, None).await.map_err(unavailable)?;
+                            // Indexes are shared by every instance: only ever push their expiry
+                            // out (NX for a fresh key, GT after), so an instance with a shorter
+                            // TTL cannot expire the others' entries.
+                            for option in [ExpireOptions::NX, ExpireOptions::GT] {
+                                let _: () = pipe
+                                    .expire(&index, ttl, Some(option))
+                                    .await
+                                    .map_err(unavailable)?;
+                            }
                         }
                     }
                     RegistryOp::Remove { app, user, id } => {

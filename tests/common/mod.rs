@@ -334,6 +334,8 @@ pub struct SseClient {
     pub headers: reqwest::header::HeaderMap,
     stream: ByteStream,
     buf: String,
+    /// Where to resume looking for the end of an event in `buf`.
+    scanned: usize,
     pub raw: String,
     pub ended: bool,
 }
@@ -348,6 +350,7 @@ impl SseClient {
             headers,
             stream: Box::pin(resp.bytes_stream()),
             buf: String::new(),
+            scanned: 0,
             raw: String::new(),
             ended: false,
         }
@@ -365,13 +368,16 @@ impl SseClient {
     pub async fn next_within(&mut self, within: Duration) -> Option<Event> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Some(end) = self.buf.find("\n\n") {
+            if let Some(end) = self.buf[self.scanned..].find("\n\n") {
+                let end = self.scanned + end;
                 let block: String = self.buf.drain(..end + 2).collect();
+                self.scanned = 0;
                 if let Some(ev) = parse_block(&block) {
                     return Some(ev);
                 }
                 continue;
             }
+            self.scanned = self.buf.len().saturating_sub(1);
             if self.ended {
                 return None;
             }
@@ -393,7 +399,14 @@ impl SseClient {
             let ev = self
                 .next_within(Duration::from_secs(10))
                 .await
-                .unwrap_or_else(|| panic!("no event within 10s; raw so far: {:?}", self.raw));
+                .unwrap_or_else(|| {
+                    let tail: String = self.raw.chars().rev().take(300).collect();
+                    let tail: String = tail.chars().rev().collect();
+                    panic!(
+                        "no event within 10s (stream ended: {}); last bytes: {tail:?}",
+                        self.ended
+                    )
+                });
             if ev.event != "ping" {
                 return ev;
             }

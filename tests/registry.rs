@@ -1,0 +1,324 @@
+//! The cluster-wide connection registry and `/connections`, against real Redis and real processes:
+//! entries appear with the right fields, go on disconnect and on shutdown, expire after SIGKILL, are
+//! visible from every instance, and are only listed to those allowed to see them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use fred::interfaces::{KeysInterface, PubsubInterface};
+use serde_json::{Value, json};
+
+async fn list(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
+    let r = http()
+        .get(gw.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    (status, body)
+}
+
+async fn keys(r: &fred::clients::Client) -> Vec<String> {
+    use fred::interfaces::ClientLike;
+    let mut k: Vec<String> = r.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
+    k.sort();
+    k
+}
+
+#[tokio::test]
+async fn entries_carry_the_fields_and_vanish_on_disconnect() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis).await;
+    let r = redis.client().await;
+    let c = SseClient::open(
+        http()
+            .get(gw.url("/sse"))
+            .header("user-agent", "test-agent/1.0")
+            .bearer_auth(user_token("shop", "alice")),
+    )
+    .await;
+    let id = c.connection_id();
+    let key = format!("shop:client:alice:{id}");
+    let mut hash: HashMap<String, String> = HashMap::new();
+    for _ in 0..100 {
+        hash = fred::interfaces::HashesInterface::hgetall(&r, &key)
+            .await
+            .unwrap();
+        if !hash.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hash["id"], id);
+    assert_eq!(hash["app"], "shop");
+    assert_eq!(hash["user"], "alice");
+    assert_eq!(hash["instance"], gw.instance);
+    assert_eq!(hash["user_agent"], "test-agent/1.0");
+    assert_eq!(hash["channel_id"], "shop:channel:alice");
+    assert!(hash["remote_addr"].starts_with("127.0.0.1:"));
+    let created: u64 = hash["created_at"].parse().unwrap();
+    assert!(created.abs_diff(now()) < 10);
+    // HSET and EXPIRE share a pipeline; give the EXPIRE its moment.
+    let mut ttl: i64 = -1;
+    for _ in 0..50 {
+        ttl = r.ttl(&key).await.unwrap();
+        if ttl > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ttl > 0 && ttl <= 60,
+        "entries expire by themselves: ttl {ttl}"
+    );
+
+    // The listing shows the same, in the original's shape.
+    let (status, body) = list(&gw, "/connections/shop/alice", &user_token("shop", "alice")).await;
+    assert_eq!(status, 200);
+    let entry = &body[&id];
+    assert_eq!(entry["id"], id.as_str());
+    assert_eq!(entry["application"], json!({"id": "shop"}));
+    assert_eq!(entry["user"], json!({"id": "alice"}));
+    assert_eq!(entry["instance"], gw.instance.as_str());
+    assert!(entry["created_at"].is_u64());
+
+    drop(c);
+    eventually(Duration::from_secs(5), "entry and indexes deleted", || {
+        let r = r.clone();
+        async move { keys(&r).await.is_empty() }
+    })
+    .await;
+    let (status, body) = list(&gw, "/connections/shop/alice", &user_token("shop", "alice")).await;
+    assert_eq!((status, body), (204, Value::Null));
+}
+
+#[tokio::test]
+async fn connections_authorization_matrix() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis).await;
+    let _alice = gw.connect("shop", "alice").await;
+    let _bob = gw.connect("shop", "bob").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let alice = user_token("shop", "alice");
+    let cases: Vec<(&str, String, u16)> = vec![
+        // A user sees their own connections, not anyone else's, nor the app's.
+        ("/connections/shop/alice", alice.clone(), 200),
+        ("/connections/shop/bob", alice.clone(), 403),
+        ("/connections/shop", alice.clone(), 403),
+        // A token of another application sees nothing of this one (the original leaked all).
+        ("/connections/shop/alice", user_token("blog", "alice"), 403),
+        ("/connections/shop", operator_token("blog"), 403),
+        // A publisher is not an operator.
+        ("/connections/shop", publisher_token("shop"), 403),
+        // The operator of the app sees everything in it.
+        ("/connections/shop", operator_token("shop"), 200),
+        ("/connections/shop/bob", operator_token("shop"), 200),
+        ("/connections/shop/nobody", operator_token("shop"), 204),
+    ];
+    for (path, token, want) in cases {
+        let (status, body) = list(&gw, path, &token).await;
+        assert_eq!(status, want, "{path}: {body}");
+        if want == 403 {
+            assert!(body["error"].is_string(), "{body}");
+        }
+    }
+    let (_, body) = list(&gw, "/connections/shop", &operator_token("shop")).await;
+    let users: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(users, ["alice", "bob"]);
+    let r = http()
+        .get(gw.url("/connections/shop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn two_instances_share_delivery_and_listing() {
+    let redis = RedisServer::start();
+    let a = Gateway::with_redis(&redis).await;
+    let b = Gateway::with_redis(&redis).await;
+    let r = redis.client().await;
+    let mut on_a = a.connect("shop", "alice").await;
+    let mut on_b = b.connect("shop", "alice").await;
+    let mut bob_on_b = b.connect("shop", "bob").await;
+
+    // Published on instance A (HTTP), delivered on both.
+    let resp = a
+        .publish("shop", json!({"user": "alice", "type": "t", "data": 1}))
+        .await;
+    assert_eq!(resp.json::<Value>().await.unwrap()["subscribers"], 2);
+    assert_eq!(on_a.next().await.data, "1");
+    assert_eq!(on_b.next().await.data, "1");
+    // Published straight to Redis, as the original's backends do.
+    let n: i64 = r
+        .publish("shop:channel:bob", r#"{"type":"t","data":2}"#)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(bob_on_b.next().await.data, "2");
+    on_a.expect_silence(Duration::from_millis(300)).await;
+
+    // Either instance lists all three connections with their instance ids.
+    for gw in [&a, &b] {
+        let count = |body: &Value| -> usize {
+            body.as_object().map_or(0, |o| {
+                o.values()
+                    .map(|u| u.as_object().map_or(0, |m| m.len()))
+                    .sum()
+            })
+        };
+        let mut body = Value::Null;
+        for _ in 0..100 {
+            body = list(gw, "/connections/shop", &operator_token("shop"))
+                .await
+                .1;
+            if count(&body) == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(count(&body), 3, "{body}");
+        let mut instances: Vec<String> = body["alice"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|c| c["instance"].as_str().unwrap().to_string())
+            .collect();
+        instances.sort();
+        let mut want = vec![a.instance.clone(), b.instance.clone()];
+        want.sort();
+        assert_eq!(instances, want);
+    }
+}
+
+#[tokio::test]
+async fn entries_of_a_killed_instance_expire_by_themselves() {
+    let redis = RedisServer::start();
+    let r = redis.client().await;
+    let mut doomed = Gateway::builder()
+        .redis(&redis)
+        .env("REGISTRY_TTL", "2")
+        .start()
+        .await;
+    let survivor = Gateway::with_redis(&redis).await;
+    let _c1 = doomed.connect("shop", "alice").await;
+    let _c2 = doomed.connect("shop", "bob").await;
+    let _c3 = survivor.connect("shop", "carol").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = list(&survivor, "/connections/shop", &operator_token("shop")).await;
+    assert_eq!(body.as_object().unwrap().len(), 3);
+
+    // Held past its TTL by the heartbeat while alive...
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, body) = list(&survivor, "/connections/shop", &operator_token("shop")).await;
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        3,
+        "heartbeat keeps live entries"
+    );
+
+    // ...and gone within the TTL once the process dies without any cleanup.
+    doomed.signal("KILL");
+    doomed.wait_exit(Duration::from_secs(5));
+    let mut users = Vec::new();
+    for _ in 0..100 {
+        let (_, body) = list(&survivor, "/connections/shop", &operator_token("shop")).await;
+        users = body
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        if users == ["carol"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(users, ["carol"], "keys: {:?}", keys(&r).await);
+    let remaining = keys(&r).await;
+    assert!(
+        remaining
+            .iter()
+            .all(|k| !k.contains("alice") && !k.contains("bob")),
+        "{remaining:?}"
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_tells_streams_to_reconnect_and_leaves_no_entries() {
+    let redis = RedisServer::start();
+    let r = redis.client().await;
+    let mut gw = Gateway::builder()
+        .redis(&redis)
+        .env("RETRY_MS", "1000")
+        .start()
+        .await;
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        streams.push(gw.connect("shop", &format!("u{i}")).await);
+    }
+    eventually(Duration::from_secs(5), "entries written", || {
+        let r = r.clone();
+        async move { keys(&r).await.len() == 5 + 5 + 1 }
+    })
+    .await;
+
+    gw.signal("TERM");
+    for s in &mut streams {
+        let events = s.until_end(Duration::from_secs(5)).await;
+        let last = events.last().expect("a farewell event");
+        assert_eq!(last.event, "shutdown");
+        let retry = last.retry.expect("a retry hint");
+        assert!((1000..2000).contains(&retry), "{retry}");
+    }
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(keys(&r).await, Vec::<String>::new());
+    assert!(gw.logs().contains("shutdown complete"));
+}
+
+#[tokio::test]
+async fn shutdown_is_bounded_even_when_a_client_never_reads() {
+    use tokio::io::AsyncWriteExt;
+    let redis = RedisServer::start();
+    let mut gw = Gateway::builder()
+        .redis(&redis)
+        .env("SHUTDOWN_TIMEOUT", "1")
+        .start()
+        .await;
+    // A client that sends its request and then never reads a byte.
+    let mut stuck = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token("shop", "stuck")
+    );
+    stuck.write_all(req.as_bytes()).await.unwrap();
+    // Fill its socket buffers so that nothing more can be written to it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let blob = "x".repeat(200_000);
+    for _ in 0..30 {
+        gw.publish("shop", json!({"user": "stuck", "data": blob}))
+            .await;
+    }
+    let started = std::time::Instant::now();
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = redis.client().await;
+    assert_eq!(keys(&r).await, Vec::<String>::new(), "{}", gw.logs());
+}

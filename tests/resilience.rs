@@ -1,0 +1,242 @@
+//! Faults: Redis going away and coming back, clients that vanish, clients that stop reading.
+//! Every loop here is bounded in count and time, and all traffic stays on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fred::interfaces::{ClientLike, PubsubInterface};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+async fn redis_keys(r: &RedisServer) -> Vec<String> {
+    let c = r.client().await;
+    let mut k: Vec<String> = c.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
+    k.sort();
+    k
+}
+
+async fn ready(gw: &Gateway) -> (u16, Value) {
+    let r = http().get(gw.url("/ready")).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_mid_stream() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .redis(&redis)
+        .env("REGISTRY_TTL", "30")
+        .start()
+        .await;
+    let mut alice = gw.connect("shop", "alice").await;
+    let mut bob = gw.connect("shop", "bob").await;
+    let alice_id = alice.connection_id();
+    assert_eq!(ready(&gw).await.0, 200);
+
+    redis.kill();
+    let mut down = (0, Value::Null);
+    for _ in 0..100 {
+        down = ready(&gw).await;
+        if down.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(down.0, 503, "readiness reports the lost link: {}", down.1);
+    assert_eq!(down.1["status"], "unavailable");
+    assert_eq!(gw.url("/health").len() > 0, true);
+    assert_eq!(
+        http().get(gw.url("/health")).send().await.unwrap().status(),
+        200,
+        "liveness stays green"
+    );
+
+    // While Redis is away: open streams stay open; publishing says why it cannot; a new stream is
+    // told to retry (200 + retry:, never a status that would stop EventSource for good).
+    let resp = gw
+        .publish("shop", json!({"user": "alice", "data": 1}))
+        .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "broker_unavailable"
+    );
+    let mut refused = SseClient::open(
+        http()
+            .get(gw.url("/sse"))
+            .bearer_auth(user_token("shop", "carol")),
+    )
+    .await;
+    assert_eq!(refused.status, 200);
+    refused.until_end(Duration::from_secs(10)).await;
+    assert!(refused.raw.starts_with("retry: "), "{:?}", refused.raw);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Redis comes back empty: subscriptions and registry entries return without anyone acting.
+    redis.restart();
+    for _ in 0..200 {
+        if ready(&gw).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready(&gw).await.0, 200, "{}", gw.logs());
+    let r = redis.client().await;
+    let mut receivers = 0;
+    for _ in 0..100 {
+        receivers = r
+            .publish::<i64, _, _>("shop:channel:alice", r#"{"type":"back","data":1}"#)
+            .await
+            .unwrap();
+        if receivers == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receivers, 1, "subscription restored");
+    assert_eq!(alice.next().await.event, "back");
+    r.publish::<i64, _, _>("shop:broadcast", r#"{"type":"all"}"#)
+        .await
+        .unwrap();
+    assert_eq!(alice.next().await.event, "all");
+    assert_eq!(bob.next().await.event, "all");
+
+    let mut keys = Vec::new();
+    for _ in 0..100 {
+        keys = redis_keys(&redis).await;
+        if keys.iter().any(|k| k.ends_with(&alice_id)) && keys.len() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        keys.contains(&format!("shop:client:alice:{alice_id}")),
+        "registry restored: {keys:?}"
+    );
+    assert_eq!(
+        keys.len(),
+        5,
+        "two entries, two user indexes, one app index: {keys:?}"
+    );
+    assert!(
+        gw.metric("sse_broker_reconnects_total")
+            .await
+            .unwrap_or_default()
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_is_cleaned_up() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis).await;
+    // Raw socket, so the test can drop it without any HTTP goodbye.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token("shop", "ghost")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    for _ in 0..100 {
+        if redis_keys(&redis).await.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis_keys(&redis).await.len(), 3);
+    assert_eq!(gw.metric("sse_active_clients").await, Some(1.0));
+    drop(s);
+    for _ in 0..100 {
+        if redis_keys(&redis).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
+    assert_eq!(gw.metric("sse_active_clients").await, Some(0.0));
+    let closed = gw
+        .metric("sse_connections_closed_total{app=\"shop\",reason=\"client_gone\"}")
+        .await;
+    assert_eq!(closed, Some(1.0));
+    // The Redis subscription went with the last stream.
+    let r = redis.client().await;
+    let n: i64 = r.publish("shop:channel:ghost", "x").await.unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
+    let redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .redis(&redis)
+        .env("CLIENT_QUEUE", "64")
+        .start()
+        .await;
+    let mut fast = gw.connect("shop", "fast").await;
+    // The slow client sends its request and never reads; a small receive buffer makes it fill sooner.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket
+        .connect(([127, 0, 0, 1], gw.port).into())
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token("shop", "slow")
+    );
+    slow.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Broadcast 200 messages of 64 KiB (12.5 MiB): more than the slow socket's kernel buffers (the
+    // server's send buffer grows to 4 MiB) plus its 64-message queue, paced so that a reader that
+    // does read keeps up even in a debug build sharing two cores with the gateway.
+    let blob = "b".repeat(64 * 1024);
+    let total = 200;
+    let r = redis.client().await;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < total {
+            let ev = fast.next().await;
+            got.push(ev.id.unwrap_or_default());
+        }
+        got
+    });
+    for i in 0..total {
+        let payload = format!(r#"{{"id":"{i}","type":"bulk","data":"{blob}"}}"#);
+        r.publish::<i64, _, _>("shop:broadcast", payload)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("fast reader kept up");
+    let got = got.unwrap();
+    let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "the fast reader saw every message, in order");
+
+    let mut cut = None;
+    for _ in 0..100 {
+        cut = gw
+            .metric("sse_slow_clients_disconnected_total{app=\"shop\"}")
+            .await;
+        if cut == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cut, Some(1.0), "the slow reader was cut off");
+    assert!(
+        gw.metric("sse_dropped_message_total{app=\"shop\"}")
+            .await
+            .unwrap_or_default()
+            >= 1.0
+    );
+    let logs = gw.logs();
+    assert_eq!(logs.matches("stream cut off").count(), 1, "logged once");
+    drop(slow);
+}
