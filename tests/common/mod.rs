@@ -2,6 +2,8 @@
 //! and a small SSE client that keeps the raw bytes it read.
 #![allow(dead_code)]
 
+pub mod external;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::TcpListener;

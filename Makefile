@@ -1,0 +1,44 @@
+# sse-gateway. `make run` starts the gateway (no Redis needed); `make test` runs every test.
+# The Docker targets (build, up, down, restart, logs) need a Docker engine.
+
+COMPOSE ?= docker compose -f docker/docker-compose.yml --env-file .env
+
+.PHONY: run test lint fmt bench build up down restart logs token env
+
+.env:
+	cp .env.example .env
+	@echo "created .env from .env.example: set JWT_SECRET before going anywhere near production"
+
+env: .env
+
+run: .env
+	cargo run --bin sse-gateway
+
+test:
+	cargo test --all-targets
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt
+
+# Usage: make token APP=shop USER_ID=alice [ROLE=publisher]
+token: .env
+	@cargo run -q --bin sse-token -- $(APP) $(USER_ID) $(if $(ROLE),--role $(ROLE))
+
+build: .env
+	$(COMPOSE) build
+
+up: .env
+	$(COMPOSE) up -d
+
+down:
+	$(COMPOSE) down
+
+restart:
+	$(COMPOSE) restart
+
+logs:
+	$(COMPOSE) logs --follow

@@ -1,0 +1,1 @@
+//! Helpers for tests that drive external programs (nginx, newman, schemathesis, Chromium, Node).

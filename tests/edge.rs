@@ -1,0 +1,382 @@
+//! The HTTP edge and process behaviour: routes, methods, CORS, HTTP/2, odd requests, metrics, the
+//! embedded mode end to end, start-up errors, and secrets kept out of logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn raw_request(port: u16, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn routes_methods_and_json_errors() {
+    let gw = Gateway::embedded().await;
+    let c = http();
+
+    let r = c.get(gw.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), r#"{"status":"ok"}"#);
+    assert_eq!(
+        c.head(gw.url("/health")).send().await.unwrap().status(),
+        200
+    );
+
+    let r = c.get(gw.url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["broker"], "embedded");
+
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirect.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], "/health");
+
+    for path in [
+        "/nope",
+        "/sse/",
+        "/connections/",
+        "/connections/a/",
+        "/connections/a/b/c",
+        "/SSE",
+    ] {
+        let r = c.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"],
+            "not_found",
+            "{path}"
+        );
+    }
+    for (method, path, allow) in [
+        (reqwest::Method::POST, "/health", "GET, HEAD, OPTIONS"),
+        (reqwest::Method::DELETE, "/connections/a", "GET, OPTIONS"),
+        (reqwest::Method::POST, "/sse", "GET, OPTIONS"),
+        (reqwest::Method::GET, "/publish", "POST, OPTIONS"),
+    ] {
+        let r = c
+            .request(method.clone(), gw.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"],
+            "method_not_allowed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cors_preflight_and_exposed_connection_id() {
+    let gw = Gateway::embedded().await;
+    let c = http();
+    let r = c
+        .request(reqwest::Method::OPTIONS, gw.url("/sse"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "GET")
+        .header(
+            "access-control-request-headers",
+            "last-event-id, authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("GET")
+    );
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("last-event-id"));
+
+    let s = SseClient::open(
+        c.get(gw.url("/sse"))
+            .header("origin", "https://app.example")
+            .bearer_auth(user_token("a", "u")),
+    )
+    .await;
+    assert_eq!(s.headers["access-control-allow-origin"], "*");
+    assert!(
+        s.headers["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("X-Connection-Id")
+    );
+    assert_eq!(s.headers["cache-control"], "no-cache");
+    assert_eq!(s.headers["x-accel-buffering"], "no");
+    assert!(uuid::Uuid::parse_str(&s.connection_id()).is_ok());
+
+    // Errors carry CORS headers too, so browser code can read why.
+    let r = c
+        .get(gw.url("/sse"))
+        .header("origin", "https://x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+}
+
+#[tokio::test]
+async fn cors_with_an_origin_list_echoes_only_listed_origins_with_credentials() {
+    let gw = Gateway::builder()
+        .env(
+            "CORS_ALLOWED_ORIGINS",
+            "https://good.example,https://also.example",
+        )
+        .start()
+        .await;
+    let c = http();
+    let r = c
+        .get(gw.url("/health"))
+        .header("origin", "https://good.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://good.example"
+    );
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    assert_eq!(r.headers()["vary"], "Origin");
+    let r = c
+        .get(gw.url("/health"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    assert!(
+        r.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_streams() {
+    let gw = Gateway::embedded().await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut s = SseClient::open(h2.get(gw.url("/sse")).bearer_auth(user_token("a", "u"))).await;
+    assert_eq!(s.status, 200);
+    assert_eq!(
+        gw.publish("a", json!({"user": "u", "type": "h2", "data": 1}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(s.next().await.event, "h2");
+    drop(s);
+    // The h2 stream reset is seen as a disconnect.
+    let mut gone = false;
+    for _ in 0..100 {
+        if gw.metric("sse_active_clients").await == Some(0.0) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone);
+}
+
+#[tokio::test]
+async fn odd_requests_get_answers_not_crashes() {
+    let gw = Gateway::embedded().await;
+    let big_header = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let resp = raw_request(gw.port, big_header.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    let resp = raw_request(gw.port, b"BLAH\r\n\r\n").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 400") || resp.is_empty(),
+        "{resp}"
+    );
+    let resp = raw_request(
+        gw.port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\x00bad: y\r\n\r\n",
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 400") || resp.is_empty(),
+        "{resp}"
+    );
+    let resp = raw_request(
+        gw.port,
+        b"GET /sse?access_token=%zz%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    // Still alive after all of that.
+    assert_eq!(
+        http().get(gw.url("/health")).send().await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_labelled_by_app_only() {
+    let gw = Gateway::embedded().await;
+    let _s = gw.connect("shop", "alice").await;
+    gw.publish("shop", json!({"user": "alice", "data": 1}))
+        .await;
+    let _ = http().get(gw.url("/sse")).send().await;
+    let r = http().get(gw.url("/metrics")).send().await.unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("openmetrics-text")
+    );
+    let text = r.text().await.unwrap();
+    for needle in [
+        "sse_active_clients 1",
+        "sse_connections{app=\"shop\"} 1",
+        "sse_connections_opened_total{app=\"shop\"} 1",
+        "sse_message_sent_total{app=\"shop\"} 1",
+        "sse_auth_failures_total{reason=\"missing_token\"} 1",
+        "sse_publish_requests_total{app=\"shop\",outcome=\"ok\"} 1",
+        "sse_broker_link_up{link=\"pubsub\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(!text.contains("alice"), "never labelled by user");
+}
+
+#[tokio::test]
+async fn embedded_mode_end_to_end() {
+    let gw = Gateway::embedded().await;
+    assert!(
+        gw.logs().contains("embedded in-process broker"),
+        "says so: {}",
+        gw.logs()
+    );
+    let mut alice = gw.connect("shop", "alice").await;
+    let mut also_alice = gw.connect("shop", "alice").await;
+    let mut bob = gw.connect("shop", "bob").await;
+    let r = gw
+        .publish(
+            "shop",
+            json!({"user": "alice", "type": "hi", "id": "1", "data": {"x": 1}}),
+        )
+        .await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"published": 1, "subscribers": 1})
+    );
+    for c in [&mut alice, &mut also_alice] {
+        let ev = c.next().await;
+        assert_eq!(
+            (ev.id.as_deref(), ev.event.as_str(), ev.json()),
+            (Some("1"), "hi", json!({"x": 1}))
+        );
+    }
+    bob.expect_silence(Duration::from_millis(300)).await;
+    gw.publish("shop", json!({"broadcast": true, "data": "all"}))
+        .await;
+    assert_eq!(bob.next().await.data, "\"all\"");
+
+    let r = http()
+        .get(gw.url("/connections/shop"))
+        .bearer_auth(operator_token("shop"))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["alice"].as_object().unwrap().len(), 2);
+    assert_eq!(body["bob"].as_object().unwrap().len(), 1);
+    drop(bob);
+    let mut left = Value::Null;
+    for _ in 0..100 {
+        let r = http()
+            .get(gw.url("/connections/shop"))
+            .bearer_auth(operator_token("shop"))
+            .send()
+            .await
+            .unwrap();
+        left = r.json().await.unwrap();
+        if left.get("bob").is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(left.get("bob").is_none(), "{left}");
+}
+
+#[tokio::test]
+async fn bad_configuration_stops_start_up_with_one_line_naming_it() {
+    for (var, value) in [
+        ("JWT_SECRET", ""),
+        ("APP_PORT", "eighty"),
+        ("PING_INTERVAL", "0"),
+        ("REDIS_URL", "http://nope"),
+    ] {
+        let mut gw = Gateway::builder().env(var, value).spawn();
+        let code = gw.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(78), "{var}={value:?}");
+        let logs = gw.logs();
+        assert_eq!(logs.trim().lines().count(), 1, "{logs}");
+        assert!(logs.contains(var), "{logs}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_and_tokens_never_reach_the_logs() {
+    let redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .redis(&redis)
+        .env(
+            "REDIS_URL",
+            &format!("redis://:{}@127.0.0.1:{}", "redis-pass-9f3", redis.port),
+        )
+        .start()
+        .await;
+    let token = user_token("shop", "alice");
+    let _ = http()
+        .get(gw.url("/sse"))
+        .query(&[("access_token", "bad.token.value")])
+        .send()
+        .await;
+    let _ = SseClient::open(http().get(gw.url(&format!("/sse?access_token={token}")))).await;
+    let _ = http()
+        .get(gw.url("/connections/shop"))
+        .bearer_auth(&token)
+        .send()
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = gw.logs();
+    assert!(!logs.contains(SECRET), "JWT secret leaked");
+    assert!(!logs.contains("redis-pass-9f3"), "Redis password leaked");
+    assert!(!logs.contains(&token), "token leaked");
+    assert!(!logs.contains("bad.token.value"), "token leaked");
+    assert!(
+        logs.contains("stream opened"),
+        "debug logging was on: {logs}"
+    );
+}
