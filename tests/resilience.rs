@@ -46,7 +46,6 @@ async fn redis_killed_and_restarted_mid_stream() {
     }
     assert_eq!(down.0, 503, "readiness reports the lost link: {}", down.1);
     assert_eq!(down.1["status"], "unavailable");
-    assert_eq!(gw.url("/health").len() > 0, true);
     assert_eq!(
         http().get(gw.url("/health")).send().await.unwrap().status(),
         200,
