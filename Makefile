@@ -3,7 +3,7 @@
 
 COMPOSE ?= docker compose -f docker/docker-compose.yml --env-file .env
 
-.PHONY: run test lint fmt bench build up down restart logs token env
+.PHONY: run test tools lint fmt bench build up down restart logs token env
 
 .env:
 	cp .env.example .env
@@ -14,8 +14,13 @@ env: .env
 run: .env
 	cargo run --bin sse-gateway
 
-test:
+# Installs the programs the tests drive (redis-server, nginx, Chromium, Node and Python tools) when
+# missing, then runs every test against real processes.
+test: tools
 	cargo test --all-targets
+
+tools:
+	.ci/install-tools
 
 lint:
 	cargo fmt --check
