@@ -17,14 +17,14 @@ run: .env
 # Installs the programs the tests drive (redis-server, nginx, Chromium, Node and Python tools) when
 # missing, then runs every test against real processes.
 test: tools
-	cargo test --all-targets
+	cargo test --workspace --all-targets
 
 tools:
 	.ci/install-tools
 
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	cargo fmt
