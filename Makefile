@@ -6,8 +6,8 @@ COMPOSE ?= docker compose -f docker/docker-compose.yml --env-file .env
 .PHONY: run test tools lint fmt bench build up down restart logs token env
 
 .env:
-	cp .env.example .env
-	@echo "created .env from .env.example: set JWT_SECRET before going anywhere near production"
+	@cp .env.example .env
+	@echo "created .env from .env.example: set JWT_SECRET before going anywhere near production" >&2
 
 env: .env
 

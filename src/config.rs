@@ -138,10 +138,20 @@ impl Config {
         let broker = match (get("REDIS_URL"), get("REDIS_HOST")) {
             (Some(url), _) => {
                 let lower = url.to_ascii_lowercase();
-                if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
+                let schemes = [
+                    "redis://",
+                    "rediss://",
+                    "redis-sentinel://",
+                    "rediss-sentinel://",
+                    "redis-cluster://",
+                    "rediss-cluster://",
+                ];
+                if !schemes.iter().any(|s| lower.starts_with(s)) {
                     return Err(invalid(
                         "REDIS_URL",
-                        "must start with redis:// or rediss://".into(),
+                        "must start with redis://, rediss://, redis-sentinel:// or redis-cluster:// \
+                         (rediss-* for TLS)"
+                            .into(),
                     ));
                 }
                 BrokerConfig::Redis { url }
