@@ -69,6 +69,16 @@ pub struct Config {
     pub max_publish_body_bytes: usize,
     /// Messages a stream may have queued before it counts as too slow and is cut off.
     pub client_queue: usize,
+    /// Bytes a stream may have queued before it counts as too slow and is cut off.
+    pub client_queue_bytes: usize,
+    /// Streams this instance accepts (0: no limit). Beyond: 200 with a `retry:` hint, closed.
+    pub max_connections: usize,
+    /// Streams one application may hold across the cluster (0: no limit).
+    pub max_app_connections: u64,
+    /// Streams one user may hold across the cluster (0: no limit). Beyond: 429.
+    pub max_user_connections: u64,
+    /// History kept per stream for replay.
+    pub retention: crate::broker::Retention,
 }
 
 /// A secret that never shows up in `Debug` output or logs.
@@ -241,6 +251,16 @@ impl Config {
                 4 << 20,
             )?,
             client_queue: parse_or("CLIENT_QUEUE", get("CLIENT_QUEUE"), 1024)?,
+            client_queue_bytes: parse_or("CLIENT_QUEUE_BYTES", get("CLIENT_QUEUE_BYTES"), 4 << 20)?,
+            max_connections: parse_or("MAX_CONNECTIONS", get("MAX_CONNECTIONS"), 0)?,
+            max_app_connections: parse_or("MAX_APP_CONNECTIONS", get("MAX_APP_CONNECTIONS"), 0)?,
+            max_user_connections: parse_or("MAX_USER_CONNECTIONS", get("MAX_USER_CONNECTIONS"), 0)?,
+            retention: crate::broker::Retention {
+                max_len: parse_or("HISTORY_MAXLEN", get("HISTORY_MAXLEN"), 1000)?,
+                ttl_secs: positive("HISTORY_TTL", get("HISTORY_TTL"), secs(3600))?
+                    .as_secs()
+                    .max(1),
+            },
         };
         if config.client_queue == 0 {
             return Err(invalid("CLIENT_QUEUE", "must be at least 1".into()));

@@ -12,6 +12,7 @@
 //! - [`hub`]: which local streams belong to which app and user; subscription ref-counting and
 //!   fan-out of encoded events (core).
 //! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
+//! - [`history`]: event ids, replay merging and reset reasons (core).
 //! - [`config`], [`metrics`], [`logging`], [`shutdown`]: settings, Prometheus metrics, log output,
 //!   signal handling and drain order.
 //!
@@ -20,6 +21,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod logging;
@@ -38,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::{BrokerConfig, Config};
 use crate::http::AppState;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubConfig, QueueLimits};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -62,11 +64,15 @@ pub async fn run(
                 "no REDIS_URL or REDIS_HOST set: running single-node on the embedded in-process broker \
                  (publish with POST /publish; nothing is shared with other instances)"
             );
-            Arc::new(broker::embedded::EmbeddedBroker::new())
+            Arc::new(broker::embedded::EmbeddedBroker::new(config.retention))
         }
         BrokerConfig::Redis { url } => {
             tracing::info!(redis = %redact_url(url), "using Redis");
-            Arc::new(broker::redis::RedisBroker::new(url, metrics.clone())?)
+            Arc::new(broker::redis::RedisBroker::new(
+                url,
+                config.retention,
+                metrics.clone(),
+            )?)
         }
     };
     let (registry, writer) = Registry::new(
@@ -80,8 +86,16 @@ pub async fn run(
         broker.clone(),
         registry,
         metrics.clone(),
-        config.client_queue,
-        config.max_message_bytes,
+        HubConfig {
+            queue: QueueLimits {
+                events: config.client_queue,
+                bytes: config.client_queue_bytes.max(config.max_message_bytes),
+            },
+            max_message_bytes: config.max_message_bytes,
+            max_connections: config.max_connections,
+            hello: Bytes::from(format!("retry: {}\n\n", config.retry_ms)),
+            broker_timeout: config.subscribe_timeout,
+        },
     ));
     if let Err(error) = broker.start(hub.clone()).await {
         // Not fatal: the link keeps retrying, /ready says 503 meanwhile.
@@ -96,13 +110,13 @@ pub async fn run(
         stop.clone(),
     ));
     tokio::spawn(ping(hub.clone(), config.ping_interval, stop.clone()));
+    tokio::spawn(expire_tokens(hub.clone(), stop.clone()));
 
     let state = Arc::new(AppState {
         verifier: auth::Verifier::new(&config),
         hub: hub.clone(),
         broker: broker.clone(),
         metrics,
-        hello: Bytes::from(format!("retry: {}\n\n", config.retry_ms)),
         config,
     });
     if let Ok(addr) = listener.local_addr() {
@@ -140,6 +154,23 @@ async fn ping(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken
     loop {
         tokio::select! {
             _ = tick.tick() => hub.push_all(&sse::PING),
+            _ = stop.cancelled() => break,
+        }
+    }
+}
+
+/// Ends streams whose token expired: one timer for the process, checked every second.
+async fn expire_tokens(hub: Arc<Hub>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let ended = hub.expire_tokens(hub::unix_now());
+                if ended > 0 {
+                    tracing::debug!(ended, "streams ended at token expiry");
+                }
+            }
             _ = stop.cancelled() => break,
         }
     }

@@ -47,6 +47,7 @@ pub mod close_reason {
     pub const SLOW: &str = "slow_client";
     pub const SHUTDOWN: &str = "shutdown";
     pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
+    pub const TOKEN_EXPIRED: &str = "token_expired";
 }
 
 pub struct Metrics {
@@ -66,6 +67,9 @@ pub struct Metrics {
     pub slow_clients: Family<AppLabel, Counter>,
     pub sanitised_fields: Counter,
     pub publish_requests: Family<OutcomeLabel, Counter>,
+    pub replayed_events: Family<AppLabel, Counter>,
+    pub replay_resets: Family<AppReasonLabel, Counter>,
+    pub limit_rejections: Family<AppReasonLabel, Counter>,
     pub broker_link_up: Family<LinkLabel, Gauge>,
     pub broker_reconnects: Counter,
     pub registry_write_errors: Counter,
@@ -93,6 +97,9 @@ impl Metrics {
             slow_clients: Family::default(),
             sanitised_fields: Counter::default(),
             publish_requests: Family::default(),
+            replayed_events: Family::default(),
+            replay_resets: Family::default(),
+            limit_rejections: Family::default(),
             broker_link_up: Family::default(),
             broker_reconnects: Counter::default(),
             registry_write_errors: Counter::default(),
@@ -153,6 +160,21 @@ impl Metrics {
             "sse_publish_requests",
             "POST /publish requests, by outcome",
             m.publish_requests.clone(),
+        );
+        registry.register(
+            "sse_replayed_events",
+            "Events sent from history to streams resuming after a disconnect",
+            m.replayed_events.clone(),
+        );
+        registry.register(
+            "sse_replay_resets",
+            "Resuming streams told that their gap cannot be filled, by reason",
+            m.replay_resets.clone(),
+        );
+        registry.register(
+            "sse_limit_rejections",
+            "Streams refused or shed by a connection limit, by limit",
+            m.limit_rejections.clone(),
         );
         registry.register(
             "sse_broker_link_up",

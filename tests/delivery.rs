@@ -86,12 +86,18 @@ async fn broadcast_reaches_every_user_of_the_app_only() {
         )
         .await;
     assert_eq!(resp.status(), 200);
+    let body = resp.json::<serde_json::Value>().await.unwrap();
     assert_eq!(
-        resp.json::<serde_json::Value>().await.unwrap(),
-        json!({"published": 1, "subscribers": 1})
+        (&body["published"], &body["subscribers"]),
+        (&json!(1), &json!(1))
     );
+    let id = body["ids"][0].as_str().expect("a durable id").to_string();
     for c in [&mut alice, &mut bob] {
-        assert_eq!(c.next().await.data, "\"hi\"");
+        let ev = c.next().await;
+        assert_eq!(
+            (ev.data.as_str(), ev.id.as_deref()),
+            ("\"hi\"", Some(id.as_str()))
+        );
     }
     outsider.expect_silence(QUIET).await;
 }
@@ -186,7 +192,7 @@ async fn subscription_is_live_before_the_headers_arrive() {
     let gw = Gateway::with_redis(&redis).await;
     let r = redis.client().await;
     // Fresh users each time, so every connect makes a new Redis subscription.
-    for i in 0..25 {
+    for i in 0..60 {
         let user = format!("fresh-{i}");
         let mut c = gw.connect("app", &user).await;
         // Published the instant the 200 is seen: the original lost these.
@@ -212,19 +218,34 @@ async fn http_publish_to_users_and_batches_with_clear_errors() {
     let mut a = gw.connect("app", "a").await;
     let mut b = gw.connect("app", "b").await;
 
+    // Durable (the default): the gateway assigns the id.
     let resp = gw
-        .publish(
-            "app",
-            json!({"user": "a", "type": "t", "id": "x1", "data": {"k": "v"}}),
-        )
+        .publish("app", json!({"user": "a", "type": "t", "data": {"k": "v"}}))
         .await;
     assert_eq!(resp.status(), 200);
+    let body = resp.json::<serde_json::Value>().await.unwrap();
+    let id = body["ids"][0].as_str().unwrap().to_string();
+    assert!(
+        id.bytes().all(|c| c.is_ascii_digit() || c == b'-') && id.len() <= 64,
+        "{id}"
+    );
     let ev = a.next().await;
     assert_eq!(
         (ev.id.as_deref(), ev.event.as_str(), ev.json()),
-        (Some("x1"), "t", json!({"k": "v"}))
+        (Some(id.as_str()), "t", json!({"k": "v"}))
     );
     b.expect_silence(QUIET).await;
+    // Fire-and-forget, with the publisher's own id.
+    let resp = gw
+        .publish(
+            "app",
+            json!({"user": "a", "type": "t", "id": "x1", "durable": false, "data": 2}),
+        )
+        .await;
+    let body = resp.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(body, json!({"published": 1, "subscribers": 1}));
+    let ev = a.next().await;
+    assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some("x1"), "2"));
 
     let resp = gw
         .publish(
@@ -232,10 +253,12 @@ async fn http_publish_to_users_and_batches_with_clear_errors() {
             json!({"users": ["a", "b", "nobody"], "type": "batch", "data": 1}),
         )
         .await;
+    let body = resp.json::<serde_json::Value>().await.unwrap();
     assert_eq!(
-        resp.json::<serde_json::Value>().await.unwrap(),
-        json!({"published": 3, "subscribers": 2})
+        (&body["published"], &body["subscribers"]),
+        (&json!(3), &json!(2))
     );
+    assert_eq!(body["ids"].as_array().unwrap().len(), 3);
     assert_eq!(a.next().await.event, "batch");
     assert_eq!(b.next().await.event, "batch");
 
@@ -253,7 +276,11 @@ async fn http_publish_to_users_and_batches_with_clear_errors() {
         (json!({"users": []}), "invalid_target"),
         (json!({"user": "a:b"}), "invalid_user"),
         (json!({"user": "a", "type": "x\ny"}), "invalid_field"),
-        (json!({"user": "a", "id": "1\r"}), "invalid_field"),
+        (
+            json!({"user": "a", "id": "1\r", "durable": false}),
+            "invalid_field",
+        ),
+        (json!({"user": "a", "id": "mine"}), "invalid_field"),
         (json!({"user": "a", "colour": "red"}), "invalid_json"),
         (json!({"user": 5}), "invalid_json"),
     ];

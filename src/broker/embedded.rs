@@ -1,30 +1,186 @@
 //! The embedded broker: in-process pub/sub and registry for a single node with no Redis.
 //!
 //! Messages published here (over `POST /publish`) are handed straight to the local hub; the registry
-//! holds this process's connections only, which is the whole cluster when there is one node.
+//! holds this process's connections only, which is the whole cluster when there is one node. History
+//! follows the same rules as the Redis Functions in `sse_gateway.lua`, in memory.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
-use super::{BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, RegistryOp};
+use super::{
+    BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, RegistryOp,
+    Retention, app_channel, user_channel,
+};
+use crate::history::{self, EventId, ResetReason, Since};
 
 /// app -> (user, connection id) -> entry
 type Entries = HashMap<String, BTreeMap<(String, String), Arc<ConnectionRecord>>>;
 
-#[derive(Default)]
 pub struct EmbeddedBroker {
     sink: OnceLock<Arc<dyn MessageSink>>,
     channels: Mutex<HashSet<String>>,
     registry: Mutex<Entries>,
+    history: Mutex<History>,
     reconnects: OnceLock<tokio::sync::watch::Sender<u64>>,
 }
 
 impl EmbeddedBroker {
-    pub fn new() -> EmbeddedBroker {
-        EmbeddedBroker::default()
+    pub fn new(retention: Retention) -> EmbeddedBroker {
+        EmbeddedBroker {
+            sink: OnceLock::new(),
+            channels: Mutex::default(),
+            registry: Mutex::default(),
+            history: Mutex::new(History::new(retention)),
+            reconnects: OnceLock::new(),
+        }
     }
+
+    /// Hands a message to the hub if anyone here listens on `channel`; returns the subscriber count.
+    fn deliver(&self, channel: &str, payload: &[u8]) -> u64 {
+        let subscribed = lock(&self.channels).contains(channel);
+        if subscribed && let Some(sink) = self.sink.get() {
+            sink.deliver(channel, payload);
+        }
+        u64::from(subscribed)
+    }
+}
+
+/// One history stream: entries in id order, plus what `XINFO STREAM` would call the
+/// max-deleted-entry-id.
+#[derive(Default)]
+struct Stream {
+    entries: VecDeque<(EventId, Bytes)>,
+    max_deleted: Option<EventId>,
+    last_write_ms: u64,
+}
+
+#[derive(Default)]
+struct AppHistory {
+    last: Option<EventId>,
+    users: HashMap<String, Stream>,
+    broadcast: Stream,
+}
+
+/// In-memory history with the Redis library's semantics (bounded length and age per stream, a
+/// stream vanishing `ttl` after its last write).
+pub struct History {
+    retention: Retention,
+    apps: HashMap<String, AppHistory>,
+    appends: u64,
+}
+
+impl History {
+    pub fn new(retention: Retention) -> History {
+        History {
+            retention,
+            apps: HashMap::new(),
+            appends: 0,
+        }
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.retention.ttl_secs * 1000
+    }
+
+    /// Stamps the next id into `envelope` and appends it; `None` if it is not a JSON object.
+    pub fn append(
+        &mut self,
+        app: &str,
+        user: Option<&str>,
+        envelope: &[u8],
+        now_ms: u64,
+    ) -> Option<(EventId, Bytes)> {
+        let (max_len, ttl_ms) = (self.retention.max_len, self.ttl_ms());
+        let entry = self.apps.entry(app.to_string()).or_default();
+        let id = EventId::next(entry.last, now_ms);
+        let message = history::stamp(envelope, id)?;
+        entry.last = Some(id);
+        let stream = match user {
+            Some(u) => entry.users.entry(u.to_string()).or_default(),
+            None => &mut entry.broadcast,
+        };
+        stream.entries.push_back((id, message.clone()));
+        stream.last_write_ms = now_ms;
+        let oldest_kept = id.ms.saturating_sub(ttl_ms);
+        while let Some((first, _)) = stream.entries.front() {
+            if stream.entries.len() <= max_len && first.ms >= oldest_kept {
+                break;
+            }
+            stream.max_deleted = Some(*first);
+            stream.entries.pop_front();
+        }
+        self.appends += 1;
+        if self.appends.is_multiple_of(1024) {
+            self.forget_idle(now_ms);
+        }
+        Some((id, message))
+    }
+
+    /// Drops streams not written for `ttl` (Redis expires them the same way).
+    fn forget_idle(&mut self, now_ms: u64) {
+        let ttl_ms = self.ttl_ms();
+        for app in self.apps.values_mut() {
+            app.users
+                .retain(|_, s| now_ms.saturating_sub(s.last_write_ms) < ttl_ms);
+        }
+    }
+
+    pub fn since(&self, app: &str, user: &str, from: &str, now_ms: u64) -> Since {
+        let entry = self.apps.get(app);
+        let current = entry.and_then(|e| e.last);
+        let reset = |reason| Since::Reset { current, reason };
+        let (Ok(after), Some(entry), Some(last)) = (from.parse::<EventId>(), entry, current) else {
+            return reset(ResetReason::UnknownId);
+        };
+        if after > last {
+            return reset(ResetReason::UnknownId);
+        }
+        if after == last {
+            return Since::Events {
+                current,
+                messages: Vec::new(),
+            };
+        }
+        let oldest_kept = now_ms.saturating_sub(self.ttl_ms());
+        let mut lists = Vec::with_capacity(2);
+        for stream in [entry.users.get(user), Some(&entry.broadcast)] {
+            // A stream exists until `ttl` after its last write, as the Redis key's EXPIRE does.
+            let exists = stream.filter(|s| {
+                s.last_write_ms > 0 && now_ms.saturating_sub(s.last_write_ms) < self.ttl_ms()
+            });
+            match exists {
+                Some(s) if s.max_deleted.is_some_and(|d| after < d) => {
+                    return reset(ResetReason::TooOld);
+                }
+                Some(s) => lists.push(
+                    s.entries
+                        .iter()
+                        .filter(|(id, _)| *id > after)
+                        .cloned()
+                        .collect(),
+                ),
+                // Written since `after`, it would still exist: so nothing was, unless `after` is
+                // itself older than what is kept.
+                None if after.ms < oldest_kept => return reset(ResetReason::TooOld),
+                None => lists.push(Vec::new()),
+            }
+        }
+        let b = lists.pop().unwrap_or_default();
+        let a = lists.pop().unwrap_or_default();
+        Since::Events {
+            current,
+            messages: history::merge(a, b),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -51,11 +207,56 @@ impl Broker for EmbeddedBroker {
     }
 
     fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>> {
-        let subscribed = lock(&self.channels).contains(&channel);
-        if subscribed && let Some(sink) = self.sink.get() {
-            sink.deliver(&channel, &payload);
-        }
-        Box::pin(async move { Ok(u64::from(subscribed)) })
+        let n = self.deliver(&channel, &payload);
+        Box::pin(async move { Ok(n) })
+    }
+
+    fn publish_durable<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+        envelope: Bytes,
+    ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>> {
+        // Appending and delivering under one lock keeps delivery in id order, as Redis does.
+        let mut history = lock(&self.history);
+        let result = match history.append(app, user, &envelope, now_ms()) {
+            None => Err(BrokerError::Command(
+                "the envelope must be a JSON object".into(),
+            )),
+            Some((id, message)) => {
+                let channel = match user {
+                    Some(u) => user_channel(app, u),
+                    None => app_channel(app),
+                };
+                Ok((id, self.deliver(&channel, &message)))
+            }
+        };
+        drop(history);
+        Box::pin(async move { result })
+    }
+
+    fn since<'a>(
+        &'a self,
+        app: &'a str,
+        user: &'a str,
+        last_event_id: &'a str,
+    ) -> BoxFuture<'a, Result<Since, BrokerError>> {
+        let since = lock(&self.history).since(app, user, last_event_id, now_ms());
+        Box::pin(async move { Ok(since) })
+    }
+
+    fn registry_count<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, BrokerError>> {
+        let n = lock(&self.registry).get(app).map_or(0, |entries| {
+            entries
+                .keys()
+                .filter(|(u, _)| user.is_none_or(|want| want == u))
+                .count()
+        });
+        Box::pin(async move { Ok(n as u64) })
     }
 
     fn registry_apply(
@@ -119,5 +320,98 @@ impl Broker for EmbeddedBroker {
 
     fn stop(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_000_000;
+
+    fn history(max_len: usize) -> History {
+        History::new(Retention {
+            max_len,
+            ttl_secs: 60,
+        })
+    }
+
+    fn ids(since: &Since) -> Vec<String> {
+        match since {
+            Since::Events { messages, .. } => messages
+                .iter()
+                .map(|m| {
+                    let v: serde_json::Value = serde_json::from_slice(m).unwrap();
+                    v["id"].as_str().unwrap().to_string()
+                })
+                .collect(),
+            Since::Reset { reason, .. } => vec![format!("reset:{}", reason.as_str())],
+        }
+    }
+
+    #[test]
+    fn replay_merges_own_and_broadcast_events_in_order() {
+        let mut h = history(100);
+        let (a, _) = h.append("app", Some("u"), br#"{"data":1}"#, T0).unwrap();
+        let (b, _) = h.append("app", None, br#"{"data":2}"#, T0).unwrap();
+        let (_, _) = h
+            .append("app", Some("other"), br#"{"data":3}"#, T0)
+            .unwrap();
+        let (d, _) = h
+            .append("app", Some("u"), br#"{"data":4}"#, T0 + 5)
+            .unwrap();
+        assert_eq!(
+            ids(&h.since("app", "u", &a.to_string(), T0 + 10)),
+            vec![b.to_string(), d.to_string()]
+        );
+        assert_eq!(
+            ids(&h.since("app", "u", &d.to_string(), T0 + 10)),
+            Vec::<String>::new()
+        );
+        // A brand-new user still gets the broadcasts after the id.
+        assert_eq!(
+            ids(&h.since("app", "new", &a.to_string(), T0 + 10)),
+            vec![b.to_string()]
+        );
+    }
+
+    #[test]
+    fn unknown_and_too_old_ids_reset() {
+        let mut h = history(2);
+        let (first, _) = h.append("app", Some("u"), b"{}", T0).unwrap();
+        for i in 1..5 {
+            h.append("app", Some("u"), b"{}", T0 + i).unwrap();
+        }
+        assert_eq!(
+            ids(&h.since("app", "u", &first.to_string(), T0 + 10)),
+            vec!["reset:too_old"]
+        );
+        assert_eq!(
+            ids(&h.since("app", "u", "garbage", T0 + 10)),
+            vec!["reset:unknown_id"]
+        );
+        assert_eq!(
+            ids(&h.since("app", "u", "99999999999-0", T0 + 10)),
+            vec!["reset:unknown_id"]
+        );
+        assert_eq!(
+            ids(&h.since("nobody", "u", &first.to_string(), T0 + 10)),
+            vec!["reset:unknown_id"]
+        );
+        // Age: an id older than the TTL whose stream is gone cannot be vouched for.
+        let mut h = history(100);
+        let (old, _) = h.append("app", Some("u"), b"{}", T0).unwrap();
+        h.append("app", Some("x"), b"{}", T0 + 120_000).unwrap();
+        assert_eq!(
+            ids(&h.since("app", "u", &old.to_string(), T0 + 120_001)),
+            vec!["reset:too_old"]
+        );
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        let mut h = history(10);
+        assert!(h.append("app", None, b"[1]", T0).is_none());
+        assert!(h.append("app", None, b"text", T0).is_none());
     }
 }

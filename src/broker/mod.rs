@@ -17,6 +17,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::history::{EventId, Since};
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why the broker could not do what was asked.
@@ -97,6 +99,13 @@ pub fn app_channel(app: &str) -> String {
     format!("{app}:broadcast")
 }
 
+/// How long and how much history is kept, per stream (a user's, or an application's broadcasts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_len: usize,
+    pub ttl_secs: u64,
+}
+
 /// The inverse of [`user_channel`] and [`app_channel`]; `None` for anything else.
 pub fn parse_channel(channel: &str) -> Option<Topic<'_>> {
     if let Some(app) = channel.strip_suffix(":broadcast") {
@@ -119,8 +128,35 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops delivery for `channels`. Ordered after every earlier `subscribe` call.
     fn unsubscribe(&self, channels: Vec<String>);
 
-    /// Publishes `payload`; returns how many subscribers (gateway instances) received it.
+    /// Publishes `payload` without history (fire-and-forget); returns how many subscribers
+    /// (gateway instances) received it.
     fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>>;
+
+    /// Atomically gives `envelope` (a JSON object) the application's next event id, appends it to
+    /// the history of `user` (or of the whole application when `None`) and publishes it on the
+    /// matching channel. Returns the id and the number of subscribers.
+    fn publish_durable<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+        envelope: Bytes,
+    ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>>;
+
+    /// The durable events `user` of `app` missed after `last_event_id` (theirs and the
+    /// application's broadcasts, in order), or why that cannot be known.
+    fn since<'a>(
+        &'a self,
+        app: &'a str,
+        user: &'a str,
+        last_event_id: &'a str,
+    ) -> BoxFuture<'a, Result<Since, BrokerError>>;
+
+    /// Live registry entries of an application, or of one of its users, across the cluster.
+    fn registry_count<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, BrokerError>>;
 
     /// Applies registry changes in order, each entry living `ttl_secs` unless rewritten.
     fn registry_apply(

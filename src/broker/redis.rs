@@ -28,8 +28,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{
     BoxFuture, Broker, BrokerError, ConnectionRecord, IdRef, LinkState, MessageSink, RegistryOp,
-    user_channel,
+    Retention, user_channel,
 };
+use crate::history::{EventId, ResetReason, Since};
 use crate::metrics::{Metrics, ReasonLabel};
 
 /// Upper bound on any single Redis command, so nothing on a request path can hang.
@@ -39,6 +40,16 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const MESSAGE_BUFFER: usize = 1 << 16;
 /// Largest number of subscription requests folded into one SUBSCRIBE.
 const SUBSCRIBE_BATCH: usize = 1024;
+
+/// The Redis Functions (durable publish and replay), shipped with the gateway.
+const LIBRARY: &str = include_str!("sse_gateway.lua");
+
+/// The library with this deployment's history settings filled in.
+pub fn library(retention: Retention) -> String {
+    LIBRARY
+        .replace("__MAXLEN__", &retention.max_len.to_string())
+        .replace("__TTL__", &retention.ttl_secs.to_string())
+}
 
 enum SubRequest {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
@@ -54,11 +65,16 @@ pub struct RedisBroker {
     request_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<SubRequest>>>,
     reconnects: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    library: String,
 }
 
 impl RedisBroker {
     /// Builds the clients; nothing connects until [`Broker::start`].
-    pub fn new(url: &str, metrics: Arc<Metrics>) -> Result<RedisBroker, BrokerError> {
+    pub fn new(
+        url: &str,
+        retention: Retention,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
         let mut config =
             FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
         // Keep retrying when Redis is not up yet at start-up, instead of failing.
@@ -95,7 +111,76 @@ impl RedisBroker {
             request_rx: std::sync::Mutex::new(Some(request_rx)),
             reconnects: watch::channel(0).0,
             metrics,
+            library: library(retention),
         })
+    }
+
+    async fn load_library(&self) -> Result<(), BrokerError> {
+        let _: Value = self
+            .client
+            .custom(
+                fred::cmd!("FUNCTION"),
+                vec!["LOAD", "REPLACE", self.library.as_str()],
+            )
+            .await
+            .map_err(|e| BrokerError::Command(format!("loading the Redis Functions: {e}")))?;
+        Ok(())
+    }
+
+    /// `FCALL`, loading the library first if this Redis lost it (restarted without persistence).
+    async fn fcall(&self, function: &str, args: Vec<Value>) -> Result<Value, BrokerError> {
+        if !self.client.is_connected() {
+            return Err(BrokerError::Unavailable("Redis link is down".into()));
+        }
+        let call = |args: Vec<Value>| {
+            let mut full: Vec<Value> = vec![function.into(), 0.into()];
+            full.extend(args);
+            self.client.custom::<Value, _>(fred::cmd!("FCALL"), full)
+        };
+        match call(args.clone()).await {
+            Err(e) if e.details().contains("Function not found") => {
+                self.load_library().await?;
+                call(args).await.map_err(command_error)
+            }
+            other => other.map_err(command_error),
+        }
+    }
+}
+
+fn command_error(e: FredError) -> BrokerError {
+    match e.kind() {
+        fred::error::ErrorKind::IO
+        | fred::error::ErrorKind::Timeout
+        | fred::error::ErrorKind::Canceled => BrokerError::Unavailable(e.to_string()),
+        _ => BrokerError::Command(e.to_string()),
+    }
+}
+
+/// Parses `sse_since`'s answer: `["ok", newest, message...]` or `["reset", newest, reason]`.
+fn parse_since(value: Value) -> Result<Since, BrokerError> {
+    let bad = || BrokerError::Command("unexpected answer from sse_since".into());
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let mut items = items.into_iter();
+    let status = items.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
+    let current = items
+        .next()
+        .and_then(|v| v.as_string())
+        .and_then(|s| s.parse::<EventId>().ok());
+    match status.as_str() {
+        "ok" => Ok(Since::Events {
+            current,
+            messages: items.filter_map(|v| v.into_bytes()).collect(),
+        }),
+        "reset" => {
+            let reason = match items.next().and_then(|v| v.as_string()).as_deref() {
+                Some("too_old") => ResetReason::TooOld,
+                _ => ResetReason::UnknownId,
+            };
+            Ok(Since::Reset { current, reason })
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -163,7 +248,7 @@ impl Broker for RedisBroker {
                 self.subscriber.wait_for_connect().await
             };
             match tokio::time::timeout(Duration::from_secs(5), wait).await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => self.load_library().await,
                 Ok(Err(e)) => Err(unavailable(e)),
                 Err(_) => Err(BrokerError::Unavailable(
                     "no connection to Redis within 5s; still retrying".into(),
@@ -183,6 +268,67 @@ impl Broker for RedisBroker {
                 .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
             rx.await
                 .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?
+        })
+    }
+
+    fn publish_durable<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+        envelope: Bytes,
+    ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>> {
+        Box::pin(async move {
+            let args = vec![
+                app.into(),
+                user.unwrap_or("").into(),
+                Value::Bytes(envelope),
+            ];
+            let answer = self.fcall("sse_publish", args).await?;
+            let bad = || BrokerError::Command("unexpected answer from sse_publish".into());
+            let Value::Array(items) = answer else {
+                return Err(bad());
+            };
+            let id = items
+                .first()
+                .and_then(|v| v.as_string())
+                .and_then(|s| s.parse::<EventId>().ok())
+                .ok_or_else(bad)?;
+            let receivers = items.get(1).and_then(|v| v.as_i64()).unwrap_or(0);
+            Ok((id, receivers.max(0) as u64))
+        })
+    }
+
+    fn since<'a>(
+        &'a self,
+        app: &'a str,
+        user: &'a str,
+        last_event_id: &'a str,
+    ) -> BoxFuture<'a, Result<Since, BrokerError>> {
+        Box::pin(async move {
+            let args = vec![app.into(), user.into(), last_event_id.into()];
+            parse_since(self.fcall("sse_since", args).await?)
+        })
+    }
+
+    fn registry_count<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, BrokerError>> {
+        Box::pin(async move {
+            if !self.client.is_connected() {
+                return Err(BrokerError::Unavailable("Redis link is down".into()));
+            }
+            let index = match user {
+                Some(u) => user_index(app, u),
+                None => app_index(app),
+            };
+            let n: u64 = self
+                .client
+                .zcount(&index, now_secs(), f64::INFINITY)
+                .await
+                .map_err(unavailable)?;
+            Ok(n)
         })
     }
 
@@ -497,11 +643,24 @@ async fn manage_subscriptions(
             }
         }
         let mut outcome = Ok(());
+        let mut sent = Vec::new();
         for chunk in to_sub.chunks(SUBSCRIBE_BATCH) {
             match subscriber.subscribe(chunk.to_vec()).await {
-                Ok(()) => active.extend(chunk.iter().cloned()),
+                Ok(()) => sent.extend(chunk.iter().cloned()),
                 Err(error) => {
                     tracing::warn!(%error, channels = chunk.len(), "SUBSCRIBE failed");
+                    outcome = Err(unavailable(error));
+                }
+            }
+        }
+        // fred's subscribe returns once SUBSCRIBE is written, not when Redis has run it. Redis runs
+        // a connection's commands in order, so the answer to a PING on the same connection proves
+        // the subscriptions are live: only then may a stream be told it is connected.
+        if !sent.is_empty() {
+            match subscriber.ping::<Value>(None).await {
+                Ok(_) => active.extend(sent),
+                Err(error) => {
+                    tracing::warn!(%error, "subscriber did not confirm SUBSCRIBE");
                     outcome = Err(unavailable(error));
                 }
             }

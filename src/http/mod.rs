@@ -40,8 +40,6 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
-    /// First bytes of every stream: the `retry:` hint.
-    pub hello: Bytes,
 }
 
 pub type HttpResponse = Response<Body>;

@@ -13,7 +13,7 @@ use super::{AppState, Body, HttpResponse, error, json_bytes, json_response, unau
 use crate::auth::{self, Identity};
 use crate::broker::{ConnectionRecord, app_channel, user_channel};
 use crate::hub::{AttachError, NewConn};
-use crate::metrics::OutcomeLabel;
+use crate::metrics::{AppReasonLabel, OutcomeLabel};
 use crate::sse::clean_field;
 
 /// Most users one batch publish may name.
@@ -70,30 +70,31 @@ pub async fn sse<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> Http
         Ok(id) => id,
         Err(resp) => return *resp,
     };
-    let user_agent = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .chars()
-        .take(256)
-        .collect();
+    if let Err(resp) = check_limits(state, &identity).await {
+        return *resp;
+    }
+    let user_agent = header_text(&req, header::USER_AGENT, 256).unwrap_or_default();
     let new = NewConn {
+        last_event_id: last_event_id(&req),
         app: identity.app,
         user: identity.user,
+        exp: identity.exp,
         remote_addr: peer,
         user_agent,
     };
     let (app, user) = (new.app.clone(), new.user.clone());
-    let lease = match state.hub.attach(new, state.config.subscribe_timeout).await {
+    let lease = match state.hub.attach(new).await {
         Ok(lease) => lease,
         Err(e) => {
+            let limit = matches!(e, AttachError::InstanceFull);
+            if limit {
+                count_limit(state, &app, "instance");
+            }
             tracing::warn!(%app, %user, error = %e, "stream refused, client told to retry");
-            return retry_later(state, &e);
+            return retry_later(state, &e.to_string(), limit);
         }
     };
     let conn = lease.conn().clone();
-    conn.push(state.hello.clone());
     tracing::info!(app = %conn.app, user = %conn.user, conn = %conn.id, remote = %peer, "stream opened");
     let mut resp = HttpResponse::new(Body::Stream(lease));
     let h = resp.headers_mut();
@@ -109,14 +110,98 @@ pub async fn sse<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> Http
     resp
 }
 
-/// A 200 stream that only says "come back later" and ends: any other status would make a native
-/// EventSource give up for good.
-fn retry_later(state: &AppState, e: &AttachError) -> HttpResponse {
-    let text = format!(
-        "retry: {}\n: {}\n\n",
-        state.config.retry_ms,
-        e.to_string().replace(['\r', '\n'], " ")
+fn header_text<B>(req: &Request<B>, name: header::HeaderName, max: usize) -> Option<String> {
+    let v = req.headers().get(name)?.to_str().ok()?.trim();
+    (!v.is_empty()).then(|| v.chars().take(max).collect())
+}
+
+/// `Last-Event-ID` (a reconnecting EventSource), else `?last_event_id=` (the first connection of a
+/// page). Anything longer than an id can be is cut: it will be an unknown id either way.
+fn last_event_id<B>(req: &Request<B>) -> Option<String> {
+    let max = crate::history::MAX_ID_LEN + 1;
+    header_text(req, header::HeaderName::from_static("last-event-id"), max).or_else(|| {
+        form_urlencoded::parse(req.uri().query()?.as_bytes())
+            .find(|(k, v)| k == "last_event_id" && !v.trim().is_empty())
+            .map(|(_, v)| v.trim().chars().take(max).collect())
+    })
+}
+
+fn count_limit(state: &AppState, app: &str, limit: &'static str) {
+    state
+        .metrics
+        .limit_rejections
+        .get_or_create(&AppReasonLabel {
+            app: app.to_string(),
+            reason: limit,
+        })
+        .inc();
+}
+
+/// Cluster-wide caps, read from the registry. A user over their cap gets a 429 (more tabs will
+/// not help, so the client must not retry blindly); an application over its cap is shed with a
+/// long `retry:`, since room comes back as its other streams end.
+async fn check_limits(state: &AppState, identity: &Identity) -> Result<(), Box<HttpResponse>> {
+    let (max_app, max_user) = (
+        state.config.max_app_connections,
+        state.config.max_user_connections,
     );
+    if max_app == 0 && max_user == 0 {
+        return Ok(());
+    }
+    let broker = &state.broker;
+    let (app_count, user_count) = tokio::join!(
+        async {
+            if max_app == 0 {
+                return Ok(0);
+            }
+            broker.registry_count(&identity.app, None).await
+        },
+        async {
+            if max_user == 0 {
+                return Ok(0);
+            }
+            broker
+                .registry_count(&identity.app, Some(&identity.user))
+                .await
+        }
+    );
+    let (app_count, user_count) = match (app_count, user_count) {
+        (Ok(a), Ok(u)) => (a, u),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(Box::new(retry_later(state, &e.to_string(), false)));
+        }
+    };
+    if max_user > 0 && user_count >= max_user {
+        count_limit(state, &identity.app, "user");
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            &format!("this user already has {user_count} streams open (limit {max_user})"),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+        return Err(Box::new(resp));
+    }
+    if max_app > 0 && app_count >= max_app {
+        count_limit(state, &identity.app, "application");
+        return Err(Box::new(retry_later(
+            state,
+            "this application holds its maximum number of streams",
+            true,
+        )));
+    }
+    Ok(())
+}
+
+/// A 200 stream that only says "come back later" and ends: any other status would make a native
+/// EventSource give up for good. Shedding for a limit asks for a ten times longer wait.
+fn retry_later(state: &AppState, why: &str, limit: bool) -> HttpResponse {
+    let retry = if limit {
+        state.config.retry_ms * 10
+    } else {
+        state.config.retry_ms
+    };
+    let text = format!("retry: {retry}\n: {}\n\n", why.replace(['\r', '\n'], " "));
     let mut resp = HttpResponse::new(Body::full(Bytes::from(text)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -141,6 +226,29 @@ struct PublishRequest {
     #[serde(default)]
     data: Value,
     retry: Option<u64>,
+    /// Keep the event in history for replay (default). `false`: fire-and-forget, like a plain
+    /// Redis `PUBLISH`, which may carry the publisher's own `id`.
+    #[serde(default = "yes")]
+    durable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Who a publish goes to.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    User(String),
+    Broadcast,
+}
+
+/// A validated publish: the targets and the one envelope sent to all of them.
+#[derive(Debug)]
+struct PublishPlan {
+    targets: Vec<Target>,
+    envelope: Bytes,
+    durable: bool,
 }
 
 pub async fn publish<B>(state: &AppState, req: Request<B>) -> HttpResponse
@@ -198,14 +306,15 @@ where
             return error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string());
         }
     };
-    let (channels, payload) = match plan_publish(&identity.app, request) {
+    let plan = match plan_publish(request) {
         Ok(plan) => plan,
         Err((code, message)) => {
             outcome("bad_request");
             return error(StatusCode::BAD_REQUEST, code, &message);
         }
     };
-    if payload.len() > state.config.max_message_bytes {
+    // Room for the id a durable publish adds.
+    if plan.envelope.len() + 48 > state.config.max_message_bytes {
         outcome("too_large");
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -216,25 +325,49 @@ where
             ),
         );
     }
+    let app = identity.app.as_str();
     let mut subscribers = 0;
-    for (done, channel) in channels.iter().enumerate() {
-        match state.broker.publish(channel.clone(), payload.clone()).await {
+    let mut ids = Vec::new();
+    for (done, target) in plan.targets.iter().enumerate() {
+        let user = match target {
+            Target::User(u) => Some(u.as_str()),
+            Target::Broadcast => None,
+        };
+        let sent = if plan.durable {
+            state
+                .broker
+                .publish_durable(app, user, plan.envelope.clone())
+                .await
+                .map(|(id, n)| {
+                    ids.push(id.to_string());
+                    n
+                })
+        } else {
+            let channel = match user {
+                Some(u) => user_channel(app, u),
+                None => app_channel(app),
+            };
+            state.broker.publish(channel, plan.envelope.clone()).await
+        };
+        match sent {
             Ok(n) => subscribers += n,
             Err(e) => {
                 outcome("broker_unavailable");
-                tracing::warn!(app = %identity.app, error = %e, "publish failed");
+                tracing::warn!(%app, error = %e, "publish failed");
                 return json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"error": "broker_unavailable", "message": e.to_string(), "published": done}),
+                    &json!({"error": "broker_unavailable", "message": e.to_string(),
+                            "published": done, "ids": ids}),
                 );
             }
         }
     }
     outcome("ok");
-    json_response(
-        StatusCode::OK,
-        &json!({"published": channels.len(), "subscribers": subscribers}),
-    )
+    let mut body = json!({"published": plan.targets.len(), "subscribers": subscribers});
+    if plan.durable {
+        body["ids"] = json!(ids);
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 fn too_large(limit: usize) -> HttpResponse {
@@ -247,10 +380,10 @@ fn too_large(limit: usize) -> HttpResponse {
 
 type PlanError = (&'static str, String);
 
-/// Validates a publish request into target channels and the one envelope sent to all of them.
-fn plan_publish(app: &str, req: PublishRequest) -> Result<(Vec<String>, Bytes), PlanError> {
-    let channels = match (req.user, req.users, req.broadcast) {
-        (Some(user), None, false) => vec![checked_user(&user).map(|u| user_channel(app, u))?],
+/// Validates a publish request into its targets and the one envelope sent to all of them.
+fn plan_publish(req: PublishRequest) -> Result<PublishPlan, PlanError> {
+    let targets = match (req.user, req.users, req.broadcast) {
+        (Some(user), None, false) => vec![Target::User(checked_user(&user)?.to_string())],
         (None, Some(users), false) => {
             if users.is_empty() || users.len() > MAX_BATCH_USERS {
                 return Err((
@@ -259,15 +392,15 @@ fn plan_publish(app: &str, req: PublishRequest) -> Result<(Vec<String>, Bytes), 
                 ));
             }
             let mut seen = HashSet::new();
-            let mut channels = Vec::with_capacity(users.len());
-            for u in &users {
-                if seen.insert(checked_user(u)?) {
-                    channels.push(user_channel(app, u));
+            let mut targets = Vec::with_capacity(users.len());
+            for u in users {
+                if seen.insert(checked_user(&u)?.to_string()) {
+                    targets.push(Target::User(u));
                 }
             }
-            channels
+            targets
         }
-        (None, None, true) => vec![app_channel(app)],
+        (None, None, true) => vec![Target::Broadcast],
         _ => {
             return Err((
                 "invalid_target",
@@ -275,6 +408,14 @@ fn plan_publish(app: &str, req: PublishRequest) -> Result<(Vec<String>, Bytes), 
             ));
         }
     };
+    if req.durable && req.id.is_some() {
+        return Err((
+            "invalid_field",
+            "durable events get their id from the gateway; send \"durable\": false to publish \
+             with your own id (without history)"
+                .into(),
+        ));
+    }
     for (name, value) in [("type", &req.event_type), ("id", &req.id)] {
         if let Some(v) = value
             && clean_field(v).1
@@ -299,8 +440,11 @@ fn plan_publish(app: &str, req: PublishRequest) -> Result<(Vec<String>, Bytes), 
     if let Some(r) = req.retry {
         envelope.insert("retry".into(), Value::from(r));
     }
-    let payload = Value::Object(envelope).to_string();
-    Ok((channels, Bytes::from(payload)))
+    Ok(PublishPlan {
+        targets,
+        envelope: Bytes::from(Value::Object(envelope).to_string()),
+        durable: req.durable,
+    })
 }
 
 fn checked_user(user: &str) -> Result<&str, PlanError> {
@@ -385,33 +529,36 @@ fn by_id(records: Vec<ConnectionRecord>) -> BTreeMap<String, ConnectionRecord> {
 mod tests {
     use super::*;
 
-    fn plan(body: Value) -> Result<(Vec<String>, Bytes), PlanError> {
-        plan_publish("app", serde_json::from_value(body).unwrap())
+    fn plan(body: Value) -> Result<PublishPlan, PlanError> {
+        plan_publish(serde_json::from_value(body).unwrap())
     }
 
     #[test]
     fn publish_targets() {
-        let (ch, payload) = plan(json!({"user":"u","type":"t","data":{"a":1},"id":"7"})).unwrap();
-        assert_eq!(ch, vec!["app:channel:u"]);
-        assert_eq!(&payload[..], br#"{"data":{"a":1},"id":"7","type":"t"}"#);
-        let (ch, _) = plan(json!({"users":["a","b","a"],"data":1})).unwrap();
-        assert_eq!(ch, vec!["app:channel:a", "app:channel:b"]);
-        let (ch, _) = plan(json!({"broadcast":true})).unwrap();
-        assert_eq!(ch, vec!["app:broadcast"]);
-        assert_eq!(plan(json!({"data":1})).unwrap_err().0, "invalid_target");
+        let p = plan(json!({"user":"u","type":"t","data":{"a":1}})).unwrap();
+        assert_eq!(p.targets, vec![Target::User("u".into())]);
+        assert!(p.durable);
+        assert_eq!(&p.envelope[..], br#"{"data":{"a":1},"type":"t"}"#);
+        let p = plan(json!({"user":"u","id":"7","durable":false,"data":1})).unwrap();
+        assert_eq!(&p.envelope[..], br#"{"data":1,"id":"7"}"#);
+        assert!(!p.durable);
+        let p = plan(json!({"users":["a","b","a"],"data":1})).unwrap();
         assert_eq!(
-            plan(json!({"user":"u","broadcast":true})).unwrap_err().0,
-            "invalid_target"
+            p.targets,
+            vec![Target::User("a".into()), Target::User("b".into())]
         );
-        assert_eq!(plan(json!({"users":[]})).unwrap_err().0, "invalid_target");
-        assert_eq!(plan(json!({"user":"a:b"})).unwrap_err().0, "invalid_user");
+        let p = plan(json!({"broadcast":true})).unwrap();
+        assert_eq!(p.targets, vec![Target::Broadcast]);
+        let code = |v| plan(v).unwrap_err().0;
+        assert_eq!(code(json!({"data":1})), "invalid_target");
+        assert_eq!(code(json!({"user":"u","broadcast":true})), "invalid_target");
+        assert_eq!(code(json!({"users":[]})), "invalid_target");
+        assert_eq!(code(json!({"user":"a:b"})), "invalid_user");
+        assert_eq!(code(json!({"user":"u","type":"x\ny"})), "invalid_field");
         assert_eq!(
-            plan(json!({"user":"u","type":"x\ny"})).unwrap_err().0,
+            code(json!({"user":"u","id":"1","durable":false,"type":"\u{0}"})),
             "invalid_field"
         );
-        assert_eq!(
-            plan(json!({"user":"u","id":"1\u{0}"})).unwrap_err().0,
-            "invalid_field"
-        );
+        assert_eq!(code(json!({"user":"u","id":"7"})), "invalid_field");
     }
 }

@@ -1,0 +1,142 @@
+#!lua name=sse_gateway
+--
+-- sse-gateway's Redis Functions (Redis 7+). The gateway loads this library at start-up
+-- (FUNCTION LOAD REPLACE) with its history settings filled in below.
+--
+-- Durable publish, for backends that speak only Redis: append to history and publish, atomically.
+--   FCALL sse_publish 0 <app> <user> <payload>     -- to one user
+--   FCALL sse_publish 0 <app> "" <payload>         -- to every user of the app (broadcast)
+--   -> { "<event id>", <subscribers that received it> }
+-- <payload> is the envelope JSON object {"type":..,"data":..}; the event id is added to it.
+--
+-- Replay (used by the gateway):
+--   FCALL_RO sse_since 0 <app> <user> <last event id>
+--   -> { "ok", <newest id or "">, <message>... }   every durable event after the id, in id order
+--   -> { "reset", <newest id or "">, <reason> }     the gap cannot be filled: too_old | unknown_id
+--
+-- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams).
+-- Ids are "<ms>-<seq>" from one sequence per application, so one id places a client in both streams.
+
+local MAXLEN = __MAXLEN__   -- entries kept per stream (approximately: trimming is by whole nodes)
+local TTL = __TTL__         -- seconds an entry is kept
+
+local function valid_id(s)
+  return type(s) == 'string' and #s >= 1 and #s <= 128 and not string.find(s, '[^%w%._~@%+=%-]')
+end
+
+local function parse(id)
+  if type(id) ~= 'string' or #id > 64 then return nil end
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  if not ms or #ms > 15 or #seq > 15 then return nil end
+  return { tonumber(ms), tonumber(seq) }
+end
+
+local function cmp(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] and -1 or 1 end
+  if a[2] ~= b[2] then return a[2] < b[2] and -1 or 1 end
+  return 0
+end
+
+local function fmt(id)
+  return string.format('%d-%d', id[1], id[2])
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function sse_publish(keys, args)
+  local app, user, payload = args[1], args[2], args[3]
+  if not valid_id(app) then return redis.error_reply('sse_publish: invalid application id') end
+  if user ~= '' and not valid_id(user) then return redis.error_reply('sse_publish: invalid user id') end
+  if type(payload) ~= 'string' then return redis.error_reply('sse_publish: missing payload') end
+  local body = string.match(payload, '^%s*{(.*)}%s*$')
+  if not body then return redis.error_reply('sse_publish: payload must be a JSON object') end
+
+  local last_key = app .. ':history:last'
+  local ms = now_ms()
+  local id = { ms, 0 }
+  local last = parse(redis.call('GET', last_key))
+  if last and last[1] >= ms then id = { last[1], last[2] + 1 } end
+  local sid = fmt(id)
+  redis.call('SET', last_key, sid)
+
+  local message
+  if string.match(body, '^%s*$') then
+    message = '{"id":"' .. sid .. '"}'
+  else
+    -- Last, so that it wins over any "id" the publisher put in.
+    message = '{' .. body .. ',"id":"' .. sid .. '"}'
+  end
+
+  local stream, channel
+  if user == '' then
+    stream, channel = app .. ':history:app', app .. ':broadcast'
+  else
+    stream, channel = app .. ':history:user:' .. user, app .. ':channel:' .. user
+  end
+  redis.call('XADD', stream, 'MAXLEN', '~', MAXLEN, sid, 'm', message)
+  redis.call('XTRIM', stream, 'MINID', '~', fmt({ math.max(0, id[1] - TTL * 1000), 0 }))
+  redis.call('EXPIRE', stream, TTL)
+  local receivers = redis.call('PUBLISH', channel, message)
+  return { sid, receivers }
+end
+
+-- The largest id trimmed from a stream (XINFO STREAM's max-deleted-entry-id), or nil.
+local function max_deleted(stream)
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then return parse(info[i + 1]) end
+  end
+  return nil
+end
+
+local function sse_since(keys, args)
+  local app, user, from = args[1], args[2], args[3]
+  if not valid_id(app) or not valid_id(user) then
+    return redis.error_reply('sse_since: invalid application or user id')
+  end
+  local last_raw = redis.call('GET', app .. ':history:last')
+  local last = parse(last_raw)
+  local newest = last and fmt(last) or ''
+  local after = parse(from)
+  -- Not an id of ours, from the future, or history was lost (Redis restarted without persistence).
+  if not after or not last or cmp(after, last) > 0 then
+    return { 'reset', newest, 'unknown_id' }
+  end
+  if cmp(after, last) == 0 then return { 'ok', newest } end
+
+  local oldest_kept = now_ms() - TTL * 1000
+  local lists = {}
+  for _, stream in ipairs({ app .. ':history:user:' .. user, app .. ':history:app' }) do
+    if redis.call('EXISTS', stream) == 0 then
+      -- Written within TTL seconds it would still exist; if the client's id is that recent,
+      -- nothing was published to it since. Older: entries may have expired with the stream.
+      if after[1] < oldest_kept then return { 'reset', newest, 'too_old' } end
+      lists[#lists + 1] = {}
+    else
+      local deleted = max_deleted(stream)
+      if deleted and cmp(after, deleted) < 0 then return { 'reset', newest, 'too_old' } end
+      lists[#lists + 1] = redis.call('XRANGE', stream, '(' .. fmt(after), '+')
+    end
+  end
+
+  -- Merge the two id-ordered lists.
+  local out = { 'ok', newest }
+  local a, b = lists[1], lists[2]
+  local i, j = 1, 1
+  while i <= #a or j <= #b do
+    local take_a
+    if i > #a then take_a = false
+    elseif j > #b then take_a = true
+    else take_a = cmp(parse(a[i][1]), parse(b[j][1])) <= 0 end
+    local entry
+    if take_a then entry = a[i]; i = i + 1 else entry = b[j]; j = j + 1 end
+    out[#out + 1] = entry[2][2]
+  end
+  return out
+end
+
+redis.register_function('sse_publish', sse_publish)
+redis.register_function({ function_name = 'sse_since', callback = sse_since, flags = { 'no-writes' } })
