@@ -58,6 +58,10 @@ struct Queue {
     /// While the stream catches up from history, live events wait here with their ids, so that the
     /// switch to live has neither gap nor duplicate.
     held: Option<Vec<(Option<EventId>, Bytes)>>,
+    /// The id replay brought the stream up to. A live copy of an event at or below it (published
+    /// while history was read, still on its way through the subscriber) is a duplicate. Durable
+    /// events of an application reach an instance in id order, so this one id is enough.
+    floor: Option<EventId>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +95,11 @@ impl Conn {
         if q.state != QueueState::Open {
             return Push::Gone;
         }
+        if let (Some(id), Some(floor)) = (id, q.floor)
+            && id <= floor
+        {
+            return Push::Queued; // already delivered by replay
+        }
         let waiting = q.items.len() + q.held.as_ref().map_or(0, Vec::len);
         if waiting >= self.limits.events || q.bytes + bytes.len() > self.limits.bytes {
             let lost = waiting + 1;
@@ -120,6 +129,7 @@ impl Conn {
         if q.state != QueueState::Open {
             return;
         }
+        q.floor = after;
         for b in replay {
             q.bytes += b.len();
             q.items.push_back(b);
@@ -364,6 +374,7 @@ impl Hub {
                 waker: None,
                 state: QueueState::Open,
                 held: Some(Vec::new()),
+                floor: None,
             }),
         });
         entry.conns.insert(conn.key, conn.clone());
@@ -682,6 +693,7 @@ mod tests {
                 waker: None,
                 state: QueueState::Open,
                 held: None,
+                floor: None,
             }),
         }
     }
@@ -759,5 +771,10 @@ mod tests {
             out,
             [b("hist1"), b("hist2"), b("hist3"), b("plain"), b("live4")]
         );
+        // A copy of a replayed event arriving late (still in flight during the catch-up) is dropped.
+        assert_eq!(c.push(b("late3"), id(3)), Push::Queued);
+        assert_eq!(c.push(b("live5"), id(5)), Push::Queued);
+        assert_eq!(next(&c), Poll::Ready(Some(b("live5"))));
+        assert!(next(&c).is_pending());
     }
 }

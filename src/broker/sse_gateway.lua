@@ -14,10 +14,11 @@
 --   -> { "ok", <newest id or "">, <message>... }   every durable event after the id, in id order
 --   -> { "reset", <newest id or "">, <reason> }     the gap cannot be filled: too_old | unknown_id
 --
--- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams).
+-- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams),
+-- each stream with a <stream>:trimmed key (the newest id trimmed from it).
 -- Ids are "<ms>-<seq>" from one sequence per application, so one id places a client in both streams.
 
-local MAXLEN = __MAXLEN__   -- entries kept per stream (approximately: trimming is by whole nodes)
+local MAXLEN = __MAXLEN__   -- entries kept per stream
 local TTL = __TTL__         -- seconds an entry is kept
 
 local function valid_id(s)
@@ -44,6 +45,32 @@ end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Trims a stream to MAXLEN entries and to entries newer than `min_ms`, exactly, and remembers the
+-- newest id ever trimmed in <stream>:trimmed. (XINFO's max-deleted-entry-id does not count trims,
+-- and approximate trimming would not say what went; a gap must be known exactly.)
+local function trim(stream, min_ms)
+  local trimmed = nil
+  local len = redis.call('XLEN', stream)
+  if len > MAXLEN then
+    local cut = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - MAXLEN)
+    trimmed = parse(cut[#cut][1])
+    redis.call('XTRIM', stream, 'MAXLEN', MAXLEN)
+  end
+  local min_id = fmt({ min_ms, 0 })
+  local old = redis.call('XREVRANGE', stream, '(' .. min_id, '-', 'COUNT', 1)
+  if #old > 0 then
+    local aged = parse(old[1][1])
+    if not trimmed or cmp(aged, trimmed) > 0 then trimmed = aged end
+    redis.call('XTRIM', stream, 'MINID', min_id)
+  end
+  local marker = stream .. ':trimmed'
+  if trimmed then
+    local before = parse(redis.call('GET', marker))
+    if not before or cmp(trimmed, before) > 0 then redis.call('SET', marker, fmt(trimmed)) end
+  end
+  redis.call('EXPIRE', marker, TTL)
 end
 
 local function sse_publish(keys, args)
@@ -76,20 +103,16 @@ local function sse_publish(keys, args)
   else
     stream, channel = app .. ':history:user:' .. user, app .. ':channel:' .. user
   end
-  redis.call('XADD', stream, 'MAXLEN', '~', MAXLEN, sid, 'm', message)
-  redis.call('XTRIM', stream, 'MINID', '~', fmt({ math.max(0, id[1] - TTL * 1000), 0 }))
+  redis.call('XADD', stream, sid, 'm', message)
+  trim(stream, math.max(0, id[1] - TTL * 1000))
   redis.call('EXPIRE', stream, TTL)
   local receivers = redis.call('PUBLISH', channel, message)
   return { sid, receivers }
 end
 
--- The largest id trimmed from a stream (XINFO STREAM's max-deleted-entry-id), or nil.
+-- The newest id trimmed from a stream, or nil.
 local function max_deleted(stream)
-  local info = redis.call('XINFO', 'STREAM', stream)
-  for i = 1, #info, 2 do
-    if info[i] == 'max-deleted-entry-id' then return parse(info[i + 1]) end
-  end
-  return nil
+  return parse(redis.call('GET', stream .. ':trimmed'))
 end
 
 local function sse_since(keys, args)
