@@ -164,7 +164,7 @@ async fn no_gap_and_no_duplicate_at_the_switch_over_under_concurrent_publishing(
         seen.push(ev.data.parse().unwrap());
         last_id = ev.id.unwrap();
         // Every 37 events: drop the connection and resume on the other instance.
-        if seen.len() % 37 == 0 && (seen.len() as u64) < total {
+        if seen.len().is_multiple_of(37) && (seen.len() as u64) < total {
             drop(client);
             hops += 1;
             let gw = if hops % 2 == 0 { &a } else { &b };
