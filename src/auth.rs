@@ -4,6 +4,8 @@
 //! `sub` the user, `exp` is required, `nbf` is honoured. Both identifiers must be safe to embed in
 //! Redis keys and channel names. Each failure has a stable machine-readable reason.
 
+use std::collections::HashMap;
+
 use base64::Engine;
 use http::HeaderMap;
 use jsonwebtoken::errors::ErrorKind;
@@ -38,6 +40,8 @@ pub enum AuthError {
         "the token's claims are missing or invalid (exp, iss and sub are required; iss and sub must be safe ids)"
     )]
     InvalidClaims,
+    #[error("the token's application (iss) is not configured on this gateway")]
+    UnknownApplication,
 }
 
 impl AuthError {
@@ -51,6 +55,7 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::NotYetValid => "not_yet_valid",
             AuthError::InvalidClaims => "invalid_claims",
+            AuthError::UnknownApplication => "unknown_application",
         }
     }
 }
@@ -74,9 +79,17 @@ pub struct Identity {
     pub roles: Roles,
 }
 
-/// Verifies tokens against one secret and algorithm allow-list.
+/// The keys of one application: its current secret, and the one being rotated out until a time.
+struct AppKeys {
+    current: DecodingKey,
+    previous: Option<(DecodingKey, u64)>,
+}
+
+/// Verifies tokens against the default secret or an application's own, with one algorithm
+/// allow-list.
 pub struct Verifier {
-    key: DecodingKey,
+    default: Option<DecodingKey>,
+    apps: HashMap<String, AppKeys>,
     validation: Validation,
 }
 
@@ -88,16 +101,61 @@ impl Verifier {
         validation.leeway = config.jwt_leeway.as_secs();
         validation.validate_nbf = true;
         validation.validate_aud = false;
+        let apps = config
+            .tenants
+            .iter()
+            .filter_map(|(app, t)| {
+                let current = DecodingKey::from_secret(t.secret.as_ref()?.expose());
+                let previous = t
+                    .previous_secret
+                    .as_ref()
+                    .zip(t.previous_secret_until)
+                    .map(|(s, until)| (DecodingKey::from_secret(s.expose()), until));
+                Some((app.clone(), AppKeys { current, previous }))
+            })
+            .collect();
         Verifier {
-            key: DecodingKey::from_secret(config.jwt_secret.expose()),
+            default: config
+                .jwt_secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.expose())),
+            apps,
             validation,
         }
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_at(token, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// Verifies as of `now` (seconds), which decides whether a rotated-out secret still counts.
+    pub fn verify_at(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
         self.check_algorithm(token)?;
-        let data = jsonwebtoken::decode::<Value>(token, &self.key, &self.validation)
-            .map_err(|e| map_jwt_error(e.kind()))?;
+        // The unverified `iss` only chooses which keys to try; the token is then verified in full,
+        // and its `iss` pinned to that application.
+        let claimed = unverified_issuer(token)?;
+        let data = match claimed.as_deref().and_then(|app| self.apps.get(app)) {
+            Some(keys) => {
+                let mut validation = self.validation.clone();
+                if let Some(app) = &claimed {
+                    validation.set_issuer(&[app]);
+                }
+                let first = jsonwebtoken::decode::<Value>(token, &keys.current, &validation);
+                match (first, &keys.previous) {
+                    (Err(e), Some((old, until)))
+                        if *e.kind() == ErrorKind::InvalidSignature && now < *until =>
+                    {
+                        jsonwebtoken::decode::<Value>(token, old, &validation)
+                    }
+                    (result, _) => result,
+                }
+            }
+            None => {
+                let key = self.default.as_ref().ok_or(AuthError::UnknownApplication)?;
+                jsonwebtoken::decode::<Value>(token, key, &self.validation)
+            }
+        }
+        .map_err(|e| map_jwt_error(e.kind()))?;
         let claims = data.claims;
         let text = |name: &str| -> Result<String, AuthError> {
             match claims.get(name) {
@@ -140,6 +198,19 @@ impl Verifier {
             Err(AuthError::UnsupportedAlgorithm)
         }
     }
+}
+
+/// The `iss` claim of a token, before any verification (`None` if absent or not a string).
+fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
+    let payload = token.split('.').nth(1).ok_or(AuthError::Malformed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| AuthError::Malformed)?;
+    let claims: Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    Ok(claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .map(str::to_string))
 }
 
 fn parse_roles(claim: Option<&Value>) -> Result<Roles, AuthError> {
@@ -390,6 +461,45 @@ mod tests {
         assert_eq!(v.verify(t), Err(AuthError::Expired));
         let wrong = Verifier::new(&Config::for_tests("other"));
         assert_eq!(wrong.verify(t), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn per_application_secrets_and_rotation() {
+        let tenants = r#"{"shop": {"secret": "shop-new", "previous_secret": "shop-old",
+                                    "previous_secret_until": 2000000000}}"#;
+        let v = Verifier::new(&Config::for_tests_with(SECRET, Some(tenants)));
+        let claims = |app: &str| json!({"iss": app, "sub": "u", "exp": now() + 60});
+        // The application's own secret, and the old one before the cut-off.
+        assert!(
+            v.verify(&sign(Algorithm::HS256, claims("shop"), "shop-new"))
+                .is_ok()
+        );
+        let old = sign(Algorithm::HS256, claims("shop"), "shop-old");
+        assert!(v.verify_at(&old, 1_999_999_999).is_ok());
+        assert_eq!(
+            v.verify_at(&old, 2_000_000_000),
+            Err(AuthError::BadSignature)
+        );
+        // The global secret no longer opens an application that has its own.
+        assert_eq!(
+            v.verify(&sign(Algorithm::HS256, claims("shop"), SECRET)),
+            Err(AuthError::BadSignature)
+        );
+        // Other applications keep using the global secret.
+        assert!(v.verify(&token(claims("blog"))).is_ok());
+        // Without a global secret, unknown applications are refused.
+        let only = r#"{"shop": {"secret": "shop-new"}}"#;
+        let mut config = Config::for_tests_with(SECRET, Some(only));
+        config.jwt_secret = None;
+        let v = Verifier::new(&config);
+        assert_eq!(
+            v.verify(&token(claims("blog"))),
+            Err(AuthError::UnknownApplication)
+        );
+        assert!(
+            v.verify(&sign(Algorithm::HS256, claims("shop"), "shop-new"))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -51,7 +51,11 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// Identifies this process in registry entries; unique per running instance.
     pub instance_id: String,
-    pub jwt_secret: Secret,
+    /// The default HMAC secret; an application listed in `tenants` with its own secret uses that
+    /// instead. Optional only when tenants are configured (then unknown applications are refused).
+    pub jwt_secret: Option<Secret>,
+    /// Per-application settings (`TENANTS` inline JSON, or `TENANTS_FILE`).
+    pub tenants: HashMap<String, Tenant>,
     pub jwt_algorithms: Vec<Algorithm>,
     pub jwt_leeway: Duration,
     pub cors: CorsOrigins,
@@ -81,8 +85,28 @@ pub struct Config {
     pub retention: crate::broker::Retention,
 }
 
+/// One application's own settings. Every field is optional; absent ones fall back to the global
+/// setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    /// This application's HS256 secret.
+    pub secret: Option<Secret>,
+    /// The secret being rotated out: still accepted until `previous_secret_until`.
+    pub previous_secret: Option<Secret>,
+    /// Seconds since the epoch after which `previous_secret` is refused.
+    pub previous_secret_until: Option<u64>,
+    /// Browser origins allowed to open this application's streams.
+    pub cors_origins: Option<Vec<String>>,
+    /// Streams this application may hold across the cluster.
+    pub max_connections: Option<u64>,
+    /// Streams one of its users may hold across the cluster.
+    pub max_user_connections: Option<u64>,
+}
+
 /// A secret that never shows up in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -118,7 +142,15 @@ impl Config {
 
     /// Builds a configuration for a single-node test or embedded use with the given secret.
     pub fn for_tests(secret: &str) -> Config {
-        let vars: HashMap<&str, &str> = [("JWT_SECRET", secret), ("APP_PORT", "0")].into();
+        Config::for_tests_with(secret, None)
+    }
+
+    /// As [`Config::for_tests`], with tenants given as inline JSON.
+    pub fn for_tests_with(secret: &str, tenants: Option<&str>) -> Config {
+        let mut vars: HashMap<&str, &str> = [("JWT_SECRET", secret), ("APP_PORT", "0")].into();
+        if let Some(t) = tenants {
+            vars.insert("TENANTS", t);
+        }
         Config::from_lookup(|k| vars.get(k).map(|v| v.to_string()))
             .unwrap_or_else(|e| panic!("test config: {e}"))
     }
@@ -175,7 +207,11 @@ impl Config {
             (None, None) => BrokerConfig::Embedded,
         };
 
-        let jwt_secret = get("JWT_SECRET").ok_or(ConfigError::Missing("JWT_SECRET"))?;
+        let tenants = tenants(get("TENANTS"), get("TENANTS_FILE"))?;
+        let jwt_secret = get("JWT_SECRET").map(Secret);
+        if jwt_secret.is_none() && tenants.values().all(|t| t.secret.is_none()) {
+            return Err(ConfigError::Missing("JWT_SECRET"));
+        }
         let jwt_algorithms = match get("JWT_ALGORITHMS") {
             None => vec![Algorithm::HS256],
             Some(list) => list
@@ -195,12 +231,21 @@ impl Config {
         let cors = match get("CORS_ALLOWED_ORIGINS") {
             None => CorsOrigins::Any,
             Some(v) if v == "*" => CorsOrigins::Any,
-            Some(v) => CorsOrigins::List(
-                v.split(',')
+            Some(v) => {
+                // Browsers must be able to reach every application's streams: the global list
+                // includes the tenants' origins (each application is then held to its own list).
+                let mut list: Vec<String> = v
+                    .split(',')
                     .map(|o| o.trim().trim_end_matches('/').to_string())
                     .filter(|o| !o.is_empty())
-                    .collect(),
-            ),
+                    .collect();
+                for t in tenants.values() {
+                    list.extend(t.cors_origins.iter().flatten().cloned());
+                }
+                list.sort();
+                list.dedup();
+                CorsOrigins::List(list)
+            }
         };
 
         let registry_ttl = duration_or("REGISTRY_TTL", get("REGISTRY_TTL"), secs(60))?;
@@ -234,7 +279,8 @@ impl Config {
             listen: SocketAddr::new(host, port),
             broker,
             instance_id,
-            jwt_secret: Secret(jwt_secret),
+            jwt_secret,
+            tenants,
             jwt_algorithms,
             jwt_leeway: duration_or("JWT_LEEWAY", get("JWT_LEEWAY"), secs(5))?,
             cors,
@@ -267,6 +313,63 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Reads the tenants from inline JSON or a file (not both), and checks them.
+fn tenants(
+    inline: Option<String>,
+    file: Option<String>,
+) -> Result<HashMap<String, Tenant>, ConfigError> {
+    let (name, text) = match (inline, file) {
+        (None, None) => return Ok(HashMap::new()),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "TENANTS",
+                "set TENANTS or TENANTS_FILE, not both".into(),
+            ));
+        }
+        (Some(text), None) => ("TENANTS", text),
+        (None, Some(path)) => (
+            "TENANTS_FILE",
+            std::fs::read_to_string(&path)
+                .map_err(|e| invalid("TENANTS_FILE", format!("{path}: {e}")))?,
+        ),
+    };
+    // Errors name the field but never quote the input: it holds secrets.
+    let tenants: HashMap<String, Tenant> = serde_json::from_str(&text).map_err(|e| {
+        invalid(
+            name,
+            format!(
+                "not a JSON object of applications (line {}, column {}): {}",
+                e.line(),
+                e.column(),
+                match e.classify() {
+                    serde_json::error::Category::Data => "a field is unknown or of the wrong type",
+                    _ => "malformed JSON",
+                }
+            ),
+        )
+    })?;
+    for (app, t) in &tenants {
+        let problem = if !crate::auth::is_safe_id(app) {
+            Some("is not a valid application id".to_string())
+        } else if [&t.secret, &t.previous_secret]
+            .iter()
+            .any(|s| s.as_ref().is_some_and(|s| s.0.is_empty()))
+        {
+            Some("has an empty secret".into())
+        } else if t.previous_secret.is_some() != t.previous_secret_until.is_some() {
+            Some("needs previous_secret and previous_secret_until together".into())
+        } else if t.previous_secret.is_some() && t.secret.is_none() {
+            Some("has a previous_secret but no secret".into())
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Err(invalid(name, format!("application {app:?} {p}")));
+        }
+    }
+    Ok(tenants)
 }
 
 fn secs(n: u64) -> Duration {
@@ -415,6 +518,49 @@ mod tests {
         assert_eq!(c.registry_ttl, secs(120));
         assert_eq!(c.registry_heartbeat, secs(40));
         assert!(parse(&[("JWT_SECRET", "s"), ("PING_INTERVAL", "5h")]).is_err());
+    }
+
+    #[test]
+    fn tenants_are_parsed_and_checked() {
+        let json = r#"{"shop": {"secret": "s1", "previous_secret": "s0",
+            "previous_secret_until": 1800000000, "cors_origins": ["https://shop.example"],
+            "max_user_connections": 3}}"#;
+        let c = parse(&[
+            ("TENANTS", json),
+            ("CORS_ALLOWED_ORIGINS", "https://a.example"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.jwt_secret, None,
+            "per-app secrets make the global one optional"
+        );
+        let shop = &c.tenants["shop"];
+        assert_eq!(shop.max_user_connections, Some(3));
+        assert_eq!(
+            c.cors,
+            CorsOrigins::List(vec![
+                "https://a.example".into(),
+                "https://shop.example".into()
+            ])
+        );
+        let bad = [
+            r#"{"a:b": {"secret": "x"}}"#,
+            r#"{"shop": {"secret": ""}}"#,
+            r#"{"shop": {"secret": "x", "previous_secret": "y"}}"#,
+            r#"{"shop": {"secret": "x", "colour": "red"}}"#,
+            r#"{"shop": {"secret": "hunter2-in-a-broken-json""#,
+        ];
+        for b in bad {
+            let err = parse(&[("TENANTS", b), ("JWT_SECRET", "s")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("TENANTS"), "{err}");
+            assert!(!err.contains("hunter2"), "never echo secrets: {err}");
+        }
+        let err = parse(&[("TENANTS", "{}"), ("TENANTS_FILE", "/x")]).unwrap_err();
+        assert!(err.to_string().contains("not both"));
+        let err = parse(&[("TENANTS_FILE", "/nonexistent/tenants.json")]).unwrap_err();
+        assert!(err.to_string().contains("TENANTS_FILE"));
     }
 
     #[test]

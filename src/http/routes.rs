@@ -70,6 +70,9 @@ pub async fn sse<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> Http
         Ok(id) => id,
         Err(resp) => return *resp,
     };
+    if let Err(resp) = check_origin(state, &req, &identity.app) {
+        return *resp;
+    }
     if let Err(resp) = check_limits(state, &identity).await {
         return *resp;
     }
@@ -137,14 +140,43 @@ fn count_limit(state: &AppState, app: &str, limit: &'static str) {
         .inc();
 }
 
+/// An application with its own CORS origins only serves streams to pages of those origins (a
+/// request without `Origin` is not from a cross-origin page and passes).
+fn check_origin<B>(state: &AppState, req: &Request<B>, app: &str) -> Result<(), Box<HttpResponse>> {
+    let Some(allowed) = state
+        .config
+        .tenants
+        .get(app)
+        .and_then(|t| t.cors_origins.as_ref())
+    else {
+        return Ok(());
+    };
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    if allowed.iter().any(|a| a.trim_end_matches('/') == origin) {
+        return Ok(());
+    }
+    count_limit(state, app, "origin");
+    Err(Box::new(error(
+        StatusCode::FORBIDDEN,
+        "origin_not_allowed",
+        "this application does not serve streams to pages of this origin",
+    )))
+}
+
 /// Cluster-wide caps, read from the registry. A user over their cap gets a 429 (more tabs will
 /// not help, so the client must not retry blindly); an application over its cap is shed with a
 /// long `retry:`, since room comes back as its other streams end.
 async fn check_limits(state: &AppState, identity: &Identity) -> Result<(), Box<HttpResponse>> {
-    let (max_app, max_user) = (
-        state.config.max_app_connections,
-        state.config.max_user_connections,
-    );
+    let tenant = state.config.tenants.get(&identity.app);
+    let max_app = tenant
+        .and_then(|t| t.max_connections)
+        .unwrap_or(state.config.max_app_connections);
+    let max_user = tenant
+        .and_then(|t| t.max_user_connections)
+        .unwrap_or(state.config.max_user_connections);
     if max_app == 0 && max_user == 0 {
         return Ok(());
     }
