@@ -658,10 +658,28 @@ impl MessageSink for Hub {
                 "published id/type held control characters or was too long; sanitised"
             );
         }
-        let id = parsed.event.id.as_deref().and_then(|s| s.parse().ok());
+        let id: Option<EventId> = parsed.event.id.as_deref().and_then(|s| s.parse().ok());
         let bytes = parsed.event.encode();
-        self.fan_out(&topic, &bytes, id);
+        if self.fan_out(&topic, &bytes, id) > 0
+            && let Some(id) = id
+        {
+            let app = match topic {
+                Topic::User { app, .. } | Topic::App { app } => app,
+            };
+            let late_ms = unix_now_ms().saturating_sub(id.ms);
+            self.metrics
+                .delivery_latency
+                .get_or_create(&Metrics::app(app))
+                .observe(late_ms as f64 / 1000.0);
+        }
     }
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 pub fn unix_now() -> u64 {

@@ -5,6 +5,7 @@ use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::broker::LinkState;
@@ -67,12 +68,22 @@ pub struct Metrics {
     pub slow_clients: Family<AppLabel, Counter>,
     pub sanitised_fields: Counter,
     pub publish_requests: Family<OutcomeLabel, Counter>,
+    /// Publish (Redis `TIME`, carried in the event id) to queued on this instance's streams, for
+    /// durable events.
+    pub delivery_latency: Family<AppLabel, Histogram, fn() -> Histogram>,
     pub replayed_events: Family<AppLabel, Counter>,
     pub replay_resets: Family<AppReasonLabel, Counter>,
     pub limit_rejections: Family<AppReasonLabel, Counter>,
     pub broker_link_up: Family<LinkLabel, Gauge>,
     pub broker_reconnects: Counter,
     pub registry_write_errors: Counter,
+}
+
+/// Buckets from 0.5 ms to about 8 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 15,
+    ))
 }
 
 impl Default for Metrics {
@@ -97,6 +108,7 @@ impl Metrics {
             slow_clients: Family::default(),
             sanitised_fields: Counter::default(),
             publish_requests: Family::default(),
+            delivery_latency: Family::new_with_constructor(latency_histogram),
             replayed_events: Family::default(),
             replay_resets: Family::default(),
             limit_rejections: Family::default(),
@@ -160,6 +172,11 @@ impl Metrics {
             "sse_publish_requests",
             "POST /publish requests, by outcome",
             m.publish_requests.clone(),
+        );
+        registry.register(
+            "sse_delivery_latency_seconds",
+            "Time from publish (the durable event id's timestamp) to queued on the streams",
+            m.delivery_latency.clone(),
         );
         registry.register(
             "sse_replayed_events",

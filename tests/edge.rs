@@ -263,6 +263,7 @@ async fn metrics_are_prometheus_text_labelled_by_app_only() {
         "sse_auth_failures_total{reason=\"missing_token\"} 1",
         "sse_publish_requests_total{app=\"shop\",outcome=\"ok\"} 1",
         "sse_broker_link_up{link=\"pubsub\"} 1",
+        "sse_delivery_latency_seconds_count{app=\"shop\"} 1",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
