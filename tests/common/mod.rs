@@ -62,22 +62,39 @@ pub fn operator_token(app: &str) -> String {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Extra arguments (authentication, TLS); with TLS, `port` is the TLS port.
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts a server with extra arguments. `{port}` in them is replaced by the server's port;
+    /// with `--tls-port {port}`, plain TCP is switched off.
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        let port = free_port();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect();
         let mut r = RedisServer {
-            port: free_port(),
+            port,
             child: None,
+            args,
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
+        let tls = self.args.iter().any(|a| a == "--tls-port");
+        let plain_port = if tls { 0 } else { self.port };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &plain_port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -133,6 +150,7 @@ pub struct Gateway {
 
 pub struct GatewayBuilder {
     env: HashMap<String, String>,
+    port: Option<u16>,
 }
 
 impl GatewayBuilder {
@@ -145,6 +163,12 @@ impl GatewayBuilder {
         self.env("REDIS_URL", &r.url())
     }
 
+    /// Listens on `port` rather than a free one: to start a process where a stopped one listened.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     pub async fn start(self) -> Gateway {
         let g = self.spawn();
         g.wait_healthy().await;
@@ -153,7 +177,7 @@ impl GatewayBuilder {
 
     /// Starts the process without waiting for it to be healthy.
     pub fn spawn(self) -> Gateway {
-        let port = free_port();
+        let port = self.port.unwrap_or_else(free_port);
         let dir = TempDir::new();
         let log = dir.path.join("gateway.log");
         let instance = format!("gw-{port}");
@@ -190,6 +214,7 @@ impl Gateway {
     pub fn builder() -> GatewayBuilder {
         GatewayBuilder {
             env: HashMap::new(),
+            port: None,
         }
     }
 
