@@ -383,3 +383,32 @@ async fn secrets_and_tokens_never_reach_the_logs() {
         "debug logging was on: {logs}"
     );
 }
+
+#[tokio::test]
+async fn production_logs_are_json_lines_naming_the_connection() {
+    let gw = Gateway::builder()
+        .env("APP_MODE", "production")
+        .start()
+        .await;
+    // The "stream opened" line is written before the response goes out.
+    let c = gw.connect("shop", "alice").await;
+    let id = c.connection_id();
+    let logs = gw.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    let opened = lines
+        .iter()
+        .find(|l| l["message"] == "stream opened")
+        .expect("a stream opened line");
+    assert_eq!(
+        (&opened["app"], &opened["user"], &opened["conn"]),
+        (&json!("shop"), &json!("alice"), &json!(id))
+    );
+}
