@@ -179,6 +179,19 @@ impl Conn {
         Poll::Pending
     }
 
+    /// Ready once the stream has been cut off for being too slow (so a blocked write can be
+    /// abandoned); shares the waker slot with [`Conn::poll_next`], as one task does both.
+    pub fn poll_cut_off(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut q = self.lock();
+        if q.state == QueueState::Closed {
+            return Poll::Ready(());
+        }
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
     fn close_reason(&self) -> &'static str {
         match self.lock().state {
             QueueState::Open => close_reason::CLIENT_GONE,

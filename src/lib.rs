@@ -126,8 +126,8 @@ pub async fn run(
     let server = tokio::spawn(http::server::serve(listener, state.clone(), stop.clone()));
     shutdown.await;
     stop.cancel();
-    let graceful = match server.await {
-        Ok(g) => g,
+    let connections = match server.await {
+        Ok(c) => c,
         Err(error) => {
             tracing::error!(%error, "accept loop failed");
             return Ok(());
@@ -135,7 +135,7 @@ pub async fn run(
     };
     shutdown::drain(
         &hub,
-        graceful,
+        connections,
         &broker,
         state.config.retry_ms,
         state.config.shutdown_timeout,

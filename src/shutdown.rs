@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::server::graceful::GracefulShutdown;
 
 use crate::broker::Broker;
+use crate::http::server::Connections;
 use crate::hub::Hub;
 use crate::sse::Event;
 
@@ -51,7 +51,7 @@ pub fn farewell(retry_ms: u64, conn_key: u128) -> Bytes {
 /// entries and closes the broker. The listener must already be closed.
 pub async fn drain(
     hub: &Arc<Hub>,
-    graceful: GracefulShutdown,
+    connections: Connections,
     broker: &Arc<dyn Broker>,
     retry_ms: u64,
     timeout: Duration,
@@ -62,10 +62,12 @@ pub async fn drain(
         "shutting down: telling every stream to reconnect elsewhere"
     );
     hub.close_all(|conn| farewell(retry_ms, conn.id.as_u128()));
-    if tokio::time::timeout(timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let Connections { graceful, tasks } = connections;
+    let drained = async {
+        graceful.shutdown().await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(timeout, drained).await.is_err() {
         tracing::warn!(
             ?timeout,
             remaining = hub.len(),

@@ -190,11 +190,12 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
     slow.write_all(req.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Broadcast 200 messages of 64 KiB (12.5 MiB): more than the slow socket's kernel buffers (the
-    // server's send buffer grows to 4 MiB) plus its 64-message queue, paced so that a reader that
-    // does read keeps up even in a debug build sharing two cores with the gateway.
-    let blob = "b".repeat(64 * 1024);
-    let total = 200;
+    // Broadcast 300 messages of 16 KiB (4.7 MiB): more than the slow socket's kernel buffers (about
+    // 1.6 MiB here, even with its small receive buffer) plus its 64-message queue (1 MiB), paced so
+    // that a reader that does read keeps up even in a debug build sharing two cores with the
+    // gateway and Redis.
+    let blob = "b".repeat(16 * 1024);
+    let total = 300;
     let r = redis.client().await;
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
@@ -214,7 +215,11 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
     let got = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("fast reader kept up");
-    let got = got.unwrap();
+    let got = got.unwrap_or_else(|e| {
+        let logs = gw.logs();
+        let cuts: Vec<&str> = logs.lines().filter(|l| l.contains("cut off")).collect();
+        panic!("{e}\n{}", cuts.join("\n"))
+    });
     let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
     assert_eq!(got, want, "the fast reader saw every message, in order");
 

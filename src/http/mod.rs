@@ -15,6 +15,7 @@
 
 mod body;
 mod cors;
+mod raw;
 mod routes;
 pub mod server;
 

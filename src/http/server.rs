@@ -1,15 +1,19 @@
-//! The accept loop: h1 and h2 (prior knowledge) on one port through hyper-util's auto builder.
+//! The accept loop: HTTP/1.1 event streams on the raw socket (see [`super::raw`]), everything else
+//! (h1 and h2 prior knowledge) through hyper-util's auto builder.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::raw::{self, Head, Rewind};
 use super::{AppState, handle};
 
 /// A client must send its request head within this time (slowloris guard).
@@ -18,12 +22,20 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Accepts connections until `stop` is cancelled; returns the handle that drains them.
+/// What is left to wait for once accepting stops.
+pub struct Connections {
+    /// hyper's connections (graceful: in-flight requests finish, keep-alive ends).
+    pub graceful: GracefulShutdown,
+    /// Every connection task, raw event streams included.
+    pub tasks: TaskTracker,
+}
+
+/// Accepts connections until `stop` is cancelled; returns what is needed to drain them.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     stop: CancellationToken,
-) -> GracefulShutdown {
+) -> Connections {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -36,7 +48,9 @@ pub async fn serve(
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let tasks = TaskTracker::new();
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
@@ -55,15 +69,38 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let state = state.clone();
-        let service = service_fn(move |req| handle(state.clone(), peer, req));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
+        tasks.spawn(connection(
+            stream,
+            peer,
+            state.clone(),
+            builder.clone(),
+            graceful.watcher(),
+        ));
+    }
+    tasks.close();
+    Connections { graceful, tasks }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+) {
+    match raw::read_head(&mut stream, HEADER_READ_TIMEOUT).await {
+        Head::Sse(request) => {
+            drop(watcher);
+            raw::serve(stream, peer, state, request).await;
+        }
+        Head::Other(prefix) => {
+            let service = service_fn(move |req| handle(state.clone(), peer, req));
+            let io = TokioIo::new(Rewind::new(prefix, stream));
+            let conn = builder.serve_connection(io, service).into_owned();
+            if let Err(error) = watcher.watch(conn).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
-        });
+        }
+        Head::Done => {}
     }
-    graceful
 }
