@@ -35,7 +35,7 @@ const WRITE_BATCH: usize = 64;
 /// What the first bytes of a connection turned out to be.
 pub enum Head {
     /// A complete `GET /sse` request, ready to serve here.
-    Sse(Request<()>),
+    Sse(Box<Request<()>>),
     /// Anything else: the bytes read so far, to replay in front of the socket for hyper.
     Other(Bytes),
     /// The client closed, sent garbage too large, or was too slow: nothing more to do.
@@ -78,7 +78,7 @@ pub async fn read_head(stream: &mut TcpStream, timeout: Duration) -> Head {
 }
 
 enum Parsed {
-    Complete(Request<()>),
+    Complete(Box<Request<()>>),
     Partial,
     /// Valid for hyper to judge (a body, HTTP/1.0, an odd header...), not for this path.
     Hyper,
@@ -119,7 +119,7 @@ fn parse(buf: &[u8]) -> Parsed {
         Err(_) => return Parsed::Hyper,
     }
     *request.headers_mut() = map;
-    Parsed::Complete(request)
+    Parsed::Complete(Box::new(request))
 }
 
 /// Answers a `GET /sse` request read by [`read_head`], and streams it until either side ends it.
@@ -127,7 +127,7 @@ pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
-    req: Request<()>,
+    req: Box<Request<()>>,
 ) {
     let req = req.map(|()| Empty::<Bytes>::new());
     let Ok(resp) = handle(state, peer, req).await;
