@@ -130,7 +130,9 @@ pub async fn serve(
     req: Box<Request<()>>,
 ) {
     let req = req.map(|()| Empty::<Bytes>::new());
-    let Ok(resp) = handle(state, peer, req).await;
+    // Boxed: an idle stream's task should not keep room for the request-handling future, which is
+    // far larger than the streaming loop below (a future is as big as its largest await point).
+    let Ok(resp) = Box::pin(handle(state, peer, req)).await;
     let (parts, body) = resp.into_parts();
     let lease = match body {
         Body::Stream(lease) => lease,
@@ -142,12 +144,15 @@ pub async fn serve(
             return;
         }
     };
-    if write_all_vectored(&mut stream, &mut [&response_head(&parts, None)[..]])
+    let head = response_head(&parts, None);
+    drop(parts); // the header map is not needed for the stream's life
+    if Box::pin(write_all_vectored(&mut stream, &mut [&head[..]]))
         .await
         .is_err()
     {
         return;
     }
+    drop(head);
     let conn = lease.conn().clone();
     let mut batch: Vec<Bytes> = Vec::new();
     let mut probe = [0u8; 64];

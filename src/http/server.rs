@@ -88,16 +88,18 @@ async fn connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
 ) {
-    match raw::read_head(&mut stream, HEADER_READ_TIMEOUT).await {
+    // The branches are boxed so that each connection's task is only as large as what it runs:
+    // an idle event stream does not carry room for a hyper connection.
+    match Box::pin(raw::read_head(&mut stream, HEADER_READ_TIMEOUT)).await {
         Head::Sse(request) => {
             drop(watcher);
-            raw::serve(stream, peer, state, request).await;
+            Box::pin(raw::serve(stream, peer, state, request)).await;
         }
         Head::Other(prefix) => {
             let service = service_fn(move |req| handle(state.clone(), peer, req));
             let io = TokioIo::new(Rewind::new(prefix, stream));
             let conn = builder.serve_connection(io, service).into_owned();
-            if let Err(error) = watcher.watch(conn).await {
+            if let Err(error) = Box::pin(watcher.watch(conn)).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         }
