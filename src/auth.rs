@@ -21,7 +21,7 @@ pub const MAX_ID_LEN: usize = 128;
 pub const ROLE_CLAIM: &str = "sse_role";
 
 /// Why a token was refused. Every variant is a 401 with `WWW-Authenticate: Bearer error="invalid_token"`
-/// (except `MissingToken`, which per RFC 6750 carries no error code).
+/// (a missing token too: one rule for clients, as the issue asks, where RFC 6750 would send none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token in the Authorization header or the access_token query parameter")]

@@ -322,6 +322,19 @@ async fn http_publish_to_users_and_batches_with_clear_errors() {
         .unwrap();
     assert_eq!(resp.status(), 413);
 
+    // An oversized body is answered 413 every time, not a broken pipe: the gateway reads (and
+    // discards) a bounded amount of the rest before answering.
+    for _ in 0..10 {
+        let resp = http()
+            .post(gw.url("/publish"))
+            .bearer_auth(publisher_token("app"))
+            .body(vec![b' '; 50_000])
+            .send()
+            .await
+            .expect("an answer, not a broken pipe");
+        assert_eq!(resp.status(), 413);
+    }
+
     // A browser token cannot publish.
     let resp = http()
         .post(gw.url("/publish"))

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -311,24 +311,23 @@ where
         );
     }
     let limit = state.config.max_publish_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        outcome("too_large");
-        return too_large(limit);
-    }
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+    let body = match read_body(req.into_body(), limit).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TooLarge) => {
             outcome("too_large");
             return too_large(limit);
         }
-        Err(e) => {
+        Err(BodyError::Slow) => {
             outcome("bad_request");
-            return error(StatusCode::BAD_REQUEST, "unreadable_body", &e.to_string());
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time",
+            );
+        }
+        Err(BodyError::Unreadable(e)) => {
+            outcome("bad_request");
+            return error(StatusCode::BAD_REQUEST, "unreadable_body", &e);
         }
     };
     let request: PublishRequest = match serde_json::from_slice(&body) {
@@ -400,6 +399,51 @@ where
         body["ids"] = json!(ids);
     }
     json_response(StatusCode::OK, &body)
+}
+
+/// Longest a request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How much of an oversized body is read (and thrown away) before answering 413: a client still
+/// sending when the answer comes and the socket closes sees a broken pipe, not the 413.
+const DRAIN_FACTOR: u64 = 8;
+
+enum BodyError {
+    TooLarge,
+    Slow,
+    Unreadable(String),
+}
+
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let mut total: u64 = 0;
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    while let Some(frame) = tokio::time::timeout_at(deadline, body.frame())
+        .await
+        .map_err(|_| BodyError::Slow)?
+    {
+        let frame = frame.map_err(|e| BodyError::Unreadable(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len() as u64;
+        if total > limit as u64 {
+            buf = bytes::BytesMut::new();
+            if total > limit as u64 * DRAIN_FACTOR {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if total > limit as u64 {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(buf.freeze())
 }
 
 fn too_large(limit: usize) -> HttpResponse {
@@ -512,6 +556,9 @@ pub async fn connections<B>(
         };
         return error(StatusCode::FORBIDDEN, "forbidden", message);
     }
+    if user.is_some_and(|u| !auth::is_safe_id(u)) {
+        return no_content(); // no such user can exist: nothing to ask the broker
+    }
     let records = match state.broker.registry_list(app, user).await {
         Ok(r) => r,
         Err(e) => {
@@ -523,10 +570,7 @@ pub async fn connections<B>(
         }
     };
     if records.is_empty() {
-        // As the original: nothing to list is 204 with no body.
-        let mut resp = HttpResponse::new(Body::empty());
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-        return resp;
+        return no_content();
     }
     // Serialised straight from the records (not through `Value`, which would sort the fields) so
     // that each entry keeps the original's field order.
@@ -551,6 +595,13 @@ pub async fn connections<B>(
             &e.to_string(),
         ),
     }
+}
+
+/// As the original: nothing to list is 204 with no body.
+fn no_content() -> HttpResponse {
+    let mut resp = HttpResponse::new(Body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp
 }
 
 fn by_id(records: Vec<ConnectionRecord>) -> BTreeMap<String, ConnectionRecord> {
