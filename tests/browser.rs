@@ -4,7 +4,7 @@
 //! page shows.
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use common::external::{repo, tool};
+use common::external::{repo, spawn_lines, tool};
 use common::{Gateway, RedisServer, TempDir, now, sign, user_token};
 
 /// A whole flow, browser start-up included.
@@ -298,26 +298,16 @@ impl Driver {
             Some(p) => PathBuf::from(p),
             None => dir.path.join("page.png"),
         };
-        let mut child = Command::new(tool("node"))
-            .arg(node_dir.join("browser.mjs"))
+        let mut cmd = Command::new(tool("node"));
+        cmd.arg(node_dir.join("browser.mjs"))
             .args([profile.as_os_str(), screenshot.as_os_str()])
             .env("CHROMIUM", tool("chromium"))
             .current_dir(&node_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&stderr).expect("log")))
-            .spawn()
-            .expect("spawn node");
+            .stderr(Stdio::from(std::fs::File::create(&stderr).expect("log")));
+        let (mut child, lines) = spawn_lines(cmd);
         let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         Driver {
             child,
             stdin,

@@ -2,14 +2,13 @@
 //! in an `Authorization: Bearer` header, as a browser's native EventSource cannot.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use common::external::{repo, tool};
+use common::external::{repo, spawn_lines, tool};
 use common::{Gateway, now, sign, user_token};
 
 #[tokio::test]
@@ -62,8 +61,8 @@ impl NodeClient {
         );
         let dir = common::TempDir::new();
         let stderr = dir.path.join("client.stderr.log");
-        let mut child = Command::new(tool("node"))
-            .arg(node_dir.join("client.mjs"))
+        let mut cmd = Command::new(tool("node"));
+        cmd.arg(node_dir.join("client.mjs"))
             .arg(gw.url(""))
             .args(args)
             .env("SSE_TOKEN", token)
@@ -71,18 +70,8 @@ impl NodeClient {
             .current_dir(&node_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&stderr).expect("log")))
-            .spawn()
-            .expect("spawn node");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+            .stderr(Stdio::from(std::fs::File::create(&stderr).expect("log")));
+        let (child, lines) = spawn_lines(cmd);
         NodeClient {
             child,
             lines,

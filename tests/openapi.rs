@@ -11,12 +11,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::json;
 
-use common::external::{repo, tool};
+use common::external::{repo, run_bounded, tool};
 use common::{Gateway, SseClient, TempDir, http, now, sign, user_token};
 
 const APP: &str = "shop";
@@ -42,11 +42,8 @@ fn schemathesis() -> PathBuf {
 
 /// Runs `schemathesis run <spec> --url <base> <args>`, bounded by [`RUN_LIMIT`].
 async fn run_schemathesis(dir: &Path, base: &str, args: &[&str]) -> (bool, String) {
-    let out_path = dir.join("schemathesis.out");
-    let out = std::fs::File::create(&out_path).expect("output file");
-    let err = out.try_clone().expect("output file");
-    let mut child = Command::new(schemathesis())
-        .arg("run")
+    let mut cmd = Command::new(schemathesis());
+    cmd.arg("run")
         .arg(spec_path())
         .args(["--url", base])
         // `/` answers 301: the redirect itself is what the spec documents, so do not follow it.
@@ -57,34 +54,8 @@ async fn run_schemathesis(dir: &Path, base: &str, args: &[&str]) -> (bool, Strin
         .args(["--generation-database", "none", "--no-color"])
         // A loaded CI machine must not turn slow data generation into a failure.
         .args(["--suppress-health-check", "too_slow"])
-        .args(args)
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("start schemathesis");
-    let deadline = Instant::now() + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for schemathesis") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    match status {
-        Some(s) => (s.success(), output),
-        None => (
-            false,
-            format!("schemathesis killed after {RUN_LIMIT:?}\n{output}"),
-        ),
-    }
+        .args(args);
+    run_bounded(cmd, dir, RUN_LIMIT).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,12 +13,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use common::external::{repo, tool};
+use common::external::{repo, run_bounded, tool};
 use common::{Gateway, RedisServer, SECRET, SseClient, TempDir, eventually, http, operator_token};
 
 const APP: &str = "shop";
@@ -180,45 +180,16 @@ fn collection_is_complete_and_its_endless_streams_are_fenced_off() {
 
 /// Runs newman with `args` appended, bounded by [`RUN_LIMIT`]; returns (success, output).
 async fn newman(dir: &Path, args: &[String]) -> (bool, String) {
-    let out_path = dir.join("newman.out");
-    let out = std::fs::File::create(&out_path).expect("newman output file");
-    let err = out.try_clone().expect("newman output file");
-    let mut child = Command::new(tool("newman"))
-        .arg("run")
+    let mut cmd = Command::new(tool("newman"));
+    cmd.arg("run")
         .arg(collection_path())
         .arg("--environment")
         .arg(environment_path())
         .args(args)
         .args(["--timeout-request", "20000"])
         .args(["--timeout", &(RUN_LIMIT.as_millis() - 10_000).to_string()])
-        .args(["--reporters", "cli", "--color", "off", "--disable-unicode"])
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("start newman");
-    let deadline = Instant::now() + RUN_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for newman") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    match status {
-        Some(s) => (s.success(), output),
-        None => (
-            false,
-            format!("newman killed after {RUN_LIMIT:?}\n{output}"),
-        ),
-    }
+        .args(["--reporters", "cli", "--color", "off", "--disable-unicode"]);
+    run_bounded(cmd, dir, RUN_LIMIT).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

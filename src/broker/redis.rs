@@ -115,6 +115,15 @@ impl RedisBroker {
         })
     }
 
+    /// Fails fast when the command link is down, instead of queueing behind a reconnect.
+    fn commands_up(&self) -> Result<(), BrokerError> {
+        if self.client.is_connected() {
+            Ok(())
+        } else {
+            Err(BrokerError::Unavailable("Redis link is down".into()))
+        }
+    }
+
     async fn load_library(&self) -> Result<(), BrokerError> {
         let _: Value = self
             .client
@@ -129,9 +138,7 @@ impl RedisBroker {
 
     /// `FCALL`, loading the library first if this Redis lost it (restarted without persistence).
     async fn fcall(&self, function: &str, args: Vec<Value>) -> Result<Value, BrokerError> {
-        if !self.client.is_connected() {
-            return Err(BrokerError::Unavailable("Redis link is down".into()));
-        }
+        self.commands_up()?;
         let call = |args: Vec<Value>| {
             let mut full: Vec<Value> = vec![function.into(), 0.into()];
             full.extend(args);
@@ -205,6 +212,14 @@ fn app_index(app: &str) -> String {
 
 fn user_index(app: &str, user: &str) -> String {
     format!("{app}:connections:{user}")
+}
+
+/// The registry index of an application, or of one of its users.
+fn index(app: &str, user: Option<&str>) -> String {
+    match user {
+        Some(u) => user_index(app, u),
+        None => app_index(app),
+    }
 }
 
 impl Broker for RedisBroker {
@@ -316,13 +331,8 @@ impl Broker for RedisBroker {
         user: Option<&'a str>,
     ) -> BoxFuture<'a, Result<u64, BrokerError>> {
         Box::pin(async move {
-            if !self.client.is_connected() {
-                return Err(BrokerError::Unavailable("Redis link is down".into()));
-            }
-            let index = match user {
-                Some(u) => user_index(app, u),
-                None => app_index(app),
-            };
+            self.commands_up()?;
+            let index = index(app, user);
             let n: u64 = self
                 .client
                 .zcount(&index, now_secs(), f64::INFINITY)
@@ -338,9 +348,7 @@ impl Broker for RedisBroker {
 
     fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>> {
         Box::pin(async move {
-            if !self.client.is_connected() {
-                return Err(BrokerError::Unavailable("Redis link is down".into()));
-            }
+            self.commands_up()?;
             let n: i64 = self
                 .client
                 .publish(channel, payload)
@@ -356,9 +364,7 @@ impl Broker for RedisBroker {
         ttl_secs: u64,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            if !self.client.is_connected() {
-                return Err(BrokerError::Unavailable("Redis link is down".into()));
-            }
+            self.commands_up()?;
             let ttl = ttl_secs as i64;
             let expires = now_secs() + ttl_secs as f64;
             let pipe = self.client.pipeline();
@@ -428,13 +434,8 @@ impl Broker for RedisBroker {
         user: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<ConnectionRecord>, BrokerError>> {
         Box::pin(async move {
-            if !self.client.is_connected() {
-                return Err(BrokerError::Unavailable("Redis link is down".into()));
-            }
-            let index = match user {
-                Some(u) => user_index(app, u),
-                None => app_index(app),
-            };
+            self.commands_up()?;
+            let index = index(app, user);
             let now = now_secs();
             // Entries of instances that died stay in the index until their score passes; prune them.
             let _: i64 = self

@@ -23,3 +23,67 @@ pub fn tool(name: &str) -> PathBuf {
     }
     panic!("`{name}` is not installed: run `make tools` (or .ci/install-tools)");
 }
+
+/// Runs `cmd` in `dir` with its stdout and stderr captured together, killed if it outlasts `limit`.
+/// Returns whether it succeeded and what it printed.
+pub async fn run_bounded(
+    mut cmd: std::process::Command,
+    dir: &std::path::Path,
+    limit: std::time::Duration,
+) -> (bool, String) {
+    use std::process::Stdio;
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    let out_path = dir.join("command.out");
+    let out = std::fs::File::create(&out_path).expect("output file");
+    let err = out.try_clone().expect("output file");
+    let mut child = cmd
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    match status {
+        Some(s) => (s.success(), output),
+        None => (false, format!("{name} killed after {limit:?}\n{output}")),
+    }
+}
+
+/// Spawns `cmd` (whose stdout and stdin the caller sets up, stdout piped) and streams its stdout
+/// lines through a channel, read on a thread so that a silent child never blocks the test.
+pub fn spawn_lines(
+    mut cmd: std::process::Command,
+) -> (
+    std::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use std::io::BufRead;
+    let mut child = cmd.spawn().expect("spawn the child");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
