@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listener = match sse_gateway::http::server::listen(config.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("cannot listen on {}: {e}", config.listen);

@@ -30,6 +30,20 @@ pub struct Connections {
     pub tasks: TaskTracker,
 }
 
+/// Binds `addr` with a listen backlog as deep as the system allows (`net.core.somaxconn` caps it):
+/// tokio's default of 1024 overflows in a reconnect storm, and every connection dropped from a full
+/// backlog costs its client a one-second SYN retransmit.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
+}
+
 /// Accepts connections until `stop` is cancelled; returns what is needed to drain them.
 pub async fn serve(
     listener: TcpListener,
