@@ -29,6 +29,12 @@ lint:
 fmt:
 	cargo fmt
 
+# Runs the benchmark scenario set against sse-gateway with release builds (long: see
+# docs/benchmarks.md); results land in bench/results/<date>-gateway/. Pass SCENARIOS="unicast
+# broadcast" for a subset, SMOKE=1 for a quick check. Peers: bench/peers/{nchan,pushpin}/run.sh.
+bench:
+	bench/scenarios/run.sh $(SCENARIOS)
+
 # Usage: make token APP=shop USER_ID=alice [ROLE=publisher]
 token: .env
 	@cargo run -q --bin sse-token -- $(APP) $(USER_ID) $(if $(ROLE),--role $(ROLE))

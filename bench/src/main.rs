@@ -1,1 +1,95 @@
-fn main() {}
+//! `sse-bench`: a load generator for Server-Sent Events servers. This module owns the process:
+//! argument parsing, the tokio runtime, the hard time limit, and printing the one JSON summary.
+//!
+//! See `docs/benchmarks.md` for the scenarios and how to run them.
+
+mod cli;
+mod conn;
+mod http;
+mod procfs;
+mod publish;
+mod report;
+mod runner;
+mod sse;
+mod target;
+mod token;
+mod track;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::Merge { files, label, out } => merge(&files, label, out.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sse-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: cli::RunArgs) -> Result<(), String> {
+    args.validate()?;
+    // Every phase has its own deadline; this is the backstop if something still hangs.
+    let max_run = Duration::from_secs_f64(args.max_run);
+    std::thread::spawn(move || {
+        std::thread::sleep(max_run);
+        eprintln!("sse-bench: --max-run of {max_run:?} reached, exiting without a summary");
+        std::process::exit(3);
+    });
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("runtime: {e}"))?;
+    let argv: Vec<String> = std::env::args().collect();
+    let out = args.out.clone();
+    let summary = runtime.block_on(runner::run(args, argv))?;
+    // Connections still held by aborted tasks are closed with the runtime, without waiting.
+    runtime.shutdown_background();
+    emit(&summary, out.as_deref())
+}
+
+fn merge(
+    files: &[std::path::PathBuf],
+    label: Option<String>,
+    out: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let mut parts = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let s: report::Summary =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+        parts.push(s);
+    }
+    let mut merged = report::merge(&parts)?;
+    if let Some(l) = label {
+        merged.tool.label = l;
+    }
+    emit(&merged, out)
+}
+
+fn emit(summary: &report::Summary, out: Option<&std::path::Path>) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?;
+    if let Some(path) = out {
+        std::fs::write(path, format!("{json}\n"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}

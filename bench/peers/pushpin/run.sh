@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Runs the benchmark scenario set against Pushpin (with its tiny GRIP origin), with the configs in this
+# directory. Same arguments and environment as bench/scenarios/run.sh (e.g. SMOKE=1, scenario names).
+# Needs: apt-get install pushpin jq
+set -euo pipefail
+exec "$(dirname "$0")/../../scenarios/run.sh" --target pushpin "$@"
