@@ -140,12 +140,14 @@ impl Config {
         Config::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Builds a configuration for a single-node test or embedded use with the given secret.
+    /// A configuration for unit tests: embedded broker, the given secret.
+    #[cfg(test)]
     pub fn for_tests(secret: &str) -> Config {
         Config::for_tests_with(secret, None)
     }
 
     /// As [`Config::for_tests`], with tenants given as inline JSON.
+    #[cfg(test)]
     pub fn for_tests_with(secret: &str, tenants: Option<&str>) -> Config {
         let mut vars: HashMap<&str, &str> = [("JWT_SECRET", secret), ("APP_PORT", "0")].into();
         if let Some(t) = tenants {
