@@ -193,15 +193,13 @@ async fn http2_prior_knowledge_streams() {
     assert_eq!(s.next().await.event, "h2");
     drop(s);
     // The h2 stream reset is seen as a disconnect.
-    let mut gone = false;
-    for _ in 0..100 {
-        if gw.metric("sse_active_clients").await == Some(0.0) {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gone);
+    let gw_ref = &gw;
+    let open = poll_until(
+        move || gw_ref.metric("sse_active_clients"),
+        |n| *n == Some(0.0),
+    )
+    .await;
+    assert_eq!(open, Some(0.0));
 }
 
 #[tokio::test]
@@ -315,20 +313,20 @@ async fn embedded_mode_end_to_end() {
     assert_eq!(body["alice"].as_object().unwrap().len(), 2);
     assert_eq!(body["bob"].as_object().unwrap().len(), 1);
     drop(bob);
-    let mut left = Value::Null;
-    for _ in 0..100 {
-        let r = http()
-            .get(gw.url("/connections/shop"))
-            .bearer_auth(operator_token("shop"))
-            .send()
-            .await
-            .unwrap();
-        left = r.json().await.unwrap();
-        if left.get("bob").is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw_ref = &gw;
+    let left: Value = poll_until(
+        move || async move {
+            let r = http()
+                .get(gw_ref.url("/connections/shop"))
+                .bearer_auth(operator_token("shop"))
+                .send()
+                .await
+                .unwrap();
+            r.json().await.unwrap()
+        },
+        |v: &Value| v.get("bob").is_none(),
+    )
+    .await;
     assert!(left.get("bob").is_none(), "{left}");
 }
 

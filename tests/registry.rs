@@ -49,16 +49,16 @@ async fn entries_carry_the_fields_and_vanish_on_disconnect() {
     .await;
     let id = c.connection_id();
     let key = format!("shop:client:alice:{id}");
-    let mut hash: HashMap<String, String> = HashMap::new();
-    for _ in 0..100 {
-        hash = fred::interfaces::HashesInterface::hgetall(&r, &key)
-            .await
-            .unwrap();
-        if !hash.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (r_ref, key_ref) = (&r, &key);
+    let hash: HashMap<String, String> = poll_until(
+        move || async move {
+            fred::interfaces::HashesInterface::hgetall(r_ref, key_ref)
+                .await
+                .unwrap()
+        },
+        |h: &HashMap<String, String>| !h.is_empty(),
+    )
+    .await;
     assert_eq!(hash["id"], id);
     assert_eq!(hash["app"], "shop");
     assert_eq!(hash["user"], "alice");
@@ -179,16 +179,15 @@ async fn two_instances_share_delivery_and_listing() {
                     .sum()
             })
         };
-        let mut body = Value::Null;
-        for _ in 0..100 {
-            body = list(gw, "/connections/shop", &operator_token("shop"))
-                .await
-                .1;
-            if count(&body) == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let body = poll_until(
+            move || async move {
+                list(gw, "/connections/shop", &operator_token("shop"))
+                    .await
+                    .1
+            },
+            |b| count(b) == 3,
+        )
+        .await;
         assert_eq!(count(&body), 3, "{body}");
         let mut instances: Vec<String> = body["alice"]
             .as_object()
@@ -232,31 +231,28 @@ async fn entries_of_a_killed_instance_expire_by_themselves() {
     // ...and gone within the TTL once the process dies without any cleanup.
     doomed.signal("KILL");
     doomed.wait_exit(Duration::from_secs(5));
-    let mut users = Vec::new();
-    for _ in 0..100 {
-        let (_, body) = list(&survivor, "/connections/shop", &operator_token("shop")).await;
-        users = body
-            .as_object()
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default();
-        if users == ["carol"] {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let survivor_ref = &survivor;
+    let users: Vec<String> = poll_until(
+        move || async move {
+            let (_, body) = list(survivor_ref, "/connections/shop", &operator_token("shop")).await;
+            body.as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default()
+        },
+        |u: &Vec<String>| u == &["carol"],
+    )
+    .await;
     assert_eq!(users, ["carol"], "keys: {:?}", keys(&r).await);
     // The keys themselves expire too (the hash and the index keys, each on its own TTL).
-    let mut remaining = Vec::new();
-    for _ in 0..100 {
-        remaining = keys(&r).await;
-        if remaining
-            .iter()
-            .all(|k| !k.contains("alice") && !k.contains("bob"))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let r_ref = &r;
+    let remaining = poll_until(
+        move || keys(r_ref),
+        |ks: &Vec<String>| {
+            ks.iter()
+                .all(|k| !k.contains("alice") && !k.contains("bob"))
+        },
+    )
+    .await;
     assert!(
         remaining
             .iter()

@@ -256,16 +256,20 @@ async fn history_survives_a_reconnect_but_an_emptied_redis_means_reset() {
     let gw = Gateway::with_redis(&redis).await;
     let id = publish_id(&gw, "shop", json!({"user": "alice", "data": 1})).await;
     redis.restart(); // no persistence: history, and the functions, are gone
-    let mut ok = false;
-    for _ in 0..100 {
-        let r = http().get(gw.url("/ready")).send().await.unwrap();
-        if r.status() == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok);
+    let gw_ref = &gw;
+    let status = poll_until(
+        move || async move {
+            http()
+                .get(gw_ref.url("/ready"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        },
+        |s| *s == 200,
+    )
+    .await;
+    assert_eq!(status, 200);
     let mut c = resume(&gw, "shop", "alice", &id).await;
     let ev = c.next().await;
     assert_eq!(
@@ -326,18 +330,18 @@ async fn backends_publish_durably_with_the_redis_function() {
     // Plain PUBLISH keeps working, without history: it is not replayed.
     drop(alice);
     // Wait until the gateway noticed and unsubscribed, so the plain message reaches nobody.
-    let mut subscribers = -1;
-    for _ in 0..100 {
-        let numsub: Vec<RedisValue> = r
-            .custom(fred::cmd!("PUBSUB"), vec!["NUMSUB", "shop:channel:alice"])
-            .await
-            .unwrap();
-        subscribers = numsub[1].as_i64().unwrap_or(-1);
-        if subscribers == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let r_ref = &r;
+    let subscribers = poll_until(
+        move || async move {
+            let numsub: Vec<RedisValue> = r_ref
+                .custom(fred::cmd!("PUBSUB"), vec!["NUMSUB", "shop:channel:alice"])
+                .await
+                .unwrap();
+            numsub[1].as_i64().unwrap_or(-1)
+        },
+        |n| *n == 0,
+    )
+    .await;
     assert_eq!(subscribers, 0);
     let n: i64 = r
         .publish("shop:channel:alice", r#"{"type":"plain"}"#)

@@ -36,14 +36,8 @@ async fn redis_killed_and_restarted_mid_stream() {
     assert_eq!(ready(&gw).await.0, 200);
 
     redis.kill();
-    let mut down = (0, Value::Null);
-    for _ in 0..100 {
-        down = ready(&gw).await;
-        if down.0 == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw_ref = &gw;
+    let down = poll_until(move || ready(gw_ref), |r| r.0 == 503).await;
     assert_eq!(down.0, 503, "readiness reports the lost link: {}", down.1);
     assert_eq!(down.1["status"], "unavailable");
     assert_eq!(
@@ -83,17 +77,17 @@ async fn redis_killed_and_restarted_mid_stream() {
     }
     assert_eq!(ready(&gw).await.0, 200, "{}", gw.logs());
     let r = redis.client().await;
-    let mut receivers = 0;
-    for _ in 0..100 {
-        receivers = r
-            .publish::<i64, _, _>("shop:channel:alice", r#"{"type":"back","data":1}"#)
-            .await
-            .unwrap();
-        if receivers == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let r_ref = &r;
+    let receivers = poll_until(
+        move || async move {
+            r_ref
+                .publish::<i64, _, _>("shop:channel:alice", r#"{"type":"back","data":1}"#)
+                .await
+                .unwrap()
+        },
+        |n| *n == 1,
+    )
+    .await;
     assert_eq!(receivers, 1, "subscription restored");
     assert_eq!(alice.next().await.event, "back");
     r.publish::<i64, _, _>("shop:broadcast", r#"{"type":"all"}"#)
@@ -102,14 +96,12 @@ async fn redis_killed_and_restarted_mid_stream() {
     assert_eq!(alice.next().await.event, "all");
     assert_eq!(bob.next().await.event, "all");
 
-    let mut keys = Vec::new();
-    for _ in 0..100 {
-        keys = redis_keys(&redis).await;
-        if keys.iter().any(|k| k.ends_with(&alice_id)) && keys.len() == 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let redis_ref = &redis;
+    let keys = poll_until(
+        move || redis_keys(redis_ref),
+        |keys| keys.iter().any(|k| k.ends_with(&alice_id)) && keys.len() == 5,
+    )
+    .await;
     assert!(
         keys.contains(&format!("shop:client:alice:{alice_id}")),
         "registry restored: {keys:?}"
@@ -140,22 +132,13 @@ async fn a_client_that_vanishes_is_cleaned_up() {
         user_token("shop", "ghost")
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    for _ in 0..100 {
-        if redis_keys(&redis).await.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(redis_keys(&redis).await.len(), 3);
+    let redis_ref = &redis;
+    let keys = poll_until(move || redis_keys(redis_ref), |k| k.len() == 3).await;
+    assert_eq!(keys.len(), 3);
     assert_eq!(gw.metric("sse_active_clients").await, Some(1.0));
     drop(s);
-    for _ in 0..100 {
-        if redis_keys(&redis).await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(redis_keys(&redis).await, Vec::<String>::new());
+    let keys = poll_until(move || redis_keys(redis_ref), |k| k.is_empty()).await;
+    assert_eq!(keys, Vec::<String>::new());
     assert_eq!(gw.metric("sse_active_clients").await, Some(0.0));
     let closed = gw
         .metric("sse_connections_closed_total{app=\"shop\",reason=\"client_gone\"}")
@@ -223,16 +206,12 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
     let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
     assert_eq!(got, want, "the fast reader saw every message, in order");
 
-    let mut cut = None;
-    for _ in 0..100 {
-        cut = gw
-            .metric("sse_slow_clients_disconnected_total{app=\"shop\"}")
-            .await;
-        if cut == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw_ref = &gw;
+    let cut = poll_until(
+        move || gw_ref.metric("sse_slow_clients_disconnected_total{app=\"shop\"}"),
+        |c| *c == Some(1.0),
+    )
+    .await;
     assert_eq!(cut, Some(1.0), "the slow reader was cut off");
     assert!(
         gw.metric("sse_dropped_message_total{app=\"shop\"}")

@@ -510,6 +510,24 @@ pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Probes every 50 ms, for at most 5 s, until `done` holds for the probed value, and returns the
+/// last value (the caller asserts on it, with its own message).
+pub async fn poll_until<T, F, Fut>(mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut value = probe().await;
+    for _ in 0..100 {
+        if done(&value) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        value = probe().await;
+    }
+    value
+}
+
 /// Polls an async condition every 50 ms until it holds; panics with `what` after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
 where
