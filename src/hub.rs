@@ -545,12 +545,14 @@ impl Hub {
             "stream cut off: its client is not reading fast enough");
     }
 
-    /// Offers the same bytes to every local stream (pings).
-    pub fn push_all(&self, bytes: &Bytes) {
+    /// Offers the same bytes to the local streams of one slot out of `slots` (pings: each tick
+    /// pings one slot, so a whole interval's pings are spread instead of all written at once).
+    pub fn push_slot(&self, bytes: &Bytes, slot: u64, slots: u64) {
         let mut cut_off = Vec::new();
         {
             let state = self.lock();
-            for conn in state.apps.values().flat_map(|e| e.conns.values()) {
+            let in_slot = |c: &&Arc<Conn>| c.key % slots == slot;
+            for conn in state.apps.values().flat_map(|e| e.conns.values()).filter(in_slot) {
                 if let Push::CutOff(lost) = conn.push(bytes.clone(), None) {
                     cut_off.push((conn.clone(), lost));
                 }

@@ -148,12 +148,20 @@ pub async fn run(
 /// Sends the keep-alive `ping` to every stream: one timer for the whole process, not one per stream.
 /// A write that fails because the peer vanished ends that stream.
 async fn ping(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
+    // Each stream is pinged once per interval, but the streams are spread over slots pinged one
+    // after the other: writing tens of thousands of pings in one burst would stall everything
+    // else (new connections above all) for that long.
+    let slots = (every.as_millis() / 10).clamp(1, 30) as u64;
+    let mut tick = tokio::time::interval(every / slots as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut slot = 0;
     loop {
         tokio::select! {
-            _ = tick.tick() => hub.push_all(&sse::PING),
+            _ = tick.tick() => {
+                hub.push_slot(&sse::PING, slot, slots);
+                slot = (slot + 1) % slots;
+            }
             _ = stop.cancelled() => break,
         }
     }
