@@ -552,7 +552,12 @@ impl Hub {
         {
             let state = self.lock();
             let in_slot = |c: &&Arc<Conn>| c.key % slots == slot;
-            for conn in state.apps.values().flat_map(|e| e.conns.values()).filter(in_slot) {
+            for conn in state
+                .apps
+                .values()
+                .flat_map(|e| e.conns.values())
+                .filter(in_slot)
+            {
                 if let Push::CutOff(lost) = conn.push(bytes.clone(), None) {
                     cut_off.push((conn.clone(), lost));
                 }
