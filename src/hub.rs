@@ -173,10 +173,7 @@ impl Conn {
         if matches!(q.state, QueueState::Closing(_)) {
             return Poll::Ready(None);
         }
-        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            q.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        q.park(cx)
     }
 
     /// Ready once the stream has been cut off for being too slow (so a blocked write can be
@@ -186,10 +183,7 @@ impl Conn {
         if q.state == QueueState::Closed {
             return Poll::Ready(());
         }
-        if !q.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            q.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
+        q.park(cx)
     }
 
     fn close_reason(&self) -> &'static str {
@@ -214,6 +208,16 @@ impl Conn {
             instance: instance.to_string(),
             user_agent: self.user_agent.to_string(),
         }
+    }
+}
+
+impl Queue {
+    /// Remembers the task to wake when something changes (cloning its waker only when it changed).
+    fn park<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -695,7 +699,7 @@ impl MessageSink for Hub {
     }
 }
 
-fn unix_now_ms() -> u64 {
+pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -64,8 +64,10 @@ async fn tls_with_rediss() {
     let dir = TempDir::new();
     let p = |f: &str| dir.path.join(f).to_string_lossy().into_owned();
     // A throwaway CA and a server certificate for 127.0.0.1 signed by it.
-    let steps: [&[&str]; 5] = [
-        &[
+    // A self-signed CA: `openssl req -x509` with a key and a certificate of its own.
+    let ca = |cn: &str, key: &str, cert: &str| -> Vec<String> {
+        let subject = format!("/CN={cn}");
+        [
             "req",
             "-x509",
             "-newkey",
@@ -74,13 +76,19 @@ async fn tls_with_rediss() {
             "-days",
             "1",
             "-subj",
-            "/CN=test-ca",
+            &subject,
             "-keyout",
-            &p("ca.key"),
+            &p(key),
             "-out",
-            &p("ca.pem"),
-        ],
-        &[
+            &p(cert),
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let steps: Vec<Vec<String>> = vec![
+        ca("test-ca", "ca.key", "ca.pem"),
+        owned(&[
             "req",
             "-newkey",
             "rsa:2048",
@@ -91,8 +99,8 @@ async fn tls_with_rediss() {
             &p("server.key"),
             "-out",
             &p("server.csr"),
-        ],
-        &[
+        ]),
+        owned(&[
             "x509",
             "-req",
             "-in",
@@ -108,28 +116,14 @@ async fn tls_with_rediss() {
             &p("server.pem"),
             "-extfile",
             &p("san.ext"),
-        ],
-        &["verify", "-CAfile", &p("ca.pem"), &p("server.pem")],
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=other-ca",
-            "-keyout",
-            &p("other.key"),
-            "-out",
-            &p("other-ca.pem"),
-        ],
+        ]),
+        owned(&["verify", "-CAfile", &p("ca.pem"), &p("server.pem")]),
+        ca("other-ca", "other.key", "other-ca.pem"),
     ];
     std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
     for args in steps {
         let out = Command::new("openssl")
-            .args(args)
+            .args(&args)
             .output()
             .expect("openssl");
         assert!(

@@ -14,6 +14,7 @@ use super::{
     Retention, app_channel, user_channel,
 };
 use crate::history::{self, EventId, ResetReason, Since};
+use crate::hub::unix_now_ms;
 
 /// app -> (user, connection id) -> entry
 type Entries = HashMap<String, BTreeMap<(String, String), Arc<ConnectionRecord>>>;
@@ -176,13 +177,6 @@ impl History {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic elsewhere must not take the broker down with it.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -219,7 +213,7 @@ impl Broker for EmbeddedBroker {
     ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>> {
         // Appending and delivering under one lock keeps delivery in id order, as Redis does.
         let mut history = lock(&self.history);
-        let result = match history.append(app, user, &envelope, now_ms()) {
+        let result = match history.append(app, user, &envelope, unix_now_ms()) {
             None => Err(BrokerError::Command(
                 "the envelope must be a JSON object".into(),
             )),
@@ -241,7 +235,7 @@ impl Broker for EmbeddedBroker {
         user: &'a str,
         last_event_id: &'a str,
     ) -> BoxFuture<'a, Result<Since, BrokerError>> {
-        let since = lock(&self.history).since(app, user, last_event_id, now_ms());
+        let since = lock(&self.history).since(app, user, last_event_id, unix_now_ms());
         Box::pin(async move { Ok(since) })
     }
 
