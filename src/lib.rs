@@ -13,14 +13,15 @@
 //!   fan-out of encoded events (core).
 //! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
 //! - [`history`]: event ids, replay merging and reset reasons (core).
-//! - [`config`], [`metrics`], [`logging`], [`shutdown`]: settings, Prometheus metrics, log output,
-//!   signal handling and drain order.
+//! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`]: settings, Prometheus metrics, log
+//!   output, signal handling and drain order, the open-file limit.
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
 
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod fds;
 pub mod history;
 pub mod http;
 pub mod hub;

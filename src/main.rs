@@ -15,6 +15,13 @@ fn main() -> ExitCode {
         }
     };
     sse_gateway::logging::init(config.mode);
+    // Also before the runtime: growing the file table is only free while there is one thread.
+    let fds = sse_gateway::fds::prepare();
+    tracing::info!(
+        open_files_limit = fds.limit,
+        file_table = fds.reserved,
+        "file descriptors"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -2,9 +2,12 @@
 //! connect, deleted on disconnect and on shutdown, and rewritten by a heartbeat so that entries of a
 //! dead instance expire by themselves and entries lost with a Redis restart come back.
 //!
-//! Writes go through one task in the order they were made and are batched into pipelines, so
-//! connecting never waits for the registry and a burst of connects costs a few round trips.
+//! Writes go through one task in the order they were made and are batched (one Redis function call
+//! per batch), so connecting never waits for the registry and a burst of connects costs a few round
+//! trips. The heartbeat only touches entries (pushes their expiry out); an entry found missing is
+//! written whole again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +18,13 @@ use crate::broker::{Broker, RegistryOp};
 use crate::hub::{Conn, Hub};
 use crate::metrics::Metrics;
 
-/// Most changes written in one pipeline.
-const BATCH: usize = 512;
+/// Most changes written in one call: the Redis function runs them atomically, so a batch must stay
+/// short enough (a few milliseconds of Redis time) not to hold up other clients.
+const BATCH: usize = 256;
 
 enum Op {
     Put(Arc<Conn>),
+    Touch(Arc<Conn>),
     Remove(Arc<Conn>),
     Flush(oneshot::Sender<()>),
 }
@@ -63,6 +68,11 @@ impl Registry {
         let _ = self.tx.send(Op::Put(conn.clone()));
     }
 
+    /// Keeps an entry alive (the heartbeat); it is written again if it no longer exists.
+    pub fn touch(&self, conn: &Arc<Conn>) {
+        let _ = self.tx.send(Op::Touch(conn.clone()));
+    }
+
     pub fn remove(&self, conn: &Arc<Conn>) {
         let _ = self.tx.send(Op::Remove(conn.clone()));
     }
@@ -78,7 +88,8 @@ impl Registry {
 
 impl Writer {
     pub async fn run(mut self) {
-        // Deletes that failed (Redis down) are retried; puts need no retry, the heartbeat rewrites them.
+        // Deletes that failed (Redis down) are retried; puts and touches need no retry, the
+        // heartbeat comes back to them.
         let mut retry: Vec<RegistryOp> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -90,18 +101,31 @@ impl Writer {
                 _ = tick.tick(), if !retry.is_empty() => None,
             };
             let mut batch = std::mem::take(&mut retry);
+            let mut touched: HashMap<String, Arc<Conn>> = HashMap::new();
             let mut flushes = Vec::new();
             let mut next = first;
             while let Some(op) = next {
                 match op {
-                    Op::Put(conn) => {
-                        batch.push(RegistryOp::Put(Arc::new(conn.record(&self.instance))))
+                    Op::Put(conn) => batch.push(self.put(&conn)),
+                    Op::Touch(conn) => {
+                        let id = conn.id.to_string();
+                        batch.push(RegistryOp::Touch {
+                            app: conn.app.to_string(),
+                            user: conn.user.to_string(),
+                            id: id.clone(),
+                        });
+                        touched.insert(id, conn);
                     }
-                    Op::Remove(conn) => batch.push(RegistryOp::Remove {
-                        app: conn.app.to_string(),
-                        user: conn.user.to_string(),
-                        id: conn.id.to_string(),
-                    }),
+                    Op::Remove(conn) => {
+                        let id = conn.id.to_string();
+                        // Gone: not to be written again even if its touch finds it missing.
+                        touched.remove(&id);
+                        batch.push(RegistryOp::Remove {
+                            app: conn.app.to_string(),
+                            user: conn.user.to_string(),
+                            id,
+                        });
+                    }
                     Op::Flush(tx) => flushes.push(tx),
                 }
                 if batch.len() >= BATCH {
@@ -109,21 +133,53 @@ impl Writer {
                 }
                 next = self.rx.try_recv().ok();
             }
-            if !batch.is_empty()
-                && let Err(error) = self
-                    .broker
-                    .registry_apply(batch.clone(), self.ttl_secs)
-                    .await
-            {
-                self.metrics.registry_write_errors.inc();
-                tracing::warn!(%error, ops = batch.len(), "registry write failed; will retry");
-                retry = batch
-                    .into_iter()
-                    .filter(|op| matches!(op, RegistryOp::Remove { .. }))
-                    .collect();
+            match self.apply(batch).await {
+                Ok(missing) => {
+                    // Entries lost on the Redis side (a restart without persistence, say) are
+                    // written whole again.
+                    let again: Vec<RegistryOp> = missing
+                        .iter()
+                        .filter_map(|id| touched.get(id))
+                        .map(|conn| self.put(conn))
+                        .collect();
+                    if !again.is_empty() {
+                        tracing::info!(
+                            entries = again.len(),
+                            "registry entries were missing: rewriting them"
+                        );
+                        retry = self.apply(again).await.err().unwrap_or_default();
+                    }
+                }
+                Err(failed) => retry = failed,
             }
             for tx in flushes {
                 let _ = tx.send(());
+            }
+        }
+    }
+
+    fn put(&self, conn: &Conn) -> RegistryOp {
+        RegistryOp::Put(Arc::new(conn.record(&self.instance)))
+    }
+
+    /// Writes a batch; on failure, answers the deletes in it, to be retried.
+    async fn apply(&self, batch: Vec<RegistryOp>) -> Result<Vec<String>, Vec<RegistryOp>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self
+            .broker
+            .registry_apply(batch.clone(), self.ttl_secs)
+            .await
+        {
+            Ok(missing) => Ok(missing),
+            Err(error) => {
+                self.metrics.registry_write_errors.inc();
+                tracing::warn!(%error, ops = batch.len(), "registry write failed; will retry");
+                Err(batch
+                    .into_iter()
+                    .filter(|op| matches!(op, RegistryOp::Remove { .. }))
+                    .collect())
             }
         }
     }

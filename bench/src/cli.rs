@@ -231,6 +231,10 @@ pub struct RunArgs {
     pub server_pids: Vec<u32>,
     #[arg(long)]
     pub no_server_stats: bool,
+    /// Writes every established stream's connect as a line `<wave> <start µs> <latency µs>`
+    /// (start from the run's start): a timeline, to tell a periodic stall from a steady tail.
+    #[arg(long)]
+    pub connect_trace: Option<PathBuf>,
     /// Tokio worker threads (1: a single-threaded runtime, the cheapest per event).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,

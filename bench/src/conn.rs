@@ -136,6 +136,8 @@ pub struct Shared {
     pub stats: Stats,
     /// Per local connection: whether its stream is open now.
     pub live: Vec<AtomicBool>,
+    /// `(wave, start µs, latency µs)` of every stream established, with `--connect-trace`.
+    pub connect_trace: Option<Mutex<Vec<(u32, u64, u64)>>>,
 }
 
 /// What a connection hands back at the end of the run.
@@ -229,6 +231,10 @@ async fn session(
     };
     let us = started.elapsed().as_micros() as u64;
     lock(&ws.latency).saturating_record(us.clamp(1, MAX_US));
+    if let Some(trace) = &sh.connect_trace {
+        let start = started.duration_since(sh.run_start).as_micros() as u64;
+        lock(trace).push((wave, start, us));
+    }
     ws.ok.fetch_add(1, Relaxed);
     ws.last_ok_us
         .fetch_max(sh.run_start.elapsed().as_micros() as u64, Relaxed);

@@ -39,6 +39,9 @@ fn main() -> ExitCode {
 
 fn run(args: cli::RunArgs) -> Result<(), String> {
     args.validate()?;
+    // Before any thread: the open-file limit up, and the file table grown once for it (growing it
+    // later, with threads, stalls the connect that needs it; see sse_gateway::fds).
+    let fds = sse_gateway::fds::prepare();
     // Every phase has its own deadline; this is the backstop if something still hangs.
     let max_run = Duration::from_secs_f64(args.max_run);
     std::thread::spawn(move || {
@@ -59,7 +62,8 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     .map_err(|e| format!("runtime: {e}"))?;
     let argv: Vec<String> = std::env::args().collect();
     let out = args.out.clone();
-    let summary = runtime.block_on(runner::run(args, argv))?;
+    let summary = runtime.block_on(runner::run(args, argv, fds))?;
+
     // Connections still held by aborted tasks are closed with the runtime, without waiting.
     runtime.shutdown_background();
     emit(&summary, out.as_deref())

@@ -1,6 +1,6 @@
 //! What the operating system says: the server's RSS and CPU time from `/proc/<pid>`, finding the
-//! server's pids from its listening port, the tool's own CPU time, its file-descriptor limit, and
-//! a description of the machine.
+//! server's pids from its listening port, the tool's own CPU time, and a description of the
+//! machine.
 //!
 //! All of it is Linux-specific on purpose: the figures are only comparable on the same kernel
 //! accounting anyway.
@@ -9,36 +9,6 @@ use std::collections::BTreeSet;
 use std::fs;
 
 use serde::{Deserialize, Serialize};
-
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the (soft, hard) now in force.
-pub fn raise_nofile() -> (u64, u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return (0, 0);
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim = want;
-            }
-        }
-    }
-    rlim_pair(lim)
-}
-
-// rlim_t is u64 on 64-bit Linux but not on every target.
-#[allow(clippy::unnecessary_cast)]
-fn rlim_pair(lim: libc::rlimit) -> (u64, u64) {
-    (lim.rlim_cur as u64, lim.rlim_max as u64)
-}
 
 /// Resident set size in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
@@ -193,9 +163,6 @@ mod tests {
         let me = std::process::id();
         assert!(rss_kib(me).is_some_and(|k| k > 0));
         assert!(cpu_secs(me).is_some());
-        let (soft, hard) = raise_nofile();
-        // Equal where the hard limit is finite; an unlimited hard limit cannot be reached.
-        assert!(soft > 0 && soft <= hard);
         assert!(machine().nproc > 0);
     }
 

@@ -31,7 +31,11 @@ fn log(quiet: bool, msg: impl AsRef<str>) {
     }
 }
 
-pub async fn run(args: RunArgs, argv: Vec<String>) -> Result<Summary, String> {
+pub async fn run(
+    args: RunArgs,
+    argv: Vec<String>,
+    fds: sse_gateway::fds::Fds,
+) -> Result<Summary, String> {
     args.validate()?;
     let wall = Instant::now();
     let started_unix_ms = conn::unix_ns() / 1_000_000;
@@ -64,7 +68,7 @@ pub async fn run(args: RunArgs, argv: Vec<String>) -> Result<Summary, String> {
         extra_headers.push_str(&format!("{}: {}\r\n", name.trim(), value.trim()));
     }
 
-    let (nofile_soft, nofile_hard) = procfs::raise_nofile();
+    let (nofile_soft, nofile_hard) = (fds.limit, fds.hard_limit);
     let globals: Vec<u64> = if args.publish_only {
         Vec::new()
     } else {
@@ -120,6 +124,10 @@ pub async fn run(args: RunArgs, argv: Vec<String>) -> Result<Summary, String> {
         run_start: Instant::now(),
         stats: Stats::new(args.reconnect_waves),
         live: (0..globals.len()).map(|_| AtomicBool::new(false)).collect(),
+        connect_trace: args
+            .connect_trace
+            .as_ref()
+            .map(|_| std::sync::Mutex::new(Vec::new())),
     });
     let sample = || procfs::sample(&pids);
     let mut server = ServerSummary {
@@ -438,6 +446,13 @@ pub async fn run(args: RunArgs, argv: Vec<String>) -> Result<Summary, String> {
     } else {
         0.0
     };
+    if let (Some(path), Some(trace)) = (&args.connect_trace, &sh.connect_trace) {
+        let lines: String = lock(trace)
+            .iter()
+            .map(|(wave, start, us)| format!("{wave} {start} {us}\n"))
+            .collect();
+        write_file(path, &lines)?;
+    }
     Ok(Summary {
         tool: ToolInfo {
             name: "sse-bench".into(),

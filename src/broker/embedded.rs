@@ -42,7 +42,7 @@ impl EmbeddedBroker {
     fn deliver(&self, channel: &str, payload: &[u8]) -> u64 {
         let subscribed = lock(&self.channels).contains(channel);
         if subscribed && let Some(sink) = self.sink.get() {
-            sink.deliver(channel, payload);
+            sink.deliver(&[(channel, payload)]);
         }
         u64::from(subscribed)
     }
@@ -257,14 +257,24 @@ impl Broker for EmbeddedBroker {
         &self,
         ops: Vec<RegistryOp>,
         _ttl_secs: u64,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+    ) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
+        // One process: entries live until removed, nothing expires.
         let mut reg = lock(&self.registry);
+        let mut missing = Vec::new();
         for op in ops {
             match op {
                 RegistryOp::Put(rec) => {
                     reg.entry(rec.application.id.clone())
                         .or_default()
                         .insert((rec.user.id.clone(), rec.id.clone()), rec);
+                }
+                RegistryOp::Touch { app, user, id } => {
+                    if !reg
+                        .get(&app)
+                        .is_some_and(|entries| entries.contains_key(&(user, id.clone())))
+                    {
+                        missing.push(id);
+                    }
                 }
                 RegistryOp::Remove { app, user, id } => {
                     if let Some(entries) = reg.get_mut(&app) {
@@ -276,7 +286,7 @@ impl Broker for EmbeddedBroker {
                 }
             }
         }
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(missing) })
     }
 
     fn registry_list<'a>(

@@ -34,7 +34,9 @@ pub enum BrokerError {
 
 /// Where the broker hands messages it receives on subscribed channels.
 pub trait MessageSink: Send + Sync + 'static {
-    fn deliver(&self, channel: &str, payload: &[u8]);
+    /// Delivers `(channel, payload)` messages, in order. Messages that arrived together are
+    /// handed over together, so that each stream's socket is written once for all of them.
+    fn deliver(&self, messages: &[(&str, &[u8])]);
 }
 
 /// Health of the broker links, for readiness and metrics.
@@ -76,6 +78,12 @@ pub struct IdRef {
 pub enum RegistryOp {
     /// Write (or rewrite) the entry and push its expiry `ttl` seconds into the future.
     Put(Arc<ConnectionRecord>),
+    /// Push the entry's expiry `ttl` seconds into the future (the heartbeat), if it still exists.
+    Touch {
+        app: String,
+        user: String,
+        id: String,
+    },
     /// Delete the entry.
     Remove {
         app: String,
@@ -158,12 +166,14 @@ pub trait Broker: Send + Sync + 'static {
         user: Option<&'a str>,
     ) -> BoxFuture<'a, Result<u64, BrokerError>>;
 
-    /// Applies registry changes in order, each entry living `ttl_secs` unless rewritten.
+    /// Applies registry changes in order, each entry living `ttl_secs` unless rewritten. Returns
+    /// the connection ids of touched entries that no longer exist (lost with a Redis restart,
+    /// say), for the caller to write again.
     fn registry_apply(
         &self,
         ops: Vec<RegistryOp>,
         ttl_secs: u64,
-    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+    ) -> BoxFuture<'_, Result<Vec<String>, BrokerError>>;
 
     /// Live entries of an application, or of one of its users.
     fn registry_list<'a>(

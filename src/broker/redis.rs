@@ -19,16 +19,15 @@ use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
 use fred::error::Error as FredError;
 use fred::interfaces::{
-    ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
-    SortedSetsInterface,
+    ClientLike, EventInterface, HashesInterface, PubsubInterface, SortedSetsInterface,
 };
 use fred::types::config::{Config as FredConfig, ReconnectPolicy, TcpConfig};
-use fred::types::{Builder, ExpireOptions, Value};
+use fred::types::{Builder, Value};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{
     BoxFuture, Broker, BrokerError, ConnectionRecord, IdRef, LinkState, MessageSink, RegistryOp,
-    Retention, user_channel,
+    Retention,
 };
 use crate::history::{EventId, ResetReason, Since};
 use crate::metrics::{Metrics, ReasonLabel};
@@ -36,8 +35,11 @@ use crate::metrics::{Metrics, ReasonLabel};
 /// Upper bound on any single Redis command, so nothing on a request path can hang.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room for bursts between the subscriber connection and the hub; overflowing it loses messages
-/// (counted as `lagged`), so it is generous.
-const MESSAGE_BUFFER: usize = 1 << 16;
+/// (counted as `lagged`). The hub only queues events on the pump's thread (sockets are written
+/// by the fan-out writers), so 16k messages are over a quarter of a second at 60k messages/s.
+/// fred allocates it for each of its 8 notification channels, slots included: 64k cost 50 MB of
+/// RSS per client before a single stream.
+const MESSAGE_BUFFER: usize = 1 << 14;
 /// Largest number of subscription requests folded into one SUBSCRIBE.
 const SUBSCRIBE_BATCH: usize = 1024;
 
@@ -93,14 +95,15 @@ impl RedisBroker {
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = COMMAND_TIMEOUT;
-                p.broadcast_channel_capacity = MESSAGE_BUFFER;
             })
             // fred does not reconnect unless told to: forever, 100 ms doubling up to 5 s.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        // The command client receives no messages: fred's small default buffers are enough.
         let client = builder
             .build()
             .map_err(|e| BrokerError::Command(e.to_string()))?;
         let subscriber = builder
+            .with_performance_config(|p| p.broadcast_channel_capacity = MESSAGE_BUFFER)
             .build_subscriber_client()
             .map_err(|e| BrokerError::Command(e.to_string()))?;
         let (requests, request_rx) = mpsc::unbounded_channel();
@@ -362,69 +365,40 @@ impl Broker for RedisBroker {
         &self,
         ops: Vec<RegistryOp>,
         ttl_secs: u64,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+    ) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
         Box::pin(async move {
-            self.commands_up()?;
-            let ttl = ttl_secs as i64;
-            let expires = now_secs() + ttl_secs as f64;
-            let pipe = self.client.pipeline();
-            for op in &ops {
+            // One function call per batch: a few microseconds of Redis time per entry, instead of
+            // eight commands (and eight of fred's per-command costs here) per entry.
+            let mut args: Vec<Value> = Vec::with_capacity(1 + ops.len() * 8);
+            args.push(ttl_secs.to_string().into());
+            for op in ops {
                 match op {
                     RegistryOp::Put(rec) => {
-                        let (app, user, id) = (&rec.application.id, &rec.user.id, &rec.id);
-                        let key = conn_key(app, user, id);
-                        let fields: Vec<(&str, String)> = vec![
-                            ("id", id.clone()),
-                            ("app", app.clone()),
-                            ("user", user.clone()),
-                            ("instance", rec.instance.clone()),
-                            ("remote_addr", rec.remote_addr.clone()),
-                            ("created_at", rec.created_at.to_string()),
-                            ("user_agent", rec.user_agent.clone()),
-                            ("channel_id", user_channel(app, user)),
-                        ];
-                        let _: () = pipe.hset(&key, fields).await.map_err(unavailable)?;
-                        let _: () = pipe.expire(&key, ttl, None).await.map_err(unavailable)?;
-                        let member = format!("{user}:{id}");
-                        for (index, member) in [
-                            (app_index(app), member.as_str()),
-                            (user_index(app, user), id.as_str()),
-                        ] {
-                            let _: () = pipe
-                                .zadd(&index, None, None, false, false, (expires, member))
-                                .await
-                                .map_err(unavailable)?;
-                            // Indexes are shared by every instance: only ever push their expiry
-                            // out (NX for a fresh key, GT after), so an instance with a shorter
-                            // TTL cannot expire the others' entries.
-                            for option in [ExpireOptions::NX, ExpireOptions::GT] {
-                                let _: () = pipe
-                                    .expire(&index, ttl, Some(option))
-                                    .await
-                                    .map_err(unavailable)?;
-                            }
-                        }
+                        let rec = Arc::unwrap_or_clone(rec);
+                        args.extend([
+                            "put".into(),
+                            rec.application.id.into(),
+                            rec.user.id.into(),
+                            rec.id.into(),
+                            rec.instance.into(),
+                            rec.remote_addr.into(),
+                            rec.created_at.to_string().into(),
+                            rec.user_agent.into(),
+                        ]);
+                    }
+                    RegistryOp::Touch { app, user, id } => {
+                        args.extend(["touch".into(), app.into(), user.into(), id.into()]);
                     }
                     RegistryOp::Remove { app, user, id } => {
-                        let _: () = pipe
-                            .del(conn_key(app, user, id))
-                            .await
-                            .map_err(unavailable)?;
-                        let _: () = pipe
-                            .zrem(app_index(app), format!("{user}:{id}"))
-                            .await
-                            .map_err(unavailable)?;
-                        let _: () = pipe
-                            .zrem(user_index(app, user), id.as_str())
-                            .await
-                            .map_err(unavailable)?;
+                        args.extend(["remove".into(), app.into(), user.into(), id.into()]);
                     }
                 }
             }
-            for result in pipe.try_all::<Value>().await {
-                result.map_err(|e| BrokerError::Command(e.to_string()))?;
-            }
-            Ok(())
+            let missing = match self.fcall("sse_registry", args).await? {
+                Value::Array(ids) => ids.into_iter().filter_map(|v| v.into_string()).collect(),
+                _ => Vec::new(),
+            };
+            Ok(missing)
         })
     }
 
@@ -510,29 +484,46 @@ fn record_from_hash(mut h: HashMap<String, String>) -> Option<ConnectionRecord> 
     })
 }
 
+/// Most messages handed to the hub at once.
+const DELIVER_BATCH: usize = 256;
+
 async fn pump_messages(
     mut rx: broadcast::Receiver<fred::types::Message>,
     sink: Arc<dyn MessageSink>,
     metrics: Arc<Metrics>,
 ) {
+    let lagged = |n: u64| {
+        metrics
+            .messages_dropped
+            .get_or_create(&ReasonLabel { reason: "lagged" })
+            .inc_by(n);
+        tracing::error!(
+            lost = n,
+            "messages lost: the hub fell behind the Redis subscriber"
+        );
+    };
+    let mut batch = Vec::with_capacity(DELIVER_BATCH);
     loop {
         match rx.recv().await {
-            Ok(msg) => {
-                let payload = msg.value.as_bytes().unwrap_or_default();
-                sink.deliver(&msg.channel, payload);
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                metrics
-                    .messages_dropped
-                    .get_or_create(&ReasonLabel { reason: "lagged" })
-                    .inc_by(n);
-                tracing::error!(
-                    lost = n,
-                    "messages lost: the hub fell behind the Redis subscriber"
-                );
-            }
+            Ok(msg) => batch.push(msg),
+            Err(broadcast::error::RecvError::Lagged(n)) => lagged(n),
             Err(broadcast::error::RecvError::Closed) => break,
         }
+        // Whatever else has arrived goes along, without waiting for more.
+        while batch.len() < DELIVER_BATCH {
+            match rx.try_recv() {
+                Ok(msg) => batch.push(msg),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(n),
+                Err(_) => break,
+            }
+        }
+        let messages: Vec<(&str, &[u8])> = batch
+            .iter()
+            .map(|m| (&*m.channel, m.value.as_bytes().unwrap_or_default()))
+            .collect();
+        sink.deliver(&messages);
+        drop(messages);
+        batch.clear();
     }
 }
 

@@ -14,6 +14,15 @@
 --   -> { "ok", <newest id or "">, <message>... }   every durable event after the id, in id order
 --   -> { "reset", <newest id or "">, <reason> }     the gap cannot be filled: too_old | unknown_id
 --
+-- Connection registry writes (used by the gateway), applied in order:
+--   FCALL sse_registry 0 <ttl> <op> <fields...> [<op> <fields...>]...
+--     put    <app> <user> <conn> <instance> <remote_addr> <created_at> <user_agent>
+--     touch  <app> <user> <conn>      push the entry's expiry out (the heartbeat)
+--     remove <app> <user> <conn>
+--   -> { <conn>... }   the touched entries that no longer exist (the gateway writes them again)
+-- Keys: {app}:client:{user}:{conn} (hash), {app}:connections and {app}:connections:{user}
+-- (sorted sets scored by expiry time; their own expiry is only ever pushed out).
+--
 -- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams),
 -- each stream with a <stream>:trimmed key (the newest id trimmed from it).
 -- Ids are "<ms>-<seq>" from one sequence per application, so one id places a client in both streams.
@@ -161,5 +170,58 @@ local function sse_since(keys, args)
   return out
 end
 
+local REGISTRY_FIELDS = { put = 7, touch = 3, remove = 3 }
+
+local function sse_registry(keys, args)
+  local ttl = tonumber(args[1])
+  if not ttl or ttl < 1 then return redis.error_reply('sse_registry: invalid ttl') end
+  local t = redis.call('TIME')
+  local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + ttl
+  local missing, indexes = {}, {}
+  local i = 2
+  while i <= #args do
+    local op = args[i]
+    local n = REGISTRY_FIELDS[op]
+    if not n or i + n > #args then return redis.error_reply('sse_registry: bad operation at ' .. i) end
+    local app, user, conn = args[i + 1], args[i + 2], args[i + 3]
+    if not valid_id(app) or not valid_id(user) or not valid_id(conn) then
+      return redis.error_reply('sse_registry: invalid application, user or connection id')
+    end
+    local key = app .. ':client:' .. user .. ':' .. conn
+    local app_index, user_index = app .. ':connections', app .. ':connections:' .. user
+    local index = op ~= 'remove'
+    if op == 'put' then
+      redis.call('HSET', key, 'id', conn, 'app', app, 'user', user, 'instance', args[i + 4],
+        'remote_addr', args[i + 5], 'created_at', args[i + 6], 'user_agent', args[i + 7],
+        'channel_id', app .. ':channel:' .. user)
+      redis.call('EXPIRE', key, ttl)
+    elseif op == 'touch' then
+      if redis.call('EXPIRE', key, ttl) == 0 then
+        missing[#missing + 1] = conn
+        index = false
+      end
+    else
+      redis.call('DEL', key)
+      redis.call('ZREM', app_index, user .. ':' .. conn)
+      redis.call('ZREM', user_index, conn)
+    end
+    if index then
+      redis.call('ZADD', app_index, expires, user .. ':' .. conn)
+      redis.call('ZADD', user_index, expires, conn)
+      indexes[app_index] = true
+      indexes[user_index] = true
+    end
+    i = i + n + 1
+  end
+  -- Indexes are shared by every instance: their expiry is only pushed out (NX for a fresh key,
+  -- GT after), so an instance with a shorter TTL cannot expire the others' entries.
+  for index in pairs(indexes) do
+    redis.call('EXPIRE', index, ttl, 'NX')
+    redis.call('EXPIRE', index, ttl, 'GT')
+  end
+  return missing
+end
+
 redis.register_function('sse_publish', sse_publish)
+redis.register_function('sse_registry', sse_registry)
 redis.register_function({ function_name = 'sse_since', callback = sse_since, flags = { 'no-writes' } })

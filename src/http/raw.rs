@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::{AppState, Body, handle};
+use crate::hub::{Outbox, Wire};
 
 /// The request line prefix served here.
 const SSE_PREFIX: &[u8] = b"GET /sse";
@@ -146,73 +147,138 @@ pub async fn serve(
     };
     let head = response_head(&parts, None);
     drop(parts); // the header map is not needed for the stream's life
-    if Box::pin(write_all_vectored(&mut stream, &mut [&head[..]]))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    drop(head);
-    let conn = lease.conn().clone();
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut probe = [0u8; 64];
-    loop {
-        // Wait for events, or for the client to go away.
-        let first = tokio::select! {
-            next = poll_fn(|cx| conn.poll_next(cx)) => next,
-            readable = stream.readable() => {
-                if readable.is_err() {
-                    break;
-                }
-                match stream.try_read(&mut probe) {
-                    Ok(0) => break, // the client closed
-                    Ok(_) => continue, // pipelined bytes after an event stream: ignored
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => break,
-                }
-            }
-        };
-        let Some(first) = first else {
-            // The stream ended (shutdown, token expiry, slow client): close the chunked body.
-            let _ = stream.write_all(b"0\r\n\r\n").await;
-            let _ = stream.shutdown().await;
-            break;
-        };
-        batch.push(first);
-        // Everything else already queued goes out in the same write.
-        while batch.len() < WRITE_BATCH {
-            match poll_fn(|cx| Poll::Ready(conn.poll_next(cx))).await {
-                Poll::Ready(Some(b)) => batch.push(b),
-                _ => break,
-            }
-        }
-        let sizes: Vec<[u8; 18]> = batch.iter().map(|b| chunk_size(b.len())).collect();
-        let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 3);
-        for (b, size) in batch.iter().zip(&sizes) {
-            let n = size.iter().position(|&c| c == 0).unwrap_or(size.len());
-            slices.extend([&size[..n], &b[..], b"\r\n"]);
-        }
-        // A client that stops reading must not hold its socket forever: the hub cuts it off when
-        // its queue fills, and the write is abandoned then.
-        let written = tokio::select! {
-            r = write_all_vectored(&mut stream, &mut slices) => r.is_ok(),
-            () = poll_fn(|cx| conn.poll_cut_off(cx)) => false,
-        };
-        batch.clear();
-        if !written {
-            break;
-        }
-    }
+    // From here on the hub writes the stream's events; this task only wakes when the socket is
+    // full, when the stream ends, or when the client leaves.
+    let conn = lease.conn();
+    conn.attach_wire(Box::new(Chunked { socket: stream }), Bytes::from(head));
+    poll_fn(|cx| conn.poll_drive(cx)).await;
     // Dropping the lease removes the stream from the hub and the registry.
     drop(lease);
 }
 
-/// `"{len:x}\r\n"`, zero-padded at the end (the zeros are not sent).
-fn chunk_size(len: usize) -> [u8; 18] {
-    let mut out = [0u8; 18];
-    let text = format!("{len:x}\r\n");
-    out[..text.len()].copy_from_slice(text.as_bytes());
-    out
+/// An event stream's socket: each event is one HTTP/1.1 chunk, written without waiting.
+struct Chunked {
+    socket: TcpStream,
+}
+
+/// Longest chunk-size line: 16 hex digits and CRLF.
+const CHUNK_SIZE_MAX: usize = 18;
+
+impl Wire for Chunked {
+    fn write(&mut self, out: &mut Outbox) -> io::Result<bool> {
+        while !out.is_empty() {
+            let count = out.events.len().min(WRITE_BATCH);
+            let mut sizes = [[0u8; CHUNK_SIZE_MAX]; WRITE_BATCH];
+            let mut size_lens = [0usize; WRITE_BATCH];
+            for (i, ev) in out.events.iter().take(count).enumerate() {
+                size_lens[i] = chunk_size(ev.len(), &mut sizes[i]);
+            }
+            let written = {
+                let mut iov = [IoSlice::new(&[]); 1 + 3 * WRITE_BATCH];
+                let mut n = 0;
+                if !out.partial.is_empty() {
+                    iov[0] = IoSlice::new(&out.partial);
+                    n = 1;
+                }
+                for (i, ev) in out.events.iter().take(count).enumerate() {
+                    iov[n] = IoSlice::new(&sizes[i][..size_lens[i]]);
+                    iov[n + 1] = IoSlice::new(ev);
+                    iov[n + 2] = IoSlice::new(b"\r\n");
+                    n += 3;
+                }
+                match self.socket.try_write_vectored(&iov[..n]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(written) => written,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            consume(out, written, &sizes, &size_lens);
+        }
+        Ok(true)
+    }
+
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.socket.poll_write_ready(cx)
+    }
+
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut probe = [0u8; 64];
+        // Bounded, so that a client sending without end cannot hold this thread.
+        for _ in 0..16 {
+            match self.socket.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.socket.try_read(&mut probe) {
+                Ok(0) => return Poll::Ready(()), // the client closed
+                Ok(_) => {}                      // pipelined bytes after an event stream: ignored
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Poll::Ready(()),
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn end(&mut self) {
+        let _ = self.socket.try_write(b"0\r\n\r\n");
+        let _ = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Takes `n` written bytes off the outbox: the partial write first, then whole chunks (`sizes`
+/// are the chunk-size lines of the events written from). A chunk cut short leaves its framed rest
+/// as the next partial write.
+fn consume(out: &mut Outbox, mut n: usize, sizes: &[[u8; CHUNK_SIZE_MAX]], size_lens: &[usize]) {
+    if !out.partial.is_empty() {
+        let taken = out.partial.len().min(n);
+        out.partial.advance(taken);
+        n -= taken;
+        if !out.partial.is_empty() {
+            return;
+        }
+        out.partial = Bytes::new(); // let go of the buffer it pointed into
+    }
+    let mut i = 0;
+    while n > 0 {
+        let Some(ev) = out.pop() else {
+            return;
+        };
+        let parts: [&[u8]; 3] = [&sizes[i][..size_lens[i]], &ev, b"\r\n"];
+        let framed: usize = parts.iter().map(|p| p.len()).sum();
+        if n >= framed {
+            n -= framed;
+            i += 1;
+            continue;
+        }
+        let mut rest = Vec::with_capacity(framed - n);
+        for part in parts {
+            if n >= part.len() {
+                n -= part.len();
+            } else {
+                rest.extend_from_slice(&part[n..]);
+                n = 0;
+            }
+        }
+        out.partial = Bytes::from(rest);
+        return;
+    }
+}
+
+/// Writes `len` as a chunk-size line (`"{len:x}\r\n"`) into `out`; returns its length.
+fn chunk_size(len: usize, out: &mut [u8; CHUNK_SIZE_MAX]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        *slot = HEX[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    digits + 2
 }
 
 fn response_head(parts: &http::response::Parts, content_length: Option<usize>) -> Vec<u8> {
@@ -382,10 +448,59 @@ mod tests {
         assert!(hyper("GET /sse HTTP/1.1\r\n\0bad: x\r\n\r\n"));
     }
 
+    /// The outbox after `n` bytes of `partial` + chunks of `events` were written.
+    fn after(partial: &'static str, events: &[&'static str], n: usize) -> (String, Vec<String>) {
+        let mut out = Outbox {
+            partial: Bytes::from_static(partial.as_bytes()),
+            ..Outbox::default()
+        };
+        let mut sizes = [[0u8; CHUNK_SIZE_MAX]; WRITE_BATCH];
+        let mut lens = [0usize; WRITE_BATCH];
+        for (i, e) in events.iter().enumerate() {
+            out.events.push_back(Bytes::from_static(e.as_bytes()));
+            out.bytes += e.len();
+            lens[i] = chunk_size(e.len(), &mut sizes[i]);
+        }
+        consume(&mut out, n, &sizes, &lens);
+        let text = |b: &Bytes| String::from_utf8(b.to_vec()).unwrap();
+        assert_eq!(out.bytes, out.events.iter().map(Bytes::len).sum::<usize>());
+        (text(&out.partial), out.events.iter().map(text).collect())
+    }
+
+    #[test]
+    fn short_writes_keep_the_rest_of_the_chunk() {
+        // "HEAD" then "3\r\nabc\r\n" then "2\r\nde\r\n".
+        let all = ["abc", "de"];
+        assert_eq!(
+            after("HEAD", &all, 2),
+            ("AD".into(), vec!["abc".into(), "de".into()])
+        );
+        assert_eq!(
+            after("HEAD", &all, 4),
+            ("".into(), vec!["abc".into(), "de".into()])
+        );
+        assert_eq!(
+            after("HEAD", &all, 5),
+            ("\r\nabc\r\n".into(), vec!["de".into()])
+        );
+        assert_eq!(after("HEAD", &all, 9), ("c\r\n".into(), vec!["de".into()]));
+        assert_eq!(after("HEAD", &all, 11), ("\n".into(), vec!["de".into()]));
+        assert_eq!(after("HEAD", &all, 12), ("".into(), vec!["de".into()]));
+        assert_eq!(after("", &all, 8 + 7), ("".into(), vec![]));
+        assert_eq!(after("", &all, 8 + 3), ("de\r\n".into(), vec![]));
+    }
+
     #[test]
     fn chunk_sizes_and_dates() {
-        assert_eq!(&chunk_size(26)[..4], b"1a\r\n");
-        assert_eq!(chunk_size(26)[4], 0);
+        let size = |len| {
+            let mut out = [0u8; CHUNK_SIZE_MAX];
+            let n = chunk_size(len, &mut out);
+            String::from_utf8(out[..n].to_vec()).unwrap()
+        };
+        assert_eq!(size(0), "0\r\n");
+        assert_eq!(size(26), "1a\r\n");
+        assert_eq!(size(4096), "1000\r\n");
+        assert_eq!(size(usize::MAX), "ffffffffffffffff\r\n");
         let t = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
         assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
         let t = std::time::UNIX_EPOCH + Duration::from_secs(951_782_400);

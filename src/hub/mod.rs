@@ -1,233 +1,39 @@
 //! The local hub: which live streams on this instance belong to which application and user, and
 //! the fan-out of encoded events to them.
 //!
-//! A stream costs one small [`Conn`] (ids, a short queue and a waker); there is no task, timer or
-//! channel per connection. The hub reference-counts broker subscriptions: the first stream of a user
-//! subscribes `{app}:channel:{user}` (and the first of an app `{app}:broadcast`), the last one
-//! unsubscribes. Each message is parsed and encoded once; every recipient gets the same [`Bytes`].
-//! Fan-out never waits: a stream whose queue is full is cut off (it reconnects and resumes by id)
-//! instead of slowing the others.
+//! - [`stream`]: one stream, its outbox and the writes to its socket;
+//! - [`writers`]: the threads that share a large fan-out's socket writes.
+//!
+//! A stream costs one small [`Conn`] (ids, an outbox, its socket and a waker); there is no timer or
+//! channel per connection, and its task sleeps until the socket needs it. The hub reference-counts
+//! broker subscriptions: the first stream of a user subscribes `{app}:channel:{user}` (and the first
+//! of an app `{app}:broadcast`), the last one unsubscribes. Each message is parsed and encoded
+//! once; every recipient gets the same [`Bytes`], written to its socket by the delivering thread
+//! (and the writers). Fan-out never waits: a stream whose outbox is full is cut off (it reconnects
+//! and resumes by id) instead of slowing the others.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+pub mod stream;
+mod writers;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::json;
 
+use self::stream::ConnParts;
+pub use self::stream::{Conn, Outbox, Push, QueueLimits, Wire};
+use self::writers::Writers;
 use crate::broker::{
-    Broker, BrokerError, ConnectionRecord, IdRef, MessageSink, Topic, app_channel, parse_channel,
-    user_channel,
+    Broker, BrokerError, MessageSink, Topic, app_channel, parse_channel, user_channel,
 };
 use crate::history::{EventId, Since};
 use crate::metrics::{AppReasonLabel, KindLabel, Metrics, ReasonLabel, close_reason};
 use crate::registry::Registry;
 use crate::sse::{self, Event, PayloadKind};
-
-/// How much a stream may have waiting before its client counts as too slow.
-#[derive(Debug, Clone, Copy)]
-pub struct QueueLimits {
-    pub events: usize,
-    pub bytes: usize,
-}
-
-/// One live stream.
-pub struct Conn {
-    pub id: uuid::Uuid,
-    pub app: Arc<str>,
-    pub user: Arc<str>,
-    pub created_at: u64,
-    /// Token expiry (seconds since the epoch): the stream ends then.
-    pub exp: u64,
-    pub remote_addr: SocketAddr,
-    pub user_agent: Box<str>,
-    /// Local key in the hub's maps.
-    key: u64,
-    limits: QueueLimits,
-    queue: Mutex<Queue>,
-}
-
-struct Queue {
-    items: VecDeque<Bytes>,
-    bytes: usize,
-    waker: Option<Waker>,
-    state: QueueState,
-    /// While the stream catches up from history, live events wait here with their ids, so that the
-    /// switch to live has neither gap nor duplicate.
-    held: Option<Vec<(Option<EventId>, Bytes)>>,
-    /// The id replay brought the stream up to. A live copy of an event at or below it (published
-    /// while history was read, still on its way through the subscriber) is a duplicate. Durable
-    /// events of an application reach an instance in id order, so this one id is enough.
-    floor: Option<EventId>,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Eq)]
-enum QueueState {
-    #[default]
-    Open,
-    /// Deliver what is queued, then end the stream; the reason is counted when it ends.
-    Closing(&'static str),
-    /// End the stream now, dropping what is queued (a client too slow to keep up).
-    Closed,
-}
-
-/// What happened to an event offered to a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Push {
-    Queued,
-    /// The stream was too slow: it has just been cut off, losing this many queued events.
-    CutOff(usize),
-    /// The stream is already ending.
-    Gone,
-}
-
-impl Conn {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues an event without ever waiting. `id` is the event's id when it is a durable one.
-    pub fn push(&self, bytes: Bytes, id: Option<EventId>) -> Push {
-        let mut q = self.lock();
-        if q.state != QueueState::Open {
-            return Push::Gone;
-        }
-        if let (Some(id), Some(floor)) = (id, q.floor)
-            && id <= floor
-        {
-            return Push::Queued; // already delivered by replay
-        }
-        let waiting = q.items.len() + q.held.as_ref().map_or(0, Vec::len);
-        if waiting >= self.limits.events || q.bytes + bytes.len() > self.limits.bytes {
-            let lost = waiting + 1;
-            q.items = VecDeque::new();
-            q.held = None;
-            q.bytes = 0;
-            q.state = QueueState::Closed;
-            wake(q);
-            return Push::CutOff(lost);
-        }
-        q.bytes += bytes.len();
-        match &mut q.held {
-            Some(held) => held.push((id, bytes)),
-            None => {
-                q.items.push_back(bytes);
-                wake(q);
-            }
-        }
-        Push::Queued
-    }
-
-    /// Ends the catch-up: queues `replay` (past the limits: it is bounded by history), then the live
-    /// events that arrived meanwhile, skipping those at or before `after`, which replay covered.
-    fn catch_up(&self, replay: Vec<Bytes>, after: Option<EventId>) {
-        let mut q = self.lock();
-        let held = q.held.take().unwrap_or_default();
-        if q.state != QueueState::Open {
-            return;
-        }
-        q.floor = after;
-        for b in replay {
-            q.bytes += b.len();
-            q.items.push_back(b);
-        }
-        for (id, b) in held {
-            match (id, after) {
-                (Some(id), Some(after)) if id <= after => q.bytes -= b.len(),
-                _ => q.items.push_back(b),
-            }
-        }
-        wake(q);
-    }
-
-    /// Queues a last event (past the limits) and ends the stream after it, for `reason` (one of
-    /// [`close_reason`]).
-    pub fn finish(&self, reason: &'static str, last: Option<Bytes>) {
-        let mut q = self.lock();
-        if q.state != QueueState::Open {
-            return;
-        }
-        // Whatever was held back for a catch-up that will not happen now is dropped.
-        q.held = None;
-        q.items.extend(last);
-        q.state = QueueState::Closing(reason);
-        wake(q);
-    }
-
-    /// Next chunk for the response body: `Ready(None)` ends the stream.
-    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        let mut q = self.lock();
-        if q.state == QueueState::Closed {
-            return Poll::Ready(None);
-        }
-        if let Some(b) = q.items.pop_front() {
-            q.bytes = q.bytes.saturating_sub(b.len());
-            if q.items.is_empty() && q.items.capacity() > 8 {
-                q.items = VecDeque::new(); // give a burst's memory back
-            }
-            return Poll::Ready(Some(b));
-        }
-        if matches!(q.state, QueueState::Closing(_)) {
-            return Poll::Ready(None);
-        }
-        q.park(cx)
-    }
-
-    /// Ready once the stream has been cut off for being too slow (so a blocked write can be
-    /// abandoned); shares the waker slot with [`Conn::poll_next`], as one task does both.
-    pub fn poll_cut_off(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut q = self.lock();
-        if q.state == QueueState::Closed {
-            return Poll::Ready(());
-        }
-        q.park(cx)
-    }
-
-    fn close_reason(&self) -> &'static str {
-        match self.lock().state {
-            QueueState::Open => close_reason::CLIENT_GONE,
-            QueueState::Closed => close_reason::SLOW,
-            QueueState::Closing(reason) => reason,
-        }
-    }
-
-    pub fn record(&self, instance: &str) -> ConnectionRecord {
-        ConnectionRecord {
-            id: self.id.to_string(),
-            created_at: self.created_at,
-            remote_addr: self.remote_addr.to_string(),
-            application: IdRef {
-                id: self.app.to_string(),
-            },
-            user: IdRef {
-                id: self.user.to_string(),
-            },
-            instance: instance.to_string(),
-            user_agent: self.user_agent.to_string(),
-        }
-    }
-}
-
-impl Queue {
-    /// Remembers the task to wake when something changes (cloning its waker only when it changed).
-    fn park<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            self.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
-
-fn wake(mut q: MutexGuard<'_, Queue>) {
-    let waker = q.waker.take();
-    drop(q);
-    if let Some(w) = waker {
-        w.wake();
-    }
-}
 
 /// What a new stream is, before it joins the hub.
 pub struct NewConn {
@@ -275,6 +81,7 @@ pub struct Hub {
     registry: Registry,
     metrics: Arc<Metrics>,
     config: HubConfig,
+    writers: Writers,
 }
 
 /// Why a stream could not join.
@@ -309,6 +116,28 @@ impl Drop for Lease {
     }
 }
 
+/// One event offered to many streams: what was queued, which sockets to write, who was cut off.
+#[derive(Default)]
+struct Offer {
+    delivered: usize,
+    flush: Vec<Arc<Conn>>,
+    cut_off: Vec<(Arc<Conn>, usize)>,
+}
+
+impl Offer {
+    fn push(&mut self, conn: &Arc<Conn>, bytes: &Bytes, id: Option<EventId>) {
+        match conn.push(bytes.clone(), id) {
+            Push::Queued => self.delivered += 1,
+            Push::Flush => {
+                self.delivered += 1;
+                self.flush.push(conn.clone());
+            }
+            Push::CutOff(lost) => self.cut_off.push((conn.clone(), lost)),
+            Push::Gone => {}
+        }
+    }
+}
+
 impl Hub {
     pub fn new(
         broker: Arc<dyn Broker>,
@@ -323,6 +152,7 @@ impl Hub {
             registry,
             metrics,
             config,
+            writers: Writers::per_core(),
         }
     }
 
@@ -375,8 +205,7 @@ impl Hub {
             Some((k, _)) => k.clone(),
             None => Arc::from(new.user.as_str()),
         };
-        let conn = Arc::new(Conn {
-            id: uuid::Uuid::new_v4(),
+        let conn = Arc::new(Conn::new(ConnParts {
             app,
             user: user.clone(),
             created_at: unix_now(),
@@ -385,15 +214,8 @@ impl Hub {
             user_agent: new.user_agent.clone().into_boxed_str(),
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             limits: self.config.queue,
-            queue: Mutex::new(Queue {
-                items: VecDeque::from([self.config.hello.clone()]),
-                bytes: 0,
-                waker: None,
-                state: QueueState::Open,
-                held: Some(Vec::new()),
-                floor: None,
-            }),
-        });
+            hello: self.config.hello.clone(),
+        }));
         entry.conns.insert(conn.key, conn.clone());
         entry
             .users
@@ -502,13 +324,19 @@ impl Hub {
         tracing::debug!(app = %conn.app, user = %conn.user, conn = %conn.id, reason, "stream closed");
     }
 
-    /// Delivers encoded bytes to every stream of a topic; returns how many got them.
-    pub fn fan_out(&self, topic: &Topic<'_>, bytes: &Bytes, id: Option<EventId>) -> usize {
-        let mut cut_off = Vec::new();
-        let mut delivered = 0usize;
+    /// Queues encoded bytes for every stream of a topic; returns how many got them. The sockets
+    /// are written when the offer is completed.
+    fn offer_to(
+        &self,
+        offer: &mut Offer,
+        topic: &Topic<'_>,
+        bytes: &Bytes,
+        id: Option<EventId>,
+    ) -> usize {
         let app = match topic {
             Topic::User { app, .. } | Topic::App { app } => *app,
         };
+        let before = offer.delivered;
         {
             let state = self.lock();
             let Some(entry) = state.apps.get(app) else {
@@ -519,23 +347,25 @@ impl Hub {
                 Topic::User { user, .. } => entry.users.get(*user),
             };
             for conn in conns.into_iter().flat_map(|m| m.values()) {
-                match conn.push(bytes.clone(), id) {
-                    Push::Queued => delivered += 1,
-                    Push::CutOff(lost) => cut_off.push((conn.clone(), lost)),
-                    Push::Gone => {}
-                }
+                offer.push(conn, bytes, id);
             }
         }
+        let delivered = offer.delivered - before;
         if delivered > 0 {
             self.metrics
                 .message_sent
                 .get_or_create(&Metrics::app(app))
                 .inc_by(delivered as u64);
         }
-        for (conn, lost) in cut_off {
+        delivered
+    }
+
+    /// Writes what an offer queued (outside the hub's lock) and reports the streams it cut off.
+    fn complete(&self, offer: Offer) {
+        self.writers.flush(offer.flush);
+        for (conn, lost) in offer.cut_off {
             self.report_slow(&conn, lost);
         }
-        delivered
     }
 
     fn report_slow(&self, conn: &Conn, lost: usize) {
@@ -552,7 +382,7 @@ impl Hub {
     /// Offers the same bytes to the local streams of one slot out of `slots` (pings: each tick
     /// pings one slot, so a whole interval's pings are spread instead of all written at once).
     pub fn push_slot(&self, bytes: &Bytes, slot: u64, slots: u64) {
-        let mut cut_off = Vec::new();
+        let mut offer = Offer::default();
         {
             let state = self.lock();
             let in_slot = |c: &&Arc<Conn>| c.key % slots == slot;
@@ -562,14 +392,10 @@ impl Hub {
                 .flat_map(|e| e.conns.values())
                 .filter(in_slot)
             {
-                if let Push::CutOff(lost) = conn.push(bytes.clone(), None) {
-                    cut_off.push((conn.clone(), lost));
-                }
+                offer.push(conn, bytes, None);
             }
         }
-        for (conn, lost) in cut_off {
-            self.report_slow(&conn, lost);
-        }
+        self.complete(offer);
     }
 
     /// Ends the streams whose token expired at or before `now` (seconds), each with a
@@ -599,11 +425,12 @@ impl Hub {
         }
     }
 
-    /// Queues a registry rewrite of every local stream (the heartbeat).
+    /// Queues a registry touch of every local stream (the heartbeat): entries live on, and those
+    /// Redis lost are written again.
     pub fn refresh_registry(&self) {
         let state = self.lock();
         for conn in state.apps.values().flat_map(|e| e.conns.values()) {
-            self.registry.put(conn);
+            self.registry.touch(conn);
         }
     }
 
@@ -641,7 +468,20 @@ fn reset_event(current: Option<EventId>, reason: &str, last_event_id: &str) -> B
 }
 
 impl MessageSink for Hub {
-    fn deliver(&self, channel: &str, payload: &[u8]) {
+    fn deliver(&self, messages: &[(&str, &[u8])]) {
+        // Every event is queued first and the sockets written once at the end, so a burst goes
+        // out in one write per stream instead of one per event.
+        let mut offer = Offer::default();
+        for (channel, payload) in messages {
+            self.offer_message(&mut offer, channel, payload);
+        }
+        self.complete(offer);
+    }
+}
+
+impl Hub {
+    /// Parses and encodes one broker message and queues it for its topic's streams.
+    fn offer_message(&self, offer: &mut Offer, channel: &str, payload: &[u8]) {
         let Some(topic) = parse_channel(channel) else {
             self.metrics
                 .messages_dropped
@@ -684,7 +524,7 @@ impl MessageSink for Hub {
         }
         let id: Option<EventId> = parsed.event.id.as_deref().and_then(|s| s.parse().ok());
         let bytes = parsed.event.encode();
-        if self.fan_out(&topic, &bytes, id) > 0
+        if self.offer_to(offer, &topic, &bytes, id) > 0
             && let Some(id) = id
         {
             let app = match topic {
@@ -711,112 +551,4 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::task::Waker;
-
-    fn conn(events: usize, bytes: usize) -> Conn {
-        Conn {
-            id: uuid::Uuid::new_v4(),
-            app: "a".into(),
-            user: "u".into(),
-            created_at: 0,
-            exp: u64::MAX,
-            remote_addr: "127.0.0.1:1".parse().unwrap(),
-            user_agent: "".into(),
-            key: 1,
-            limits: QueueLimits { events, bytes },
-            queue: Mutex::new(Queue {
-                items: VecDeque::new(),
-                bytes: 0,
-                waker: None,
-                state: QueueState::Open,
-                held: None,
-                floor: None,
-            }),
-        }
-    }
-
-    fn next(c: &Conn) -> Poll<Option<Bytes>> {
-        c.poll_next(&mut Context::from_waker(Waker::noop()))
-    }
-
-    fn b(s: &'static str) -> Bytes {
-        Bytes::from_static(s.as_bytes())
-    }
-
-    fn id(ms: u64) -> Option<EventId> {
-        Some(EventId { ms, seq: 0 })
-    }
-
-    #[test]
-    fn queue_delivers_in_order_then_ends_after_finish() {
-        let c = conn(4, 1 << 20);
-        assert!(next(&c).is_pending());
-        assert_eq!(c.push(b("1"), None), Push::Queued);
-        assert_eq!(c.push(b("2"), None), Push::Queued);
-        c.finish(close_reason::SHUTDOWN, Some(b("bye")));
-        assert_eq!(c.push(b("late"), None), Push::Gone);
-        assert_eq!(next(&c), Poll::Ready(Some(b("1"))));
-        assert_eq!(next(&c), Poll::Ready(Some(b("2"))));
-        assert_eq!(next(&c), Poll::Ready(Some(b("bye"))));
-        assert_eq!(next(&c), Poll::Ready(None));
-    }
-
-    #[test]
-    fn full_queue_cuts_the_stream_off_once() {
-        let c = conn(2, 1 << 20);
-        assert_eq!(c.push(b("1"), None), Push::Queued);
-        assert_eq!(c.push(b("2"), None), Push::Queued);
-        assert_eq!(c.push(b("3"), None), Push::CutOff(3));
-        assert_eq!(c.push(b("4"), None), Push::Gone);
-        assert_eq!(next(&c), Poll::Ready(None));
-    }
-
-    #[test]
-    fn byte_budget_cuts_off_too() {
-        let c = conn(100, 10);
-        assert_eq!(c.push(b("12345"), None), Push::Queued);
-        assert_eq!(c.push(b("12345"), None), Push::Queued);
-        assert_eq!(c.push(b("1"), None), Push::CutOff(3));
-        // Reading gives the budget back.
-        let c = conn(100, 10);
-        c.push(b("12345"), None);
-        c.push(b("12345"), None);
-        assert!(next(&c).is_ready());
-        assert_eq!(c.push(b("12345"), None), Push::Queued);
-    }
-
-    #[test]
-    fn catch_up_puts_replay_first_and_drops_what_it_covered() {
-        let c = conn(10, 1 << 20);
-        c.lock().held = Some(Vec::new());
-        // Live events arrive while history is read: 2 and 3 are also in the replay, 4 is not,
-        // and a plain (id-less) message is kept.
-        c.push(b("live2"), id(2));
-        c.push(b("plain"), None);
-        c.push(b("live3"), id(3));
-        c.push(b("live4"), id(4));
-        assert!(
-            next(&c).is_pending(),
-            "nothing goes out before the catch-up"
-        );
-        c.catch_up(vec![b("hist1"), b("hist2"), b("hist3")], id(3));
-        let mut out = Vec::new();
-        while let Poll::Ready(Some(x)) = next(&c) {
-            out.push(x);
-        }
-        assert_eq!(
-            out,
-            [b("hist1"), b("hist2"), b("hist3"), b("plain"), b("live4")]
-        );
-        // A copy of a replayed event arriving late (still in flight during the catch-up) is dropped.
-        assert_eq!(c.push(b("late3"), id(3)), Push::Queued);
-        assert_eq!(c.push(b("live5"), id(5)), Push::Queued);
-        assert_eq!(next(&c), Poll::Ready(Some(b("live5"))));
-        assert!(next(&c).is_pending());
-    }
 }

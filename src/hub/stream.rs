@@ -1,0 +1,698 @@
+//! One live stream: who it belongs to, its outbox of encoded events, and the writes to its socket.
+//!
+//! Whoever delivers an event writes it to the socket at once, without waking the stream's task, for
+//! as long as the socket takes it ([`Conn::push`] then [`Conn::flush`]). The task only runs when
+//! the socket is full, when the stream ends and when the client goes ([`Conn::poll_drive`]): an
+//! event costs one `writev` and no wake-up. A stream without a socket of its own (HTTP/2 through
+//! hyper) has its events pulled by the response body instead ([`Conn::poll_next`]).
+//!
+//! Every write happens under the stream's lock and takes the outbox in order, so events reach a
+//! client in the order they were pushed, whichever thread writes them.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+use crate::broker::{ConnectionRecord, IdRef};
+use crate::history::EventId;
+use crate::metrics::close_reason;
+
+/// How much a stream may have waiting before its client counts as too slow.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+/// Events waiting for a stream's socket.
+#[derive(Default)]
+pub struct Outbox {
+    /// Encoded events not yet started, oldest first.
+    pub events: VecDeque<Bytes>,
+    /// Their total size, for the byte budget.
+    pub bytes: usize,
+    /// What is left of a write cut short, already framed: it goes out before `events`.
+    pub partial: Bytes,
+}
+
+impl Outbox {
+    /// Takes the oldest event off the queue.
+    pub fn pop(&mut self) -> Option<Bytes> {
+        let b = self.events.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(b.len());
+        if self.events.is_empty() && self.events.capacity() > 8 {
+            self.events = VecDeque::new(); // give a burst's memory back
+        }
+        Some(b)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.partial.is_empty()
+    }
+
+    fn push(&mut self, b: Bytes) {
+        self.bytes += b.len();
+        self.events.push_back(b);
+    }
+}
+
+/// A stream's socket, seen from the hub: the transport frames events its own way (HTTP/1.1
+/// chunks), the hub decides when to write. No method waits.
+pub trait Wire: Send + 'static {
+    /// Writes the outbox, framed, as far as the socket takes it, removing what was written.
+    /// `Ok(true)`: everything went; `Ok(false)`: the socket is full.
+    fn write(&mut self, out: &mut Outbox) -> io::Result<bool>;
+    /// Ready once the socket may take more after a write that filled it.
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Ready once the client has closed its side or the connection failed. Anything the client
+    /// sends meanwhile is read and ignored.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Ends the stream in the transport's way (the last chunk) and closes the sending side.
+    fn end(&mut self);
+}
+
+/// One live stream.
+pub struct Conn {
+    pub id: uuid::Uuid,
+    pub app: Arc<str>,
+    pub user: Arc<str>,
+    pub created_at: u64,
+    /// Token expiry (seconds since the epoch): the stream ends then.
+    pub exp: u64,
+    pub remote_addr: SocketAddr,
+    pub user_agent: Box<str>,
+    /// Local key in the hub's maps.
+    pub(super) key: u64,
+    limits: QueueLimits,
+    queue: Mutex<Queue>,
+}
+
+/// What a stream is made of before it joins the hub.
+pub(super) struct ConnParts {
+    pub app: Arc<str>,
+    pub user: Arc<str>,
+    pub created_at: u64,
+    pub exp: u64,
+    pub remote_addr: SocketAddr,
+    pub user_agent: Box<str>,
+    pub key: u64,
+    pub limits: QueueLimits,
+    /// The stream's first bytes (the `retry:` hint).
+    pub hello: Bytes,
+}
+
+struct Queue {
+    out: Outbox,
+    waker: Option<Waker>,
+    state: QueueState,
+    /// While the stream catches up from history, live events wait here with their ids, so that the
+    /// switch to live has neither gap nor duplicate.
+    held: Option<Vec<(Option<EventId>, Bytes)>>,
+    /// The id replay brought the stream up to. A live copy of an event at or below it (published
+    /// while history was read, still on its way through the subscriber) is a duplicate. Durable
+    /// events of an application reach an instance in id order, so this one id is enough.
+    floor: Option<EventId>,
+    /// The socket, once the response head is on its way. Kept under the lock so that writes from
+    /// any thread go out one at a time, in outbox order; dropped (closed) when the stream ends.
+    wire: Option<Box<dyn Wire>>,
+    /// The socket is full: the stream's task waits until it can write again, nobody else writes.
+    blocked: bool,
+    /// A deliverer has promised to [`Conn::flush`] this stream: others need not.
+    scheduled: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum QueueState {
+    #[default]
+    Open,
+    /// Deliver what is queued, then end the stream; the reason is counted when it ends.
+    Closing(&'static str),
+    /// End the stream now, dropping what is queued (a client too slow to keep up).
+    Closed,
+    /// The client went away (or its connection failed).
+    Disconnected,
+}
+
+/// What happened to an event offered to a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// Queued, and the caller must now [`Conn::flush`] the stream (it promised to).
+    Flush,
+    /// The stream was too slow: it has just been cut off, losing this many queued events.
+    CutOff(usize),
+    /// The stream is already ending.
+    Gone,
+}
+
+impl Conn {
+    pub(super) fn new(p: ConnParts) -> Conn {
+        let mut out = Outbox::default();
+        out.events.push_back(p.hello);
+        Conn {
+            id: uuid::Uuid::new_v4(),
+            app: p.app,
+            user: p.user,
+            created_at: p.created_at,
+            exp: p.exp,
+            remote_addr: p.remote_addr,
+            user_agent: p.user_agent,
+            key: p.key,
+            limits: p.limits,
+            queue: Mutex::new(Queue {
+                out,
+                waker: None,
+                state: QueueState::Open,
+                held: Some(Vec::new()),
+                floor: None,
+                wire: None,
+                blocked: false,
+                scheduled: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an event without ever waiting. `id` is the event's id when it is a durable one.
+    pub fn push(&self, bytes: Bytes, id: Option<EventId>) -> Push {
+        let mut q = self.lock();
+        if q.state != QueueState::Open {
+            return Push::Gone;
+        }
+        if let (Some(id), Some(floor)) = (id, q.floor)
+            && id <= floor
+        {
+            return Push::Queued; // already delivered by replay
+        }
+        let waiting = q.out.events.len() + q.held.as_ref().map_or(0, Vec::len);
+        if waiting >= self.limits.events || q.out.bytes + bytes.len() > self.limits.bytes {
+            let lost = waiting + 1;
+            q.out = Outbox::default();
+            q.held = None;
+            q.state = QueueState::Closed;
+            wake(q);
+            return Push::CutOff(lost);
+        }
+        q.out.bytes += bytes.len();
+        if let Some(held) = &mut q.held {
+            held.push((id, bytes));
+            return Push::Queued;
+        }
+        q.out.events.push_back(bytes);
+        if q.wire.is_none() {
+            wake(q); // the body pulls it (or the socket is not attached yet)
+            Push::Queued
+        } else if q.blocked || q.scheduled {
+            Push::Queued // the task, or whoever scheduled the flush, writes it with the rest
+        } else {
+            q.scheduled = true;
+            Push::Flush
+        }
+    }
+
+    /// Writes what the outbox holds to the socket, as far as it takes it, without waiting. Called
+    /// by whoever got [`Push::Flush`]; a full socket is left to the stream's task.
+    pub fn flush(&self) {
+        let mut guard = self.lock();
+        let q = &mut *guard;
+        q.scheduled = false;
+        if q.blocked || !matches!(q.state, QueueState::Open | QueueState::Closing(_)) {
+            return;
+        }
+        let Some(wire) = q.wire.as_mut() else {
+            return;
+        };
+        match wire.write(&mut q.out) {
+            Ok(true) if q.state == QueueState::Open => {}
+            Ok(true) => wake(guard), // closing: the task ends the stream
+            Ok(false) => {
+                q.blocked = true;
+                wake(guard);
+            }
+            Err(_) => {
+                q.state = disconnected(q.state);
+                wake(guard);
+            }
+        }
+    }
+
+    /// Hands the stream its socket, with `head` (the response head, already encoded) to go first.
+    /// From now on events are written as they come; [`Conn::poll_drive`] writes what is queued.
+    pub fn attach_wire(&self, wire: Box<dyn Wire>, head: Bytes) {
+        let mut q = self.lock();
+        q.out.partial = head;
+        q.wire = Some(wire);
+    }
+
+    /// The stream's task: writes what a full socket held back, notices the client leaving, and ends
+    /// the stream when it is over. `Ready` once the socket is closed.
+    pub fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut guard = self.lock();
+        let q = &mut *guard;
+        loop {
+            if matches!(q.state, QueueState::Closed | QueueState::Disconnected) {
+                q.wire = None;
+                return Poll::Ready(());
+            }
+            let Some(wire) = q.wire.as_mut() else {
+                return Poll::Ready(());
+            };
+            if wire.poll_closed(cx).is_ready() {
+                q.state = disconnected(q.state);
+                continue;
+            }
+            if q.blocked {
+                match wire.poll_writable(cx) {
+                    Poll::Pending => return q.park(cx),
+                    Poll::Ready(Err(_)) => {
+                        q.state = disconnected(q.state);
+                        continue;
+                    }
+                    Poll::Ready(Ok(())) => q.blocked = false,
+                }
+            }
+            if !q.out.is_empty() {
+                match wire.write(&mut q.out) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        q.blocked = true;
+                        continue;
+                    }
+                    Err(_) => {
+                        q.state = disconnected(q.state);
+                        continue;
+                    }
+                }
+            }
+            if let QueueState::Closing(_) = q.state {
+                wire.end();
+                q.wire = None;
+                return Poll::Ready(());
+            }
+            return q.park(cx);
+        }
+    }
+
+    /// Ends the catch-up: queues `replay` (past the limits: it is bounded by history), then the live
+    /// events that arrived meanwhile, skipping those at or before `after`, which replay covered.
+    pub(super) fn catch_up(&self, replay: Vec<Bytes>, after: Option<EventId>) {
+        let mut q = self.lock();
+        let held = q.held.take().unwrap_or_default();
+        if q.state != QueueState::Open {
+            return;
+        }
+        q.floor = after;
+        // Held events were counted in the budget when they arrived; they move to the outbox.
+        for (_, b) in &held {
+            q.out.bytes = q.out.bytes.saturating_sub(b.len());
+        }
+        for b in replay {
+            q.out.push(b);
+        }
+        for (id, b) in held {
+            match (id, after) {
+                (Some(id), Some(after)) if id <= after => {}
+                _ => q.out.push(b),
+            }
+        }
+        wake(q);
+    }
+
+    /// Queues a last event (past the limits) and ends the stream after it, for `reason` (one of
+    /// [`close_reason`]).
+    pub fn finish(&self, reason: &'static str, last: Option<Bytes>) {
+        let mut q = self.lock();
+        if q.state != QueueState::Open {
+            return;
+        }
+        // Whatever was held back for a catch-up that will not happen now is dropped.
+        q.held = None;
+        if let Some(last) = last {
+            q.out.push(last);
+        }
+        q.state = QueueState::Closing(reason);
+        wake(q);
+    }
+
+    /// Next event for a response body that pulls them (no socket of its own): `Ready(None)` ends
+    /// the stream.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut q = self.lock();
+        if matches!(q.state, QueueState::Closed | QueueState::Disconnected) {
+            return Poll::Ready(None);
+        }
+        if let Some(b) = q.out.pop() {
+            return Poll::Ready(Some(b));
+        }
+        if matches!(q.state, QueueState::Closing(_)) {
+            return Poll::Ready(None);
+        }
+        q.park(cx)
+    }
+
+    pub(super) fn close_reason(&self) -> &'static str {
+        match self.lock().state {
+            QueueState::Open | QueueState::Disconnected => close_reason::CLIENT_GONE,
+            QueueState::Closed => close_reason::SLOW,
+            QueueState::Closing(reason) => reason,
+        }
+    }
+
+    pub fn record(&self, instance: &str) -> ConnectionRecord {
+        ConnectionRecord {
+            id: self.id.to_string(),
+            created_at: self.created_at,
+            remote_addr: self.remote_addr.to_string(),
+            application: IdRef {
+                id: self.app.to_string(),
+            },
+            user: IdRef {
+                id: self.user.to_string(),
+            },
+            instance: instance.to_string(),
+            user_agent: self.user_agent.to_string(),
+        }
+    }
+}
+
+/// The state after the client went: a stream that was already ending keeps its reason.
+fn disconnected(state: QueueState) -> QueueState {
+    match state {
+        QueueState::Open => QueueState::Disconnected,
+        other => other,
+    }
+}
+
+impl Queue {
+    /// Remembers the task to wake when something changes (cloning its waker only when it changed).
+    fn park<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+fn wake(mut q: MutexGuard<'_, Queue>) {
+    let waker = q.waker.take();
+    drop(q);
+    if let Some(w) = waker {
+        w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::Waker;
+
+    fn conn(events: usize, bytes: usize) -> Conn {
+        let c = Conn::new(ConnParts {
+            app: "a".into(),
+            user: "u".into(),
+            created_at: 0,
+            exp: u64::MAX,
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            user_agent: "".into(),
+            key: 1,
+            limits: QueueLimits { events, bytes },
+            hello: Bytes::new(),
+        });
+        c.catch_up(Vec::new(), None);
+        assert_eq!(next(&c), Poll::Ready(Some(Bytes::new())), "the hello");
+        c
+    }
+
+    fn next(c: &Conn) -> Poll<Option<Bytes>> {
+        c.poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn drive(c: &Conn) -> Poll<()> {
+        c.poll_drive(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    fn id(ms: u64) -> Option<EventId> {
+        Some(EventId { ms, seq: 0 })
+    }
+
+    /// A socket that takes `room` bytes at a time, frames events as `<event>|`, and records what
+    /// it was given.
+    #[derive(Clone, Default)]
+    struct TestWire {
+        state: Arc<Mutex<TestSocket>>,
+    }
+
+    #[derive(Default)]
+    struct TestSocket {
+        written: Vec<u8>,
+        room: usize,
+        closed_by_peer: bool,
+        ended: bool,
+    }
+
+    impl TestWire {
+        fn with_room(room: usize) -> TestWire {
+            let w = TestWire::default();
+            w.socket().room = room;
+            w
+        }
+        fn socket(&self) -> MutexGuard<'_, TestSocket> {
+            self.state.lock().unwrap()
+        }
+        fn text(&self) -> String {
+            String::from_utf8(self.socket().written.clone()).unwrap()
+        }
+    }
+
+    impl Wire for TestWire {
+        fn write(&mut self, out: &mut Outbox) -> io::Result<bool> {
+            let mut s = self.socket();
+            loop {
+                if out.partial.is_empty() {
+                    let Some(ev) = out.pop() else {
+                        return Ok(true);
+                    };
+                    out.partial = [&ev[..], b"|"].concat().into();
+                }
+                if s.room == 0 {
+                    return Ok(false);
+                }
+                let n = s.room.min(out.partial.len());
+                let chunk = out.partial.split_to(n);
+                s.written.extend_from_slice(&chunk);
+                s.room -= n;
+            }
+        }
+        fn poll_writable(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.socket().room > 0 {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+        fn poll_closed(&mut self, _: &mut Context<'_>) -> Poll<()> {
+            if self.socket().closed_by_peer {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+        fn end(&mut self) {
+            self.socket().ended = true;
+        }
+    }
+
+    #[test]
+    fn queue_delivers_in_order_then_ends_after_finish() {
+        let c = conn(4, 1 << 20);
+        assert!(next(&c).is_pending());
+        assert_eq!(c.push(b("1"), None), Push::Queued);
+        assert_eq!(c.push(b("2"), None), Push::Queued);
+        c.finish(close_reason::SHUTDOWN, Some(b("bye")));
+        assert_eq!(c.push(b("late"), None), Push::Gone);
+        assert_eq!(next(&c), Poll::Ready(Some(b("1"))));
+        assert_eq!(next(&c), Poll::Ready(Some(b("2"))));
+        assert_eq!(next(&c), Poll::Ready(Some(b("bye"))));
+        assert_eq!(next(&c), Poll::Ready(None));
+        assert_eq!(c.close_reason(), close_reason::SHUTDOWN);
+    }
+
+    #[test]
+    fn full_queue_cuts_the_stream_off_once() {
+        let c = conn(2, 1 << 20);
+        assert_eq!(c.push(b("1"), None), Push::Queued);
+        assert_eq!(c.push(b("2"), None), Push::Queued);
+        assert_eq!(c.push(b("3"), None), Push::CutOff(3));
+        assert_eq!(c.push(b("4"), None), Push::Gone);
+        assert_eq!(next(&c), Poll::Ready(None));
+        assert_eq!(c.close_reason(), close_reason::SLOW);
+    }
+
+    #[test]
+    fn byte_budget_cuts_off_too() {
+        let c = conn(100, 10);
+        assert_eq!(c.push(b("12345"), None), Push::Queued);
+        assert_eq!(c.push(b("12345"), None), Push::Queued);
+        assert_eq!(c.push(b("1"), None), Push::CutOff(3));
+        // Reading gives the budget back.
+        let c = conn(100, 10);
+        c.push(b("12345"), None);
+        c.push(b("12345"), None);
+        assert!(next(&c).is_ready());
+        assert_eq!(c.push(b("12345"), None), Push::Queued);
+    }
+
+    #[test]
+    fn catch_up_puts_replay_first_and_drops_what_it_covered() {
+        let c = conn(10, 1 << 20);
+        c.lock().held = Some(Vec::new());
+        // Live events arrive while history is read: 2 and 3 are also in the replay, 4 is not,
+        // and a plain (id-less) message is kept.
+        c.push(b("live2"), id(2));
+        c.push(b("plain"), None);
+        c.push(b("live3"), id(3));
+        c.push(b("live4"), id(4));
+        assert!(
+            next(&c).is_pending(),
+            "nothing goes out before the catch-up"
+        );
+        c.catch_up(vec![b("hist1"), b("hist2"), b("hist3")], id(3));
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(x)) = next(&c) {
+            out.push(x);
+        }
+        assert_eq!(
+            out,
+            [b("hist1"), b("hist2"), b("hist3"), b("plain"), b("live4")]
+        );
+        assert_eq!(c.lock().out.bytes, 0, "the budget is back to empty");
+        // A copy of a replayed event arriving late (still in flight during the catch-up) is dropped.
+        assert_eq!(c.push(b("late3"), id(3)), Push::Queued);
+        assert_eq!(c.push(b("live5"), id(5)), Push::Queued);
+        assert_eq!(next(&c), Poll::Ready(Some(b("live5"))));
+        assert!(next(&c).is_pending());
+    }
+
+    #[test]
+    fn with_a_socket_events_are_written_by_the_deliverer() {
+        let c = conn(10, 1 << 20);
+        let wire = TestWire::with_room(1 << 20);
+        c.push(b("early"), None); // before the socket: queued behind the head
+        c.attach_wire(Box::new(wire.clone()), b("HEAD;"));
+        assert!(drive(&c).is_pending());
+        assert_eq!(wire.text(), "HEAD;early|");
+        assert_eq!(c.push(b("a"), None), Push::Flush);
+        assert_eq!(
+            c.push(b("b"), None),
+            Push::Queued,
+            "a flush is already promised"
+        );
+        c.flush();
+        assert_eq!(wire.text(), "HEAD;early|a|b|");
+        assert_eq!(c.push(b("c"), None), Push::Flush);
+        c.flush();
+        assert_eq!(wire.text(), "HEAD;early|a|b|c|");
+        c.finish(close_reason::TOKEN_EXPIRED, Some(b("bye")));
+        assert!(drive(&c).is_ready());
+        assert_eq!(wire.text(), "HEAD;early|a|b|c|bye|");
+        assert!(wire.socket().ended);
+        assert_eq!(c.close_reason(), close_reason::TOKEN_EXPIRED);
+    }
+
+    #[test]
+    fn a_full_socket_is_left_to_the_task_and_order_is_kept() {
+        let c = conn(10, 1 << 20);
+        let wire = TestWire::with_room(4);
+        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        assert_eq!(c.push(b("one"), None), Push::Flush);
+        c.flush(); // "one|" fills the socket
+        assert_eq!(c.push(b("two"), None), Push::Flush);
+        c.flush(); // nothing fits: the stream is now blocked
+        assert_eq!(
+            c.push(b("three"), None),
+            Push::Queued,
+            "blocked: nobody else writes"
+        );
+        assert!(drive(&c).is_pending());
+        assert_eq!(wire.text(), "one|");
+        wire.socket().room = 6; // the client read some
+        assert!(drive(&c).is_pending());
+        assert_eq!(wire.text(), "one|two|th");
+        wire.socket().room = 100;
+        assert!(drive(&c).is_pending());
+        assert_eq!(wire.text(), "one|two|three|");
+        assert_eq!(c.push(b("four"), None), Push::Flush, "unblocked again");
+    }
+
+    #[test]
+    fn a_stalled_client_is_cut_off_and_its_socket_dropped() {
+        let c = conn(2, 1 << 20);
+        let wire = TestWire::with_room(0);
+        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        assert!(drive(&c).is_pending());
+        assert_eq!(c.push(b("1"), None), Push::Flush);
+        c.flush();
+        // "1" is half written (not counted); two more wait; the next one is too many.
+        assert_eq!(c.push(b("2"), None), Push::Queued);
+        assert_eq!(c.push(b("3"), None), Push::Queued);
+        assert_eq!(c.push(b("4"), None), Push::CutOff(3));
+        assert!(
+            drive(&c).is_ready(),
+            "the task ends at once, without waiting for the socket"
+        );
+        assert_eq!(Arc::strong_count(&wire.state), 1, "the socket is closed");
+        assert_eq!(c.close_reason(), close_reason::SLOW);
+    }
+
+    #[test]
+    fn a_client_that_leaves_ends_the_stream() {
+        let c = conn(10, 1 << 20);
+        let wire = TestWire::with_room(100);
+        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        assert!(drive(&c).is_pending());
+        wire.socket().closed_by_peer = true;
+        assert!(drive(&c).is_ready());
+        assert_eq!(c.push(b("x"), None), Push::Gone);
+        assert_eq!(c.close_reason(), close_reason::CLIENT_GONE);
+    }
+
+    #[test]
+    fn flush_wakes_the_task_only_when_it_has_work() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let c = conn(10, 1 << 20);
+        let wire = TestWire::with_room(8);
+        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        assert!(c.poll_drive(&mut Context::from_waker(&waker)).is_pending());
+        assert_eq!(c.push(b("abc"), None), Push::Flush);
+        c.flush();
+        assert!(
+            !flag.0.load(Ordering::SeqCst),
+            "written directly: no wake-up"
+        );
+        assert_eq!(c.push(b("defgh"), None), Push::Flush);
+        c.flush();
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "socket full: the task is woken"
+        );
+    }
+}
