@@ -243,6 +243,10 @@ async fn session(
         l.store(true, Relaxed);
     }
 
+    // One wait on the run's control for the whole stream: a fresh `changed()` per read would
+    // register with (and leave) the watch's waiter list, shared by every stream, for each event.
+    let changed = ctl.changed();
+    tokio::pin!(changed);
     let end = loop {
         let mut sink = ConnSink {
             sh,
@@ -251,7 +255,7 @@ async fn session(
         };
         tokio::select! {
             biased;
-            _ = ctl.changed() => break End::Ctl,
+            _ = &mut changed => break End::Ctl,
             r = read_with(&mut stream, |bytes| parser.feed(bytes, &mut sink)) => {
                 let reason: Cow<'static, str> = match r {
                     Ok(Some(Ok(Progress::More))) => continue,
