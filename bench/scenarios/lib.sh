@@ -108,6 +108,14 @@ start_gateway() {
   GATEWAY_PID=$!
   STARTED_PIDS+=("$GATEWAY_PID")
   wait_port "$port"
+  # Listening comes before the broker link is up: measure a gateway that is ready, not one still
+  # connecting to Redis.
+  local i
+  for ((i = 0; i < 100; i++)); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return 0
+    sleep 0.1
+  done
+  die "gateway on port $port not ready after 10 s"
 }
 
 # start_nchan PORT: nginx with one worker and the nchan module (bench/peers/nchan/nginx.conf);

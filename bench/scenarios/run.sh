@@ -257,17 +257,19 @@ scenario_broadcast() {
 #    replay (the gateway's durable path) nothing may be lost. The figures: the wave's time to all
 #    re-established, its connect latency and failures, and the messages lost across it.
 scenario_storm() {
-  local r procs=$STORM_PROCS name pub=("${PUB_ARGS[@]}")
+  local r procs=$STORM_PROCS name pub=()
   [ "$STORM_CONNS" -le "$PER_PROC" ] && procs=1
-  # The gateway's replay needs durable publishing (history); the peers keep their own buffers.
-  [ "$TARGET" = gateway ] && pub=(--publish durable --redis-url "redis://127.0.0.1:$REDIS_PORT")
-  pub+=(--pattern broadcast --messages "$((STORM_PUB_RATE * STORM_PUB_SECS))" --rate "$STORM_PUB_RATE")
   local common=(--connections "$STORM_CONNS" --connect-rate "$((STORM_RATE / procs))" --hold 3
     --reconnect-waves 1 --reconnect-rate 0 --last-event-id --connect-timeout 30
     --publish-during-waves --waves-after 2 --drain 10)
   for r in $(seq "$REPEAT"); do
     name="storm-$STORM_CONNS$(suffix "$r")"
     start_target
+    # The publish arguments name this server's ports, so they come after it started. The
+    # gateway's replay needs durable publishing (history); the peers keep their own buffers.
+    pub=("${PUB_ARGS[@]}")
+    [ "$TARGET" = gateway ] && pub=(--publish durable --redis-url "redis://127.0.0.1:$REDIS_PORT")
+    pub+=(--pattern broadcast --messages "$((STORM_PUB_RATE * STORM_PUB_SECS))" --rate "$STORM_PUB_RATE")
     if [ "$procs" -le 1 ]; then
       bench "$name" "${SUB_ARGS[@]}" "${PID_ARGS[@]}" "${common[@]}" "${pub[@]}" || true
     else
@@ -285,6 +287,7 @@ main() {
     scenarios=(idle idle-multi unicast unicast-search broadcast storm)
   fi
   command -v jq >/dev/null || die "jq is needed (apt-get install jq)"
+  command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
   build_release
   [ -x "$SSE_BENCH" ] || die "$SSE_BENCH not built"
   if [ "$TARGET" = gateway ]; then start_redis; fi
