@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use sse_gateway::config::Config;
 
+/// jemalloc, for memory: each stream's long-lived objects are allocated among short-lived ones
+/// (the request, its headers, the token), and glibc's heap keeps the holes those leave. Measured
+/// with 10,000 idle streams: 4.2 KiB of RSS per stream with glibc, 2.7 KiB with jemalloc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // Before the runtime exists: dotenvy sets environment variables, which is unsound once other
     // threads run.
