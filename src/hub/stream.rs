@@ -44,8 +44,10 @@ impl Outbox {
     pub fn pop(&mut self) -> Option<Bytes> {
         let b = self.events.pop_front()?;
         self.bytes = self.bytes.saturating_sub(b.len());
-        if self.events.is_empty() && self.events.capacity() > 8 {
-            self.events = VecDeque::new(); // give a burst's memory back
+        if self.events.is_empty() {
+            // An idle stream holds no buffer (tens of thousands of them would); a busy one
+            // allocates a small one per event it queues, which costs far less than its write.
+            self.events = VecDeque::new();
         }
         Some(b)
     }
