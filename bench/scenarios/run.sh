@@ -213,27 +213,30 @@ scenario_unicast() {
 # 2b. The highest sustainable unicast rate: each rate for SEARCH_SECS; sustainable means no loss,
 #     no duplicate, the publisher kept 95% of the rate, and p99 under SEARCH_MAX_P99_US.
 scenario_unicast_search() {
-  local rate best=0 name f ok tried=()
-  start_target
-  for rate in $SEARCH_RATES; do
-    name="unicast-search-$rate"
-    bench "$name" "${SUB_ARGS[@]}" "${PID_ARGS[@]}" "${PUB_ARGS[@]}" \
-      --connections "$UNICAST_USERS" --connect-rate 2000 --hold 1 --pattern unicast \
-      --messages "$((rate * SEARCH_SECS))" --rate "$rate" --drain 5 || break
-    f="$RESULTS/$name.json"
-    ok=$(jq --argjson r "$rate" --argjson p "$SEARCH_MAX_P99_US" \
-      '.deliveries.lost == 0 and .deliveries.duplicated == 0 and .deliveries.expected > 0
-       and .publish.rate_achieved >= 0.95 * $r and .deliveries.latency.p99_us <= $p' "$f")
-    tried+=("{\"rate\":$rate,\"sustainable\":$ok}")
-    [ "$ok" = true ] || break
-    best=$rate
+  local rate best name f ok tried r sfx
+  for r in $(seq "$REPEAT"); do
+    sfx=$(suffix "$r") best=0 tried=()
+    start_target
+    for rate in $SEARCH_RATES; do
+      name="unicast-search-$rate$sfx"
+      bench "$name" "${SUB_ARGS[@]}" "${PID_ARGS[@]}" "${PUB_ARGS[@]}" \
+        --connections "$UNICAST_USERS" --connect-rate 2000 --hold 1 --pattern unicast \
+        --user-prefix "s${rate}u" --messages "$((rate * SEARCH_SECS))" --rate "$rate" --drain 5 || break
+      f="$RESULTS/$name.json"
+      ok=$(jq --argjson r "$rate" --argjson p "$SEARCH_MAX_P99_US" \
+        '.deliveries.lost == 0 and .deliveries.duplicated == 0 and .deliveries.expected > 0
+         and .publish.rate_achieved >= 0.95 * $r and .deliveries.latency.p99_us <= $p' "$f")
+      tried+=("{\"rate\":$rate,\"sustainable\":$ok}")
+      [ "$ok" = true ] || break
+      best=$rate
+    done
+    stop_target
+    (
+      IFS=,
+      echo "{\"highest_sustainable_rate\":$best,\"max_p99_us\":$SEARCH_MAX_P99_US,\"tried\":[${tried[*]}]}"
+    ) | jq . >"$RESULTS/unicast-search$sfx.json"
+    log "unicast-search$sfx: highest sustainable rate $best msg/s"
   done
-  stop_target
-  (
-    IFS=,
-    echo "{\"highest_sustainable_rate\":$best,\"max_p99_us\":$SEARCH_MAX_P99_US,\"tried\":[${tried[*]}]}"
-  ) | jq . >"$RESULTS/unicast-search.json"
-  log "unicast-search: highest sustainable rate $best msg/s"
 }
 
 # 3. Broadcast fan-out: BROADCAST_CONNS streams of one app, BROADCAST_MESSAGES at each rate.
