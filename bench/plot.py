@@ -4,16 +4,17 @@
     python3 bench/plot.py OUT_DIR RESULTS_DIR [RESULTS_DIR ...]
 
 Each RESULTS_DIR is one `bench/results/<date>-<target>/` directory; the target (gateway, nchan,
-pushpin) is read from its name. Writes OUT_DIR/benchmarks-latency.svg (delivery latency
-percentiles per scenario and server, log scale) and OUT_DIR/benchmarks-memory.svg (idle RSS per
-stream per server).
+pushpin) is read from its name. Every figure is the median over a scenario's repeats (REPEAT=3
+runs; see medians.py). Writes OUT_DIR/benchmarks-latency.svg (delivery latency percentiles per
+scenario and server, log scale) and OUT_DIR/benchmarks-memory.svg (idle RSS per stream per server).
 """
 
-import glob
-import json
 import math
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from medians import medians  # noqa: E402
 
 COLORS = {"gateway": "#1f77b4", "nchan": "#ff7f0e", "pushpin": "#2ca02c"}
 LATENCY_SCENARIOS = ["unicast-5000", "broadcast-10", "broadcast-20", "broadcast-burst"]
@@ -21,16 +22,14 @@ PERCENTILES = [("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"), ("max_us
 
 
 def load(dirs):
-    """{target: {label: summary}} for every merged summary (not the per-process parts)."""
+    """{target: {scenario: {figure: median}}}."""
     runs = {}
     for d in dirs:
         target = os.path.basename(d.rstrip("/")).rsplit("-", 1)[-1]
-        for path in glob.glob(os.path.join(d, "*.json")):
-            name = os.path.basename(path)
-            if ".part" in name or name == "run.json":
-                continue
-            with open(path) as f:
-                runs.setdefault(target, {})[name[: -len(".json")]] = json.load(f)
+        for scenario, figures in medians(d).items():
+            runs.setdefault(target, {})[scenario] = {
+                k: v["median"] for k, v in figures.items() if isinstance(v, dict)
+            }
     return runs
 
 
@@ -70,9 +69,9 @@ def latency_plot(runs):
         start = x
         for key, label in PERCENTILES:
             for t in targets:
-                lat = ((runs[t].get(scenario) or {}).get("deliveries") or {}).get("latency") or {}
-                if lat.get(key):
-                    ms = lat[key] / 1000
+                value = (runs[t].get(scenario) or {}).get(key)
+                if value:
+                    ms = value / 1000
                     body.append(
                         f'<rect x="{x}" y="{y(ms):.1f}" width="{bar - 2}" height="{bottom - y(ms):.1f}" '
                         f'fill="{COLORS[t]}"><title>{t} {scenario} {label}: {ms:.2f} ms</title></rect>'
@@ -83,7 +82,7 @@ def latency_plot(runs):
         body.append(f'<text x="{(start + x) / 2}" y="{bottom + 32}" text-anchor="middle">{scenario}</text>')
         x += 16
     body += legend(targets, width - 130, 50)
-    return svg(width, height, body, "Delivery latency, publish to client parse (log scale)")
+    return svg(width, height, body, "Delivery latency, publish to client parse (medians of 3 runs, log scale)")
 
 
 def memory_plot(runs):
@@ -91,8 +90,7 @@ def memory_plot(runs):
     rows = []
     for t in targets:
         for label in sorted(runs[t]):
-            s = runs[t][label]
-            per = (s.get("server") or {}).get("rss_per_conn_bytes")
+            per = runs[t][label].get("rss_per_stream_bytes")
             if label.startswith("idle") and per:
                 rows.append((f"{t} {label}", per / 1024, t))
     width, height, left = 620, 60 + 26 * len(rows) + 40, 210
@@ -106,7 +104,7 @@ def memory_plot(runs):
     target_x = left + 4.4 * scale
     body.append(f'<line x1="{target_x:.1f}" x2="{target_x:.1f}" y1="40" y2="{height - 20}" stroke="red" stroke-dasharray="4 3"/>')
     body.append(f'<text x="{target_x + 4:.1f}" y="{height - 8}" fill="red">target 4.4 KiB</text>')
-    return svg(width, height, body, "Idle RSS per stream (server process, pings on)")
+    return svg(width, height, body, "Idle RSS per stream (server process, pings on, medians of 3 runs)")
 
 
 def main():

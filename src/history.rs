@@ -83,15 +83,22 @@ impl ResetReason {
     }
 }
 
-/// What history says about a stream resuming after some id.
+/// What history holds after an id, read once for several users of one application: streams
+/// resuming together (after a deploy, thousands) share one read of the application's broadcasts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Since {
-    /// Every durable event after the id, in order (published envelopes, ids included).
+pub enum Backlog {
+    /// The durable events after the id (published envelopes, ids included).
     Events {
+        /// The application's newest id.
         current: Option<EventId>,
-        messages: Vec<Bytes>,
+        /// The application's broadcasts after the id, in order.
+        broadcasts: Vec<(EventId, Bytes)>,
+        /// Each user's own events after the id, in the order the users were asked for; `None`
+        /// where that user's history no longer reaches back to the id (their gap cannot be filled).
+        users: Vec<Option<Vec<(EventId, Bytes)>>>,
     },
-    /// The gap cannot be filled; the client must refetch its state. `current` is the newest id.
+    /// Nobody's gap can be filled (the id is not ours, or the broadcasts no longer reach back);
+    /// clients must refetch their state. `current` is the newest id.
     Reset {
         current: Option<EventId>,
         reason: ResetReason,
@@ -112,7 +119,7 @@ pub fn stamp(envelope: &[u8], id: EventId) -> Option<Bytes> {
 }
 
 /// Merges two id-ordered lists of `(id, message)` into one, by id.
-pub fn merge(a: Vec<(EventId, Bytes)>, b: Vec<(EventId, Bytes)>) -> Vec<Bytes> {
+pub fn merge(a: Vec<(EventId, Bytes)>, b: Vec<(EventId, Bytes)>) -> Vec<(EventId, Bytes)> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
     loop {
@@ -122,8 +129,7 @@ pub fn merge(a: Vec<(EventId, Bytes)>, b: Vec<(EventId, Bytes)>) -> Vec<Bytes> {
             (None, Some(_)) => false,
             (None, None) => break,
         };
-        let next = if take_a { a.next() } else { b.next() };
-        out.extend(next.map(|(_, m)| m));
+        out.extend(if take_a { a.next() } else { b.next() });
     }
     out
 }
@@ -198,7 +204,7 @@ mod tests {
             vec![e(1, "a"), e(4, "d")],
             vec![e(2, "b"), e(3, "c"), e(5, "e")],
         );
-        let text: Vec<&[u8]> = merged.iter().map(|b| &b[..]).collect();
+        let text: Vec<&[u8]> = merged.iter().map(|(_, b)| &b[..]).collect();
         assert_eq!(text, [b"a", b"b", b"c", b"d", b"e"]);
     }
 }

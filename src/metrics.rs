@@ -73,6 +73,8 @@ pub struct Metrics {
     pub delivery_latency: Family<AppLabel, Histogram, fn() -> Histogram>,
     pub replayed_events: Family<AppLabel, Counter>,
     pub replay_resets: Family<AppReasonLabel, Counter>,
+    /// History reads made for resuming streams (one serves every stream resuming from an id).
+    pub replay_reads: Counter,
     pub limit_rejections: Family<AppReasonLabel, Counter>,
     pub broker_link_up: Family<LinkLabel, Gauge>,
     pub broker_reconnects: Counter,
@@ -111,6 +113,7 @@ impl Metrics {
             delivery_latency: Family::new_with_constructor(latency_histogram),
             replayed_events: Family::default(),
             replay_resets: Family::default(),
+            replay_reads: Counter::default(),
             limit_rejections: Family::default(),
             broker_link_up: Family::default(),
             broker_reconnects: Counter::default(),
@@ -187,6 +190,11 @@ impl Metrics {
             "sse_replay_resets",
             "Resuming streams told that their gap cannot be filled, by reason",
             m.replay_resets.clone(),
+        );
+        registry.register(
+            "sse_replay_reads",
+            "History reads for resuming streams (streams resuming from the same id share one)",
+            m.replay_reads.clone(),
         );
         registry.register(
             "sse_limit_rejections",

@@ -120,6 +120,52 @@ async fn replay_in_embedded_mode() {
 /// A publisher sends numbered events without pause while the client disconnects and resumes on
 /// alternating instances: the client must see every number exactly once, in order.
 #[tokio::test]
+async fn streams_resuming_together_share_history_reads() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let gw = Gateway::with_redis(&redis).await;
+    let start = publish_id(&gw, "shop", json!({"broadcast": true, "data": "b0"})).await;
+    let own = publish_id(&gw, "shop", json!({"user": "u0", "data": "mine"})).await;
+    let b1 = publish_id(&gw, "shop", json!({"broadcast": true, "data": "b1"})).await;
+    let reads_before = gw
+        .metric("sse_replay_reads_total")
+        .await
+        .unwrap_or_default();
+
+    // Redis stops answering for a moment, as when thousands of clients come back after a deploy:
+    // every stream asks for history at about the same time, and a handful of reads serve them all.
+    let r = redis.client().await;
+    let asleep = tokio::spawn(async move {
+        let _: RedisValue = r
+            .custom(fred::cmd!("DEBUG"), vec!["SLEEP", "1"])
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    const STREAMS: usize = 40;
+    let users: Vec<String> = (0..STREAMS).map(|i| format!("u{i}")).collect();
+    let streams =
+        futures_util::future::join_all(users.iter().map(|u| resume(&gw, "shop", u, &start))).await;
+    asleep.await.unwrap();
+
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let mut want = vec![(b1.clone(), "\"b1\"".to_string())];
+        if i == 0 {
+            want.insert(0, (own.clone(), "\"mine\"".into()));
+        }
+        assert_eq!(take(&mut s, want.len()).await, want, "stream of u{i}");
+    }
+    let reads = gw.metric("sse_replay_reads_total").await.unwrap() - reads_before;
+    assert!(
+        (1.0..=(STREAMS / 4) as f64).contains(&reads),
+        "{STREAMS} streams resumed with {reads} history reads"
+    );
+    assert_eq!(
+        gw.metric("sse_replayed_events_total").await,
+        Some(STREAMS as f64 + 1.0)
+    );
+}
+
+#[tokio::test]
 async fn no_gap_and_no_duplicate_at_the_switch_over_under_concurrent_publishing() {
     let redis = RedisServer::start();
     let a = Gateway::with_redis(&redis).await;

@@ -1,5 +1,5 @@
-//! Command-line interface: `sse-bench run` (open streams, publish, measure) and `sse-bench merge`
-//! (combine the JSON summaries of a split run). Every numeric option is range-checked here so the
+//! Command-line interface: `sse-bench run` (open streams, publish, measure), `sse-bench merge`
+//! (combine the JSON summaries of a split run) and `sse-bench floor` (the kernel's share). Every numeric option is range-checked here so the
 //! rest of the tool can rely on bounded counts and durations.
 
 use std::path::PathBuf;
@@ -23,6 +23,32 @@ pub struct Cli {
 pub enum Command {
     /// Open SSE streams, optionally publish, and print one JSON summary on stdout.
     Run(Box<RunArgs>),
+    /// The kernel's share: CPU per small write to N loopback sockets read by another process,
+    /// with no server logic at all (the floor under any server's CPU per delivery here).
+    Floor {
+        /// Sockets written to, like streams of a broadcast.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=19_000))]
+        streams: u32,
+        /// Messages written to every socket.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        messages: u32,
+        /// Messages per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Bytes per message (an SSE event of the scenarios, framed, is about 100).
+        #[arg(long, default_value_t = 106, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        bytes: u32,
+    },
+    /// The reading side of `floor` (started by it).
+    #[command(hide = true)]
+    FloorReader {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        streams: u32,
+        #[arg(long)]
+        total: u64,
+    },
     /// Merge the JSON summaries of the processes of one split run into one summary.
     Merge {
         /// Summary files written by `run --out` (or captured stdout).

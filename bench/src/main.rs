@@ -5,6 +5,7 @@
 
 mod cli;
 mod conn;
+mod floor;
 mod http;
 mod procfs;
 mod publish;
@@ -27,6 +28,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Merge { files, label, out } => merge(&files, label, out.as_deref()),
+        Command::Floor {
+            streams,
+            messages,
+            rate,
+            bytes,
+        } => run_floor(streams, messages, rate, bytes),
+        Command::FloorReader {
+            port,
+            streams,
+            total,
+        } => floor::read(port, streams as usize, total),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,6 +79,23 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     // Connections still held by aborted tasks are closed with the runtime, without waiting.
     runtime.shutdown_background();
     emit(&summary, out.as_deref())
+}
+
+fn run_floor(streams: u32, messages: u32, rate: f64, bytes: u32) -> Result<(), String> {
+    if !(rate > 0.0 && rate <= 10_000.0) || f64::from(messages) / rate > 600.0 {
+        return Err("--rate must be above 0 and at most 10000, and the run at most 600 s".into());
+    }
+    let fds = sse_gateway::fds::prepare();
+    if u64::from(streams) + 64 > fds.limit {
+        return Err(format!(
+            "{streams} sockets but only {} file descriptors",
+            fds.limit
+        ));
+    }
+    let floor = floor::run(streams as usize, messages as usize, rate, bytes as usize)?;
+    let json = serde_json::to_string_pretty(&floor).map_err(|e| e.to_string())?;
+    println!("{json}");
+    Ok(())
 }
 
 fn merge(

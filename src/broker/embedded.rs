@@ -13,7 +13,7 @@ use super::{
     BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, RegistryOp,
     Retention, app_channel, user_channel,
 };
-use crate::history::{self, EventId, ResetReason, Since};
+use crate::history::{self, Backlog, EventId, ResetReason};
 use crate::hub::unix_now_ms;
 
 /// app -> (user, connection id) -> entry
@@ -128,34 +128,29 @@ impl History {
         }
     }
 
-    pub fn since(&self, app: &str, user: &str, from: &str, now_ms: u64) -> Since {
+    /// What `users` of `app` missed after `from`, with the Redis function `sse_backlog`'s rules.
+    pub fn backlog(&self, app: &str, from: &str, users: &[String], now_ms: u64) -> Backlog {
         let entry = self.apps.get(app);
         let current = entry.and_then(|e| e.last);
-        let reset = |reason| Since::Reset { current, reason };
+        let reset = |reason| Backlog::Reset { current, reason };
         let (Ok(after), Some(entry), Some(last)) = (from.parse::<EventId>(), entry, current) else {
             return reset(ResetReason::UnknownId);
         };
         if after > last {
             return reset(ResetReason::UnknownId);
         }
-        if after == last {
-            return Since::Events {
-                current,
-                messages: Vec::new(),
-            };
-        }
-        let oldest_kept = now_ms.saturating_sub(self.ttl_ms());
-        let mut lists = Vec::with_capacity(2);
-        for stream in [entry.users.get(user), Some(&entry.broadcast)] {
+        let ttl_ms = self.ttl_ms();
+        // The entries of a stream after `after`, or `None` when it cannot tell.
+        let entries_after = |stream: Option<&Stream>| {
+            if after == last {
+                return Some(Vec::new());
+            }
             // A stream exists until `ttl` after its last write, as the Redis key's EXPIRE does.
-            let exists = stream.filter(|s| {
-                s.last_write_ms > 0 && now_ms.saturating_sub(s.last_write_ms) < self.ttl_ms()
-            });
+            let exists = stream
+                .filter(|s| s.last_write_ms > 0 && now_ms.saturating_sub(s.last_write_ms) < ttl_ms);
             match exists {
-                Some(s) if s.max_deleted.is_some_and(|d| after < d) => {
-                    return reset(ResetReason::TooOld);
-                }
-                Some(s) => lists.push(
+                Some(s) if s.max_deleted.is_some_and(|d| after < d) => None,
+                Some(s) => Some(
                     s.entries
                         .iter()
                         .filter(|(id, _)| *id > after)
@@ -164,15 +159,20 @@ impl History {
                 ),
                 // Written since `after`, it would still exist: so nothing was, unless `after` is
                 // itself older than what is kept.
-                None if after.ms < oldest_kept => return reset(ResetReason::TooOld),
-                None => lists.push(Vec::new()),
+                None if after.ms < now_ms.saturating_sub(ttl_ms) => None,
+                None => Some(Vec::new()),
             }
-        }
-        let b = lists.pop().unwrap_or_default();
-        let a = lists.pop().unwrap_or_default();
-        Since::Events {
+        };
+        let Some(broadcasts) = entries_after(Some(&entry.broadcast)) else {
+            return reset(ResetReason::TooOld);
+        };
+        Backlog::Events {
             current,
-            messages: history::merge(a, b),
+            broadcasts,
+            users: users
+                .iter()
+                .map(|u| entries_after(entry.users.get(u)))
+                .collect(),
         }
     }
 }
@@ -232,11 +232,11 @@ impl Broker for EmbeddedBroker {
     fn since<'a>(
         &'a self,
         app: &'a str,
-        user: &'a str,
         last_event_id: &'a str,
-    ) -> BoxFuture<'a, Result<Since, BrokerError>> {
-        let since = lock(&self.history).since(app, user, last_event_id, unix_now_ms());
-        Box::pin(async move { Ok(since) })
+        users: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, BrokerError>> {
+        let backlog = lock(&self.history).backlog(app, last_event_id, users, unix_now_ms());
+        Box::pin(async move { Ok(backlog) })
     }
 
     fn registry_count<'a>(
@@ -340,16 +340,23 @@ mod tests {
         })
     }
 
-    fn ids(since: &Since) -> Vec<String> {
-        match since {
-            Since::Events { messages, .. } => messages
-                .iter()
-                .map(|m| {
-                    let v: serde_json::Value = serde_json::from_slice(m).unwrap();
-                    v["id"].as_str().unwrap().to_string()
-                })
-                .collect(),
-            Since::Reset { reason, .. } => vec![format!("reset:{}", reason.as_str())],
+    /// The ids `user` gets replayed after `from` (or the reset), as a stream would see them.
+    fn since(h: &History, app: &str, user: &str, from: &str, now_ms: u64) -> Vec<String> {
+        match h.backlog(app, from, &[user.to_string()], now_ms) {
+            Backlog::Events {
+                broadcasts, users, ..
+            } => match users.into_iter().next().flatten() {
+                Some(own) => history::merge(own, broadcasts)
+                    .iter()
+                    .map(|(id, m)| {
+                        let v: serde_json::Value = serde_json::from_slice(m).unwrap();
+                        assert_eq!(v["id"].as_str().unwrap(), id.to_string());
+                        id.to_string()
+                    })
+                    .collect(),
+                None => vec!["reset:too_old".into()],
+            },
+            Backlog::Reset { reason, .. } => vec![format!("reset:{}", reason.as_str())],
         }
     }
 
@@ -365,16 +372,16 @@ mod tests {
             .append("app", Some("u"), br#"{"data":4}"#, T0 + 5)
             .unwrap();
         assert_eq!(
-            ids(&h.since("app", "u", &a.to_string(), T0 + 10)),
+            since(&h, "app", "u", &a.to_string(), T0 + 10),
             vec![b.to_string(), d.to_string()]
         );
         assert_eq!(
-            ids(&h.since("app", "u", &d.to_string(), T0 + 10)),
+            since(&h, "app", "u", &d.to_string(), T0 + 10),
             Vec::<String>::new()
         );
         // A brand-new user still gets the broadcasts after the id.
         assert_eq!(
-            ids(&h.since("app", "new", &a.to_string(), T0 + 10)),
+            since(&h, "app", "new", &a.to_string(), T0 + 10),
             vec![b.to_string()]
         );
     }
@@ -387,19 +394,19 @@ mod tests {
             h.append("app", Some("u"), b"{}", T0 + i).unwrap();
         }
         assert_eq!(
-            ids(&h.since("app", "u", &first.to_string(), T0 + 10)),
+            since(&h, "app", "u", &first.to_string(), T0 + 10),
             vec!["reset:too_old"]
         );
         assert_eq!(
-            ids(&h.since("app", "u", "garbage", T0 + 10)),
+            since(&h, "app", "u", "garbage", T0 + 10),
             vec!["reset:unknown_id"]
         );
         assert_eq!(
-            ids(&h.since("app", "u", "99999999999-0", T0 + 10)),
+            since(&h, "app", "u", "99999999999-0", T0 + 10),
             vec!["reset:unknown_id"]
         );
         assert_eq!(
-            ids(&h.since("nobody", "u", &first.to_string(), T0 + 10)),
+            since(&h, "nobody", "u", &first.to_string(), T0 + 10),
             vec!["reset:unknown_id"]
         );
         // Age: an id older than the TTL whose stream is gone cannot be vouched for.
@@ -407,9 +414,48 @@ mod tests {
         let (old, _) = h.append("app", Some("u"), b"{}", T0).unwrap();
         h.append("app", Some("x"), b"{}", T0 + 120_000).unwrap();
         assert_eq!(
-            ids(&h.since("app", "u", &old.to_string(), T0 + 120_001)),
+            since(&h, "app", "u", &old.to_string(), T0 + 120_001),
             vec!["reset:too_old"]
         );
+    }
+
+    #[test]
+    fn one_read_serves_many_users() {
+        let mut h = history(100);
+        let (start, _) = h.append("app", None, br#"{"data":0}"#, T0).unwrap();
+        let (b, _) = h.append("app", None, br#"{"data":1}"#, T0 + 1).unwrap();
+        let (own, _) = h
+            .append("app", Some("u1"), br#"{"data":2}"#, T0 + 2)
+            .unwrap();
+        let users = ["u1", "u2", "u3"].map(String::from);
+        let Backlog::Events {
+            current,
+            broadcasts,
+            users: per_user,
+        } = h.backlog("app", &start.to_string(), &users, T0 + 10)
+        else {
+            panic!("expected events");
+        };
+        assert_eq!(current, Some(own));
+        assert_eq!(broadcasts.iter().map(|e| e.0).collect::<Vec<_>>(), [b]);
+        let own_ids: Vec<Vec<EventId>> = per_user
+            .iter()
+            .map(|u| u.as_ref().unwrap().iter().map(|e| e.0).collect())
+            .collect();
+        assert_eq!(own_ids, [vec![own], vec![], vec![]]);
+        // One user's history trimmed past the id is that user's reset only.
+        let mut h = history(1);
+        let (start, _) = h.append("app", None, b"{}", T0).unwrap();
+        h.append("app", Some("u1"), b"{}", T0 + 1).unwrap();
+        h.append("app", Some("u1"), b"{}", T0 + 2).unwrap();
+        let Backlog::Events {
+            users: per_user, ..
+        } = h.backlog("app", &start.to_string(), &users, T0 + 10)
+        else {
+            panic!("expected events");
+        };
+        assert_eq!(per_user[0], None);
+        assert_eq!(per_user[1], Some(Vec::new()));
     }
 
     #[test]

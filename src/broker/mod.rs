@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::history::{EventId, Since};
+use crate::history::{Backlog, EventId};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -150,14 +150,14 @@ pub trait Broker: Send + Sync + 'static {
         envelope: Bytes,
     ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>>;
 
-    /// The durable events `user` of `app` missed after `last_event_id` (theirs and the
-    /// application's broadcasts, in order), or why that cannot be known.
+    /// The durable events `users` of `app` missed after `last_event_id`: the application's
+    /// broadcasts once, and each user's own, or why that cannot be known.
     fn since<'a>(
         &'a self,
         app: &'a str,
-        user: &'a str,
         last_event_id: &'a str,
-    ) -> BoxFuture<'a, Result<Since, BrokerError>>;
+        users: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, BrokerError>>;
 
     /// Live registry entries of an application, or of one of its users, across the cluster.
     fn registry_count<'a>(

@@ -29,7 +29,7 @@ use super::{
     BoxFuture, Broker, BrokerError, ConnectionRecord, IdRef, LinkState, MessageSink, RegistryOp,
     Retention,
 };
-use crate::history::{EventId, ResetReason, Since};
+use crate::history::{Backlog, EventId, ResetReason};
 use crate::metrics::{Metrics, ReasonLabel};
 
 /// Upper bound on any single Redis command, so nothing on a request path can hang.
@@ -166,9 +166,10 @@ fn command_error(e: FredError) -> BrokerError {
     }
 }
 
-/// Parses `sse_since`'s answer: `["ok", newest, message...]` or `["reset", newest, reason]`.
-fn parse_since(value: Value) -> Result<Since, BrokerError> {
-    let bad = || BrokerError::Command("unexpected answer from sse_since".into());
+/// Parses `sse_backlog`'s answer: `["ok", newest, [id, message, ...], <per user: [id, message,
+/// ...] or "too_old">...]` or `["reset", newest, reason]`.
+fn parse_backlog(value: Value, users: usize) -> Result<Backlog, BrokerError> {
+    let bad = || BrokerError::Command("unexpected answer from sse_backlog".into());
     let Value::Array(items) = value else {
         return Err(bad());
     };
@@ -178,17 +179,38 @@ fn parse_since(value: Value) -> Result<Since, BrokerError> {
         .next()
         .and_then(|v| v.as_string())
         .and_then(|s| s.parse::<EventId>().ok());
+    // `[id, message, id, message, ...]`; `None` for anything else (a user's "too_old").
+    let entries = |v: Value| -> Option<Vec<(EventId, Bytes)>> {
+        let Value::Array(flat) = v else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        let mut flat = flat.into_iter();
+        while let (Some(id), Some(message)) = (flat.next(), flat.next()) {
+            let id = id.as_string()?.parse().ok()?;
+            out.push((id, message.into_bytes()?));
+        }
+        Some(out)
+    };
     match status.as_str() {
-        "ok" => Ok(Since::Events {
-            current,
-            messages: items.filter_map(|v| v.into_bytes()).collect(),
-        }),
+        "ok" => {
+            let broadcasts = items.next().and_then(entries).ok_or_else(bad)?;
+            let per_user: Vec<_> = items.map(entries).collect();
+            if per_user.len() != users {
+                return Err(bad());
+            }
+            Ok(Backlog::Events {
+                current,
+                broadcasts,
+                users: per_user,
+            })
+        }
         "reset" => {
             let reason = match items.next().and_then(|v| v.as_string()).as_deref() {
                 Some("too_old") => ResetReason::TooOld,
                 _ => ResetReason::UnknownId,
             };
-            Ok(Since::Reset { current, reason })
+            Ok(Backlog::Reset { current, reason })
         }
         _ => Err(bad()),
     }
@@ -319,12 +341,14 @@ impl Broker for RedisBroker {
     fn since<'a>(
         &'a self,
         app: &'a str,
-        user: &'a str,
         last_event_id: &'a str,
-    ) -> BoxFuture<'a, Result<Since, BrokerError>> {
+        users: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, BrokerError>> {
         Box::pin(async move {
-            let args = vec![app.into(), user.into(), last_event_id.into()];
-            parse_since(self.fcall("sse_since", args).await?)
+            let mut args: Vec<Value> = Vec::with_capacity(2 + users.len());
+            args.extend([app.into(), last_event_id.into()]);
+            args.extend(users.iter().map(|u| Value::from(u.as_str())));
+            parse_backlog(self.fcall("sse_backlog", args).await?, users.len())
         })
     }
 

@@ -10,9 +10,14 @@
 -- <payload> is the envelope JSON object {"type":..,"data":..}; the event id is added to it.
 --
 -- Replay (used by the gateway):
---   FCALL_RO sse_since 0 <app> <user> <last event id>
+--   FCALL_RO sse_backlog 0 <app> <last event id> <user>...
+--   -> { "ok", <newest id or "">, { <id>, <message>, ... }, <user's own>... }
+--        the application's broadcasts after the id (once, for every user), then for each user
+--        their own events after the id as { <id>, <message>, ... }, or "too_old"
+--   -> { "reset", <newest id or "">, <reason> }     nobody's gap can be filled: too_old | unknown_id
+--   FCALL_RO sse_since 0 <app> <user> <last event id>    (one user, merged; earlier gateways use it)
 --   -> { "ok", <newest id or "">, <message>... }   every durable event after the id, in id order
---   -> { "reset", <newest id or "">, <reason> }     the gap cannot be filled: too_old | unknown_id
+--   -> { "reset", <newest id or "">, <reason> }
 --
 -- Connection registry writes (used by the gateway), applied in order:
 --   FCALL sse_registry 0 <ttl> <op> <fields...> [<op> <fields...>]...
@@ -124,34 +129,47 @@ local function max_deleted(stream)
   return parse(redis.call('GET', stream .. ':trimmed'))
 end
 
+-- The entries of `stream` after `after`, or nil when the stream cannot tell: trimmed past the id,
+-- or gone (expired) while the id is older than what is kept. (Written since `after`, a stream
+-- would still exist: so if it does not, nothing was written to it since.)
+local function entries_after(stream, after, oldest_kept)
+  if redis.call('EXISTS', stream) == 0 then
+    if after[1] < oldest_kept then return nil end
+    return {}
+  end
+  local deleted = max_deleted(stream)
+  if deleted and cmp(after, deleted) < 0 then return nil end
+  return redis.call('XRANGE', stream, '(' .. fmt(after), '+')
+end
+
+-- Where a client resuming after `from` stands: nil and a reset reply when the id cannot be
+-- resumed from (not ours, from the future, or history lost); else the newest id, the parsed
+-- id, and whether it is already the newest.
+local function resume_point(app, from)
+  local last = parse(redis.call('GET', app .. ':history:last'))
+  local newest = last and fmt(last) or ''
+  local after = parse(from)
+  if not after or not last or cmp(after, last) > 0 then
+    return nil, { 'reset', newest, 'unknown_id' }
+  end
+  return newest, after, cmp(after, last) == 0
+end
+
 local function sse_since(keys, args)
   local app, user, from = args[1], args[2], args[3]
   if not valid_id(app) or not valid_id(user) then
     return redis.error_reply('sse_since: invalid application or user id')
   end
-  local last_raw = redis.call('GET', app .. ':history:last')
-  local last = parse(last_raw)
-  local newest = last and fmt(last) or ''
-  local after = parse(from)
-  -- Not an id of ours, from the future, or history was lost (Redis restarted without persistence).
-  if not after or not last or cmp(after, last) > 0 then
-    return { 'reset', newest, 'unknown_id' }
-  end
-  if cmp(after, last) == 0 then return { 'ok', newest } end
+  local newest, after, current = resume_point(app, from)
+  if not newest then return after end
+  if current then return { 'ok', newest } end
 
   local oldest_kept = now_ms() - TTL * 1000
   local lists = {}
   for _, stream in ipairs({ app .. ':history:user:' .. user, app .. ':history:app' }) do
-    if redis.call('EXISTS', stream) == 0 then
-      -- Written within TTL seconds it would still exist; if the client's id is that recent,
-      -- nothing was published to it since. Older: entries may have expired with the stream.
-      if after[1] < oldest_kept then return { 'reset', newest, 'too_old' } end
-      lists[#lists + 1] = {}
-    else
-      local deleted = max_deleted(stream)
-      if deleted and cmp(after, deleted) < 0 then return { 'reset', newest, 'too_old' } end
-      lists[#lists + 1] = redis.call('XRANGE', stream, '(' .. fmt(after), '+')
-    end
+    local entries = entries_after(stream, after, oldest_kept)
+    if not entries then return { 'reset', newest, 'too_old' } end
+    lists[#lists + 1] = entries
   end
 
   -- Merge the two id-ordered lists.
@@ -166,6 +184,40 @@ local function sse_since(keys, args)
     local entry
     if take_a then entry = a[i]; i = i + 1 else entry = b[j]; j = j + 1 end
     out[#out + 1] = entry[2][2]
+  end
+  return out
+end
+
+-- { id1, message1, id2, message2, ... } from stream entries.
+local function flat(entries)
+  local out = {}
+  for _, e in ipairs(entries) do
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2][2]
+  end
+  return out
+end
+
+local function sse_backlog(keys, args)
+  local app, from = args[1], args[2]
+  if not valid_id(app) then return redis.error_reply('sse_backlog: invalid application id') end
+  for i = 3, #args do
+    if not valid_id(args[i]) then return redis.error_reply('sse_backlog: invalid user id') end
+  end
+  local newest, after, current = resume_point(app, from)
+  if not newest then return after end
+  local out = { 'ok', newest, {} }
+  if current then
+    for i = 3, #args do out[#out + 1] = {} end
+    return out
+  end
+  local oldest_kept = now_ms() - TTL * 1000
+  local broadcasts = entries_after(app .. ':history:app', after, oldest_kept)
+  if not broadcasts then return { 'reset', newest, 'too_old' } end
+  out[3] = flat(broadcasts)
+  for i = 3, #args do
+    local mine = entries_after(app .. ':history:user:' .. args[i], after, oldest_kept)
+    out[#out + 1] = mine and flat(mine) or 'too_old'
   end
   return out
 end
@@ -225,3 +277,4 @@ end
 redis.register_function('sse_publish', sse_publish)
 redis.register_function('sse_registry', sse_registry)
 redis.register_function({ function_name = 'sse_since', callback = sse_since, flags = { 'no-writes' } })
+redis.register_function({ function_name = 'sse_backlog', callback = sse_backlog, flags = { 'no-writes' } })

@@ -2,7 +2,8 @@
 //! the fan-out of encoded events to them.
 //!
 //! - [`stream`]: one stream, its outbox and the writes to its socket;
-//! - [`writers`]: the threads that share a large fan-out's socket writes.
+//! - [`writers`]: the threads that share a large fan-out's socket writes;
+//! - [`replay`]: history reads for resuming streams, shared by those resuming together.
 //!
 //! A stream costs one small [`Conn`] (ids, an outbox, its socket and a waker); there is no timer or
 //! channel per connection, and its task sleeps until the socket needs it. The hub reference-counts
@@ -12,6 +13,7 @@
 //! (and the writers). Fan-out never waits: a stream whose outbox is full is cut off (it reconnects
 //! and resumes by id) instead of slowing the others.
 
+mod replay;
 pub mod stream;
 mod writers;
 
@@ -24,13 +26,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::json;
 
+use self::replay::{Replay, Replays};
 use self::stream::ConnParts;
 pub use self::stream::{Conn, Outbox, Push, QueueLimits, Wire};
 use self::writers::Writers;
 use crate::broker::{
     Broker, BrokerError, MessageSink, Topic, app_channel, parse_channel, user_channel,
 };
-use crate::history::{EventId, Since};
+use crate::history::EventId;
 use crate::metrics::{AppReasonLabel, KindLabel, Metrics, ReasonLabel, close_reason};
 use crate::registry::Registry;
 use crate::sse::{self, Event, PayloadKind};
@@ -82,6 +85,7 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     config: HubConfig,
     writers: Writers,
+    replays: Arc<Replays>,
 }
 
 /// Why a stream could not join.
@@ -148,6 +152,7 @@ impl Hub {
         Hub {
             state: Mutex::new(State::default()),
             next_key: AtomicU64::new(1),
+            replays: Arc::new(Replays::new(broker.clone(), metrics.replay_reads.clone())),
             broker,
             registry,
             metrics,
@@ -170,7 +175,7 @@ impl Hub {
             self.broker.subscribe(channels).await?;
             let (replay, after) = match &new.last_event_id {
                 None => (Vec::new(), None),
-                Some(last) => self.replay(&new, last).await,
+                Some(last) => self.replay(&lease.conn, last).await,
             };
             lease.conn.catch_up(replay, after);
             Ok::<(), AttachError>(())
@@ -235,42 +240,33 @@ impl Hub {
     }
 
     /// What a stream resuming after `last` must see first, and the id it then stands at.
-    async fn replay(&self, new: &NewConn, last: &str) -> (Vec<Bytes>, Option<EventId>) {
-        let label = Metrics::app(&new.app);
-        let since = match self.broker.since(&new.app, &new.user, last).await {
-            Ok(since) => since,
+    async fn replay(&self, conn: &Conn, last: &str) -> (Vec<Bytes>, Option<EventId>) {
+        let label = Metrics::app(&conn.app);
+        let replay = match self.replays.replay(&conn.app, &conn.user, last).await {
+            Ok(replay) => replay,
             Err(error) => {
                 // Never pretend: if history cannot be read, the client is told to refetch.
-                tracing::warn!(app = %new.app, user = %new.user, %error, "history unavailable for replay");
+                tracing::warn!(app = %conn.app, user = %conn.user, %error, "history unavailable for replay");
                 return (vec![reset_event(None, "history_unavailable", last)], None);
             }
         };
-        match since {
-            Since::Events { current, messages } => {
-                let mut after = last.parse::<EventId>().ok().or(current);
-                let mut out = Vec::with_capacity(messages.len());
-                for m in &messages {
-                    let parsed = sse::parse_payload(m);
-                    if let Some(id) = parsed.event.id.as_deref().and_then(|s| s.parse().ok()) {
-                        after = after.max(Some(id));
-                    }
-                    out.push(parsed.event.encode());
-                }
+        match replay {
+            Replay::Events { events, after } => {
                 self.metrics
                     .replayed_events
                     .get_or_create(&label)
-                    .inc_by(out.len() as u64);
-                (out, after)
+                    .inc_by(events.len() as u64);
+                (events, after)
             }
-            Since::Reset { current, reason } => {
+            Replay::Reset { current, reason } => {
                 self.metrics
                     .replay_resets
                     .get_or_create(&AppReasonLabel {
-                        app: new.app.clone(),
+                        app: conn.app.to_string(),
                         reason: reason.as_str(),
                     })
                     .inc();
-                tracing::info!(app = %new.app, user = %new.user, reason = reason.as_str(),
+                tracing::info!(app = %conn.app, user = %conn.user, reason = reason.as_str(),
                     "cannot replay from the client's id: sending reset");
                 (vec![reset_event(current, reason.as_str(), last)], current)
             }

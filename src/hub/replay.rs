@@ -1,0 +1,170 @@
+//! Replay reads: what resuming streams missed, read from history once for every stream of an
+//! application that resumes from the same id at the same time.
+//!
+//! After a deploy, thousands of clients reconnect within a second, most of them with the same
+//! `Last-Event-ID` (the last broadcast). One history read per stream would queue thousands of
+//! function calls on the command link and encode the same broadcasts thousands of times. Instead
+//! the first stream to resume from an id starts a read; streams arriving while it runs wait for the
+//! next read, which serves all of them (up to [`BATCH`] users per call). Each stream's read starts
+//! after it asked, so after its subscription was live: the no-gap guarantee is kept. The
+//! broadcasts are encoded once and shared by every stream that replays them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::broker::{Broker, BrokerError};
+use crate::history::{self, Backlog, EventId, ResetReason};
+use crate::sse;
+
+/// Most users asked for in one history read (a few milliseconds of Redis time).
+const BATCH: usize = 256;
+
+/// What one resuming stream is to be sent.
+#[derive(Debug)]
+pub enum Replay {
+    /// The encoded events it missed, in order, and the id they bring it to.
+    Events {
+        events: Vec<Bytes>,
+        after: Option<EventId>,
+    },
+    /// Its gap cannot be filled.
+    Reset {
+        current: Option<EventId>,
+        reason: ResetReason,
+    },
+}
+
+type Answer = oneshot::Sender<Result<Replay, BrokerError>>;
+/// An application and the id its streams resume from.
+type Key = (Arc<str>, Arc<str>);
+/// The streams (user, answer) waiting for a read, by key.
+type Waiting = HashMap<Key, Vec<(Arc<str>, Answer)>>;
+
+/// Streams waiting for a history read, by application and id. A key is present while its reader
+/// task runs.
+pub struct Replays {
+    broker: Arc<dyn Broker>,
+    waiting: Mutex<Waiting>,
+    /// History reads made, for the metrics.
+    reads: prometheus_client::metrics::counter::Counter,
+}
+
+impl Replays {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        reads: prometheus_client::metrics::counter::Counter,
+    ) -> Replays {
+        Replays {
+            broker,
+            waiting: Mutex::default(),
+            reads,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `user` of `app` missed after `last`, read together with every other stream resuming
+    /// from the same id now.
+    pub async fn replay(
+        self: &Arc<Self>,
+        app: &Arc<str>,
+        user: &Arc<str>,
+        last: &str,
+    ) -> Result<Replay, BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        let key: Key = (app.clone(), Arc::from(last));
+        let start = {
+            let mut waiting = self.lock();
+            let start = !waiting.contains_key(&key);
+            waiting
+                .entry(key.clone())
+                .or_default()
+                .push((user.clone(), tx));
+            start
+        };
+        if start {
+            // Its own task: the stream that started it may give up (its client leaves) while
+            // others wait for the same read.
+            tokio::spawn(self.clone().read(key));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(BrokerError::Unavailable("replay read abandoned".into())))
+    }
+
+    /// Reads for the streams waiting on `key`, batch after batch, until none is left.
+    async fn read(self: Arc<Self>, key: Key) {
+        loop {
+            let batch: Vec<(Arc<str>, Answer)> = {
+                let mut waiting = self.lock();
+                let Some(list) = waiting.get_mut(&key) else {
+                    return;
+                };
+                if list.is_empty() {
+                    waiting.remove(&key);
+                    return;
+                }
+                let n = list.len().min(BATCH);
+                list.drain(..n).collect()
+            };
+            let users: Vec<String> = batch.iter().map(|(u, _)| u.to_string()).collect();
+            self.reads.inc();
+            let backlog = self.broker.since(&key.0, &key.1, &users).await;
+            answer(batch, backlog, &key.1);
+        }
+    }
+}
+
+/// Hands each waiting stream its part of a read.
+fn answer(batch: Vec<(Arc<str>, Answer)>, backlog: Result<Backlog, BrokerError>, last: &str) {
+    let (current, broadcasts, users) = match backlog {
+        Err(e) => {
+            for (_, tx) in batch {
+                let _ = tx.send(Err(e.clone()));
+            }
+            return;
+        }
+        Ok(Backlog::Reset { current, reason }) => {
+            for (_, tx) in batch {
+                let _ = tx.send(Ok(Replay::Reset { current, reason }));
+            }
+            return;
+        }
+        Ok(Backlog::Events {
+            current,
+            broadcasts,
+            users,
+        }) => (current, broadcasts, users),
+    };
+    let shared = encode(broadcasts);
+    let from = last.parse::<EventId>().ok().or(current);
+    for ((_, tx), own) in batch.into_iter().zip(users) {
+        let replay = match own {
+            None => Replay::Reset {
+                current,
+                reason: ResetReason::TooOld,
+            },
+            Some(own) => {
+                let merged = history::merge(encode(own), shared.clone());
+                let after = merged.iter().map(|(id, _)| Some(*id)).fold(from, Ord::max);
+                Replay::Events {
+                    events: merged.into_iter().map(|(_, b)| b).collect(),
+                    after,
+                }
+            }
+        };
+        let _ = tx.send(Ok(replay));
+    }
+}
+
+/// Durable envelopes as SSE events, ids kept for merging.
+fn encode(entries: Vec<(EventId, Bytes)>) -> Vec<(EventId, Bytes)> {
+    entries
+        .into_iter()
+        .map(|(id, m)| (id, sse::parse_payload(&m).event.encode()))
+        .collect()
+}
