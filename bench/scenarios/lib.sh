@@ -162,8 +162,8 @@ start_pushpin() {
   ) >"$dir/stdout.log" 2>&1 &
   PUSHPIN_PID=$!
   STARTED_PIDS+=("$PUSHPIN_PID")
-  wait_port "$port" 30
-  wait_port "$PUSHPIN_PUBLISH_PORT" 30
+  wait_port "$port" 90
+  wait_port "$PUSHPIN_PUBLISH_PORT" 90
   sleep 1
   PUSHPIN_SERVER_PIDS=$(pgrep -P "$PUSHPIN_PID" | tr '\n' ' ')
 }

@@ -92,6 +92,11 @@ start_target() {
 
 stop_target() {
   stop_started "$SERVER_PID"
+  # Pushpin's runner may leave its children behind if it had to be killed.
+  local p
+  if [ "$TARGET" = pushpin ]; then
+    for p in $PUSHPIN_SERVER_PIDS; do stop_pid "$p"; done
+  fi
   sleep 1
 }
 

@@ -38,6 +38,9 @@ pub enum Command {
         /// Bytes per message (an SSE event of the scenarios, framed, is about 100).
         #[arg(long, default_value_t = 106, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         bytes: u32,
+        /// Write the sockets in a random order instead of the order they were created in.
+        #[arg(long)]
+        shuffle: bool,
     },
     /// The reading side of `floor` (started by it).
     #[command(hide = true)]

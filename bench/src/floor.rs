@@ -4,6 +4,10 @@
 //! logic at all: the writer's CPU per write is the floor under any server's CPU per delivery on
 //! this machine, and the time to write one message to all N the floor under its fan-out latency.
 //!
+//! `--shuffle` writes the sockets in a random order instead of the order they were created in,
+//! as a server iterating a hash map of its connections would: it shows what memory locality in
+//! the kernel's per-socket structures is worth.
+//!
 //! Loopback only, bounded in count and time like every other command of the tool.
 
 use std::io::{Read, Write};
@@ -23,6 +27,8 @@ pub struct Floor {
     pub messages: usize,
     pub bytes_per_message: usize,
     pub rate: f64,
+    /// Sockets written in a random order rather than the order they were created in.
+    pub shuffled: bool,
     /// Writer CPU (user + system) per write, microseconds.
     pub writer_cpu_us_per_write: f64,
     pub writer_sys_share: f64,
@@ -43,7 +49,13 @@ fn cpu() -> (f64, f64) {
 }
 
 /// The writer: listens, starts the reader, writes `messages` messages to every stream at `rate`.
-pub fn run(streams: usize, messages: usize, rate: f64, bytes: usize) -> Result<Floor, String> {
+pub fn run(
+    streams: usize,
+    messages: usize,
+    rate: f64,
+    bytes: usize,
+    shuffle: bool,
+) -> Result<Floor, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let total = (streams * messages * bytes) as u64;
@@ -66,6 +78,16 @@ pub fn run(streams: usize, messages: usize, rate: f64, bytes: usize) -> Result<F
         conns.push(s);
     }
     std::thread::sleep(Duration::from_millis(300)); // let the reader settle into epoll_wait
+    if shuffle {
+        // Fisher-Yates with a fixed xorshift: the same order every run.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for i in (1..conns.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            conns.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+    }
     let message = vec![b'x'; bytes];
     let period = Duration::from_secs_f64(1.0 / rate);
     let mut fanouts = Vec::with_capacity(messages);
@@ -94,6 +116,7 @@ pub fn run(streams: usize, messages: usize, rate: f64, bytes: usize) -> Result<F
         messages,
         bytes_per_message: bytes,
         rate,
+        shuffled: shuffle,
         writer_cpu_us_per_write: round(writer / writes * 1e6),
         writer_sys_share: round((s1 - s0) / writer.max(f64::EPSILON)),
         reader_cpu_us_per_message: round(reader_cpu / writes * 1e6),

@@ -33,7 +33,8 @@ fn main() -> ExitCode {
             messages,
             rate,
             bytes,
-        } => run_floor(streams, messages, rate, bytes),
+            shuffle,
+        } => run_floor(streams, messages, rate, bytes, shuffle),
         Command::FloorReader {
             port,
             streams,
@@ -81,7 +82,13 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     emit(&summary, out.as_deref())
 }
 
-fn run_floor(streams: u32, messages: u32, rate: f64, bytes: u32) -> Result<(), String> {
+fn run_floor(
+    streams: u32,
+    messages: u32,
+    rate: f64,
+    bytes: u32,
+    shuffle: bool,
+) -> Result<(), String> {
     if !(rate > 0.0 && rate <= 10_000.0) || f64::from(messages) / rate > 600.0 {
         return Err("--rate must be above 0 and at most 10000, and the run at most 600 s".into());
     }
@@ -92,7 +99,13 @@ fn run_floor(streams: u32, messages: u32, rate: f64, bytes: u32) -> Result<(), S
             fds.limit
         ));
     }
-    let floor = floor::run(streams as usize, messages as usize, rate, bytes as usize)?;
+    let floor = floor::run(
+        streams as usize,
+        messages as usize,
+        rate,
+        bytes as usize,
+        shuffle,
+    )?;
     let json = serde_json::to_string_pretty(&floor).map_err(|e| e.to_string())?;
     println!("{json}");
     Ok(())

@@ -186,7 +186,17 @@ impl Wire for Chunked {
                     iov[n + 2] = IoSlice::new(b"\r\n");
                     n += 3;
                 }
-                match self.socket.try_write_vectored(&iov[..n]) {
+                // Straight to `sendmsg`, without tokio's readiness bookkeeping: the socket is
+                // almost always writable. Only when it is full does tokio's own write run, whose
+                // would-block clears the readiness the stream's task then waits on (clearing it
+                // from here could lose an edge that arrived meanwhile).
+                let sent = match socket2::SockRef::from(&self.socket).send_vectored(&iov[..n]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.socket.try_write_vectored(&iov[..n])
+                    }
+                    other => other,
+                };
+                match sent {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(written) => written,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),

@@ -74,6 +74,8 @@ impl Writers {
             }
             return;
         }
+        // In creation order (a batch of unicast events comes in any order): see `AppEntry::conns`.
+        conns.sort_unstable_by_key(|c| c.key);
         let share = conns.len().div_ceil(self.threads);
         let mut jobs = self.shared.lock();
         while !conns.is_empty() {
