@@ -55,7 +55,7 @@ def legend(targets, x, y):
 def latency_plot(runs):
     targets = [t for t in COLORS if t in runs]
     bar = 12
-    left, bottom, top, height = 70, 330, 40, 420
+    left, bottom, top, height = 90, 330, 40, 420
     per_scenario = len(PERCENTILES) * (bar * len(targets) + 4) + 16
     width = left + 6 + len(LATENCY_SCENARIOS) * per_scenario + 150
     lo, hi = 0.1, 100_000.0  # milliseconds, log scale
@@ -93,8 +93,8 @@ def memory_plot(runs):
             per = runs[t][label].get("rss_per_stream_bytes")
             if label.startswith("idle") and per:
                 rows.append((f"{t} {label}", per / 1024, t))
-    width, height, left = 620, 60 + 26 * len(rows) + 40, 210
-    scale = (width - left - 60) / max([r[1] for r in rows] + [50])
+    width, height, left = 700, 60 + 26 * len(rows) + 40, 210
+    scale = (width - left - 100) / max([r[1] for r in rows] + [50])
     body = []
     for i, (name, kib, t) in enumerate(rows):
         yy = 50 + i * 26

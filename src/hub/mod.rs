@@ -27,7 +27,6 @@ use bytes::Bytes;
 use serde_json::json;
 
 use self::replay::{Replay, Replays};
-use self::stream::ConnParts;
 pub use self::stream::{Conn, Outbox, Push, QueueLimits, Wire};
 use self::writers::Writers;
 use crate::broker::{
@@ -214,17 +213,13 @@ impl Hub {
             Some((k, _)) => k.clone(),
             None => Arc::from(new.user.as_str()),
         };
-        let conn = Arc::new(Conn::new(ConnParts {
-            app,
-            user: user.clone(),
-            created_at: unix_now(),
-            exp: new.exp,
-            remote_addr: new.remote_addr,
-            user_agent: new.user_agent.clone().into_boxed_str(),
-            key: self.next_key.fetch_add(1, Ordering::Relaxed),
-            limits: self.config.queue,
-            hello: self.config.hello.clone(),
-        }));
+        let conn = Arc::new(Conn::new(
+            new,
+            (app, user.clone()),
+            self.next_key.fetch_add(1, Ordering::Relaxed),
+            self.config.queue,
+            self.config.hello.clone(),
+        ));
         entry.conns.insert(conn.key, conn.clone());
         entry
             .users

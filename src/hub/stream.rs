@@ -17,6 +17,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
+use super::{NewConn, unix_now};
 use crate::broker::{ConnectionRecord, IdRef};
 use crate::history::EventId;
 use crate::metrics::close_reason;
@@ -101,20 +102,6 @@ pub struct Conn {
     queue: Mutex<Queue>,
 }
 
-/// What a stream is made of before it joins the hub.
-pub(super) struct ConnParts {
-    pub app: Arc<str>,
-    pub user: Arc<str>,
-    pub created_at: u64,
-    pub exp: u64,
-    pub remote_addr: SocketAddr,
-    pub user_agent: Box<str>,
-    pub key: u64,
-    pub limits: QueueLimits,
-    /// The stream's first bytes (the `retry:` hint).
-    pub hello: Bytes,
-}
-
 struct Queue {
     out: Outbox,
     waker: Option<Waker>,
@@ -160,19 +147,27 @@ pub enum Push {
 }
 
 impl Conn {
-    pub(super) fn new(p: ConnParts) -> Conn {
+    /// The stream `new` asked for, with its application and user ids shared with the hub's maps,
+    /// its key there, its limits and its first bytes (the `retry:` hint).
+    pub(super) fn new(
+        new: &NewConn,
+        (app, user): (Arc<str>, Arc<str>),
+        key: u64,
+        limits: QueueLimits,
+        hello: Bytes,
+    ) -> Conn {
         let mut out = Outbox::default();
-        out.queue(p.hello);
+        out.queue(hello);
         Conn {
             id: uuid::Uuid::new_v4(),
-            app: p.app,
-            user: p.user,
-            created_at: p.created_at,
-            exp: p.exp,
-            remote_addr: p.remote_addr,
-            user_agent: p.user_agent,
-            key: p.key,
-            limits: p.limits,
+            app,
+            user,
+            created_at: unix_now(),
+            exp: new.exp,
+            remote_addr: new.remote_addr,
+            user_agent: new.user_agent.as_str().into(),
+            key,
+            limits,
             queue: Mutex::new(Queue {
                 out,
                 waker: None,
@@ -425,17 +420,16 @@ mod tests {
     use std::task::Waker;
 
     fn conn(events: usize, bytes: usize) -> Conn {
-        let c = Conn::new(ConnParts {
+        let new = NewConn {
             app: "a".into(),
             user: "u".into(),
-            created_at: 0,
             exp: u64::MAX,
             remote_addr: "127.0.0.1:1".parse().unwrap(),
-            user_agent: "".into(),
-            key: 1,
-            limits: QueueLimits { events, bytes },
-            hello: Bytes::new(),
-        });
+            user_agent: String::new(),
+            last_event_id: None,
+        };
+        let ids = ("a".into(), "u".into());
+        let c = Conn::new(&new, ids, 1, QueueLimits { events, bytes }, Bytes::new());
         c.catch_up(Vec::new(), None);
         assert_eq!(next(&c), Poll::Ready(Some(Bytes::new())), "the hello");
         c
@@ -522,6 +516,14 @@ mod tests {
         fn end(&mut self) {
             self.socket().ended = true;
         }
+    }
+
+    /// A stream already holding a socket with `room` bytes of space, its head written.
+    fn wired(events: usize, room: usize) -> (Conn, TestWire) {
+        let c = conn(events, 1 << 20);
+        let wire = TestWire::with_room(room);
+        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        (c, wire)
     }
 
     #[test]
@@ -623,9 +625,7 @@ mod tests {
 
     #[test]
     fn a_full_socket_is_left_to_the_task_and_order_is_kept() {
-        let c = conn(10, 1 << 20);
-        let wire = TestWire::with_room(4);
-        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        let (c, wire) = wired(10, 4);
         assert_eq!(c.push(b("one"), None), Push::Flush);
         c.flush(); // "one|" fills the socket
         assert_eq!(c.push(b("two"), None), Push::Flush);
@@ -648,9 +648,7 @@ mod tests {
 
     #[test]
     fn a_stalled_client_is_cut_off_and_its_socket_dropped() {
-        let c = conn(2, 1 << 20);
-        let wire = TestWire::with_room(0);
-        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        let (c, wire) = wired(2, 0);
         assert!(drive(&c).is_pending());
         assert_eq!(c.push(b("1"), None), Push::Flush);
         c.flush();
@@ -668,9 +666,7 @@ mod tests {
 
     #[test]
     fn a_client_that_leaves_ends_the_stream() {
-        let c = conn(10, 1 << 20);
-        let wire = TestWire::with_room(100);
-        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        let (c, wire) = wired(10, 100);
         assert!(drive(&c).is_pending());
         wire.socket().closed_by_peer = true;
         assert!(drive(&c).is_ready());
@@ -688,9 +684,7 @@ mod tests {
         }
         let flag = Arc::new(Flag(AtomicBool::new(false)));
         let waker = Waker::from(flag.clone());
-        let c = conn(10, 1 << 20);
-        let wire = TestWire::with_room(8);
-        c.attach_wire(Box::new(wire.clone()), Bytes::new());
+        let (c, _wire) = wired(10, 8);
         assert!(c.poll_drive(&mut Context::from_waker(&waker)).is_pending());
         assert_eq!(c.push(b("abc"), None), Push::Flush);
         c.flush();
