@@ -223,3 +223,126 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
     assert_eq!(logs.matches("stream cut off").count(), 1, "logged once");
     drop(slow);
 }
+
+/// Decodes the complete chunks at the start of an HTTP/1.1 chunked body.
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16)
+            .expect("a chunk-size line");
+        let start = eol + 2;
+        if rest.len() < start + size + 2 {
+            break; // the rest of this chunk has not arrived yet
+        }
+        assert_eq!(
+            &rest[start + size..start + size + 2],
+            b"\r\n",
+            "chunk ends in CRLF"
+        );
+        out.extend_from_slice(&rest[start..start + size]);
+        rest = &rest[start + size + 2..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_reader_that_falls_far_behind_then_catches_up_gets_every_byte_in_order() {
+    use tokio::io::AsyncReadExt;
+    let redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .redis(&redis)
+        .env("CLIENT_QUEUE", "100000")
+        .env("CLIENT_QUEUE_BYTES", "67108864")
+        .start()
+        .await;
+    // A client with a small receive buffer that stops reading after its request: the gateway's
+    // writes fill the socket, stop in the middle of an event, and must resume exactly there.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket
+        .connect(([127, 0, 0, 1], gw.port).into())
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token("shop", "lagging")
+    );
+    client.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 4096];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(n > 0, "head expected");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let mut body = raw.split_off(head_end);
+
+    // 12 MiB of events (more than the kernel's buffers for this socket), each of a size that does
+    // not divide the buffers, published while the client reads nothing.
+    let total = 400;
+    let r = redis.client().await;
+    for i in 0..total {
+        let blob = "x".repeat(30_000 + i);
+        let payload = format!(r#"{{"id":"{i}","type":"bulk","data":"{blob}"}}"#);
+        r.publish::<i64, _, _>("shop:channel:lagging", payload)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Now read everything: every event whole and in order (a keep-alive ping may fall anywhere).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 256 * 1024];
+    // Decoding is only worth trying once at least the events' own bytes are in.
+    let least: usize = (0..total)
+        .map(|i| {
+            format!(
+                "id: {i}\nevent: bulk\ndata: \"{}\"\n\n",
+                "x".repeat(30_000 + i)
+            )
+            .len()
+        })
+        .sum();
+    let events: Vec<String> = loop {
+        let text = if body.len() < least {
+            String::new()
+        } else {
+            String::from_utf8(dechunk(&body)).unwrap()
+        };
+        let events: Vec<String> = text
+            .split_terminator("\n\n")
+            .filter(|e| *e != "event: ping\ndata: null")
+            .map(String::from)
+            .collect();
+        // The first event is the `retry:` hint, then the 400; the last one must be complete.
+        if events.len() > total && text.ends_with("\n\n") {
+            break events;
+        }
+        let n = tokio::time::timeout_at(deadline, client.read(&mut buf))
+            .await
+            .expect("the rest arrives")
+            .unwrap();
+        assert!(n > 0, "the stream must not end");
+        body.extend_from_slice(&buf[..n]);
+    };
+    assert_eq!(events.len(), total + 1);
+    assert!(events[0].starts_with("retry: "));
+    for (i, ev) in events[1..].iter().enumerate() {
+        let want = format!("id: {i}\nevent: bulk\ndata: \"{}\"", "x".repeat(30_000 + i));
+        assert!(*ev == want, "event {i} is whole and in order");
+    }
+    assert_eq!(
+        gw.metric("sse_slow_clients_disconnected_total")
+            .await
+            .unwrap_or_default(),
+        0.0,
+        "within its limits, a slow reader is waited for"
+    );
+}
