@@ -103,6 +103,45 @@ async fn broadcast_reaches_every_user_of_the_app_only() {
 }
 
 #[tokio::test]
+async fn a_large_fan_out_reaches_every_stream_whole_and_in_order() {
+    // Enough streams that the writer threads share the writing, and a burst that reaches the
+    // gateway as batches: each stream must still see every event once, in publish order.
+    const STREAMS: usize = 600;
+    const EVENTS: usize = 30;
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis).await;
+    let r = redis.client().await;
+    let mut streams = Vec::with_capacity(STREAMS);
+    let users: Vec<String> = (0..STREAMS).map(|i| format!("u{i}")).collect();
+    for chunk in users.chunks(100) {
+        let opened =
+            futures_util::future::join_all(chunk.iter().map(|u| gw.connect("shop", u))).await;
+        streams.extend(opened);
+    }
+    for i in 0..EVENTS {
+        // Every third event to one user only: unicast and broadcast interleave in one burst.
+        let (channel, data) = if i % 3 == 0 {
+            ("shop:channel:u7".to_string(), format!("{i}"))
+        } else {
+            ("shop:broadcast".to_string(), format!("{i}"))
+        };
+        publish(&r, &channel, format!(r#"{{"type":"n","data":{data}}}"#)).await;
+    }
+    for (u, s) in streams.iter_mut().enumerate() {
+        let want: Vec<String> = (0..EVENTS)
+            .filter(|i| i % 3 != 0 || u == 7)
+            .map(|i| i.to_string())
+            .collect();
+        let mut got = Vec::with_capacity(want.len());
+        while got.len() < want.len() {
+            got.push(s.next().await.data);
+        }
+        assert_eq!(got, want, "stream of u{u}");
+    }
+    streams[0].expect_silence(QUIET).await;
+}
+
+#[tokio::test]
 async fn hostile_and_odd_payloads() {
     let redis = RedisServer::start();
     let gw = Gateway::builder()

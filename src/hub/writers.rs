@@ -76,7 +76,10 @@ impl Writers {
         }
         // In creation order (a batch of unicast events comes in any order): see `AppEntry::conns`.
         conns.sort_unstable_by_key(|c| c.key);
-        let share = conns.len().div_ceil(self.threads);
+        // Every writer gets a share worth its wake-up: on a large machine a fan-out of a few
+        // hundred streams goes to one or two writers, not to all of them.
+        let parts = self.threads.min(conns.len() / SPLIT_MIN).max(1);
+        let share = conns.len().div_ceil(parts);
         let mut jobs = self.shared.lock();
         while !conns.is_empty() {
             let part = conns.split_off(conns.len().saturating_sub(share));
