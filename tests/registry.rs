@@ -295,7 +295,6 @@ async fn graceful_shutdown_tells_streams_to_reconnect_and_leaves_no_entries() {
 
 #[tokio::test]
 async fn shutdown_is_bounded_even_when_a_client_never_reads() {
-    use tokio::io::AsyncWriteExt;
     let redis = RedisServer::start();
     let mut gw = Gateway::builder()
         .redis(&redis)
@@ -303,14 +302,7 @@ async fn shutdown_is_bounded_even_when_a_client_never_reads() {
         .start()
         .await;
     // A client that sends its request and then never reads a byte.
-    let mut stuck = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        user_token("shop", "stuck")
-    );
-    stuck.write_all(req.as_bytes()).await.unwrap();
+    let _stuck = raw_sse_request(gw.port, "shop", "stuck", None).await;
     // Fill its socket buffers so that nothing more can be written to it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let blob = "x".repeat(200_000);

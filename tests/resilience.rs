@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::*;
 use fred::interfaces::{ClientLike, PubsubInterface};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
 async fn redis_keys(r: &RedisServer) -> Vec<String> {
     let c = r.client().await;
@@ -124,14 +123,7 @@ async fn a_client_that_vanishes_is_cleaned_up() {
     let redis = RedisServer::start();
     let gw = Gateway::with_redis(&redis).await;
     // Raw socket, so the test can drop it without any HTTP goodbye.
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        user_token("shop", "ghost")
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    let s = raw_sse_request(gw.port, "shop", "ghost", None).await;
     let redis_ref = &redis;
     let keys = poll_until(move || redis_keys(redis_ref), |k| k.len() == 3).await;
     assert_eq!(keys.len(), 3);
@@ -160,17 +152,7 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
         .await;
     let mut fast = gw.connect("shop", "fast").await;
     // The slow client sends its request and never reads; a small receive buffer makes it fill sooner.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket
-        .connect(([127, 0, 0, 1], gw.port).into())
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        user_token("shop", "slow")
-    );
-    slow.write_all(req.as_bytes()).await.unwrap();
+    let slow = raw_sse_request(gw.port, "shop", "slow", Some(4096)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Broadcast 300 messages of 16 KiB (4.7 MiB): more than the slow socket's kernel buffers (about
@@ -258,17 +240,7 @@ async fn a_reader_that_falls_far_behind_then_catches_up_gets_every_byte_in_order
         .await;
     // A client with a small receive buffer that stops reading after its request: the gateway's
     // writes fill the socket, stop in the middle of an event, and must resume exactly there.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut client = socket
-        .connect(([127, 0, 0, 1], gw.port).into())
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        user_token("shop", "lagging")
-    );
-    client.write_all(req.as_bytes()).await.unwrap();
+    let mut client = raw_sse_request(gw.port, "shop", "lagging", Some(4096)).await;
     let mut raw = Vec::new();
     while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
         let mut buf = [0u8; 4096];

@@ -331,6 +331,28 @@ impl Drop for Gateway {
     }
 }
 
+/// A raw `GET /sse` for `user` of `app`, request sent and nothing read: for clients that vanish,
+/// stall or fall behind. `recv_buffer` shrinks the socket's receive buffer, so it fills sooner.
+pub async fn raw_sse_request(
+    port: u16,
+    app: &str,
+    user: &str,
+    recv_buffer: Option<u32>,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token(app, user)
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
