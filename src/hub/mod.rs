@@ -301,7 +301,8 @@ impl Hub {
             if !unsubscribe.is_empty() {
                 self.broker.unsubscribe(unsubscribe);
             }
-            // Also under the lock, so that a heartbeat rewrite can never land after this delete.
+            // Also under the lock, so that no heartbeat touch of this stream is queued after this
+            // delete (a touch that finds the entry gone would write it again).
             if reason != close_reason::BROKER_UNAVAILABLE {
                 self.registry.remove(conn);
             }

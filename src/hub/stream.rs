@@ -314,17 +314,16 @@ impl Conn {
             return;
         }
         q.floor = after;
-        // Held events were counted in the budget when they arrived; they move to the outbox.
-        for (_, b) in &held {
-            q.out.bytes = q.out.bytes.saturating_sub(b.len());
-        }
         for b in replay {
             q.out.push(b);
         }
+        // Held events were counted in the budget when they arrived.
         for (id, b) in held {
             match (id, after) {
-                (Some(id), Some(after)) if id <= after => {}
-                _ => q.out.push(b),
+                (Some(id), Some(after)) if id <= after => {
+                    q.out.bytes = q.out.bytes.saturating_sub(b.len());
+                }
+                _ => q.out.queue(b),
             }
         }
         wake(q);
