@@ -2,9 +2,15 @@
 //! from the id it last saw to the live stream with no gap and no duplicate.
 //!
 //! Every durable event of an application gets the next id of one per-application sequence,
-//! `<milliseconds>-<counter>` (only digits and `-`: safe in a `Last-Event-ID` header without a CORS
-//! preflight). A user's view is their own history merged with the application's broadcasts, both
-//! ordered by that one sequence, so a single id says exactly where a client stands in both.
+//! `<milliseconds>-<counter>-<epoch>` (only digits, lowercase letters and `-`: safe in a
+//! `Last-Event-ID` header). A user's view is their own history merged with the application's
+//! broadcasts, both ordered by that one sequence, so a single id says exactly where a client stands
+//! in both.
+//!
+//! The epoch names one unbroken history of the application. It is drawn afresh whenever that
+//! history may have lost events: Redis came back without its data, or a failover rolled back writes
+//! that a gateway had already seen. Ids of another epoch are never compared with the current ones:
+//! a client holding one gets a `reset` (`history_lost`), never a silent gap.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -15,16 +21,69 @@ use bytes::Bytes;
 /// Longest `Last-Event-ID` looked at; longer values are unknown ids.
 pub const MAX_ID_LEN: usize = 64;
 
-/// The id of a durable event.
+/// Largest epoch: six base-36 digits.
+const EPOCH_LIMIT: u64 = 36u64.pow(6);
+
+/// One unbroken history of an application (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Epoch(u32);
+
+impl Epoch {
+    /// An epoch drawn from a clock reading in microseconds, as the Redis library draws them: two
+    /// histories of one application get the same epoch only if they start the same microsecond
+    /// modulo 36^6 (about 36 minutes).
+    pub fn from_micros(micros: u64) -> Epoch {
+        Epoch((micros % EPOCH_LIMIT) as u32)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut digits = [0u8; 6];
+        let mut n = self.0;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
+            n /= 36;
+            if n == 0 {
+                break;
+            }
+        }
+        // Only ASCII digits and letters were written.
+        f.write_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"))
+    }
+}
+
+impl FromStr for Epoch {
+    type Err = NotAnEventId;
+
+    fn from_str(s: &str) -> Result<Epoch, NotAnEventId> {
+        let canonical = !s.is_empty() && s.len() <= 6 && (s == "0" || !s.starts_with('0'));
+        let ok = canonical
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+        if !ok {
+            return Err(NotAnEventId);
+        }
+        u32::from_str_radix(s, 36)
+            .map(Epoch)
+            .map_err(|_| NotAnEventId)
+    }
+}
+
+/// The id of a durable event. Ordered by time and counter; ids of different epochs do not
+/// describe one history, so [`EventId::covers`] is what callers use to compare positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventId {
     pub ms: u64,
     pub seq: u64,
+    pub epoch: Epoch,
 }
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        write!(f, "{}-{}-{}", self.ms, self.seq, self.epoch)
     }
 }
 
@@ -39,28 +98,58 @@ impl FromStr for EventId {
         if s.len() > MAX_ID_LEN {
             return Err(NotAnEventId);
         }
-        let (ms, seq) = s.split_once('-').ok_or(NotAnEventId)?;
+        let mut parts = s.split('-');
+        let (Some(ms), Some(seq), Some(epoch), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(NotAnEventId);
+        };
         let digits = |p: &str| {
-            (!p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+            (!p.is_empty() && p.len() <= 15 && p.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| p.parse::<u64>().ok())
                 .flatten()
         };
         Ok(EventId {
             ms: digits(ms).ok_or(NotAnEventId)?,
             seq: digits(seq).ok_or(NotAnEventId)?,
+            epoch: epoch.parse()?,
         })
     }
 }
 
 impl EventId {
     /// The id after `last` for an event created at `now_ms` (the clock may go backwards; ids not).
-    pub fn next(last: Option<EventId>, now_ms: u64) -> EventId {
+    /// Without a `last`, a new history starts with `epoch`.
+    pub fn next(last: Option<EventId>, now_ms: u64, epoch: Epoch) -> EventId {
         match last {
             Some(l) if l.ms >= now_ms => EventId {
-                ms: l.ms,
                 seq: l.seq + 1,
+                ..l
             },
-            _ => EventId { ms: now_ms, seq: 0 },
+            Some(l) => EventId {
+                ms: now_ms,
+                seq: 0,
+                epoch: l.epoch,
+            },
+            None => EventId {
+                ms: now_ms,
+                seq: 0,
+                epoch,
+            },
+        }
+    }
+
+    /// Whether a stream standing at `self` already has `other`: same history, not later.
+    pub fn covers(&self, other: &EventId) -> bool {
+        self.epoch == other.epoch && other <= self
+    }
+
+    /// The later of two positions; a position in another history replaces the old one (the newer
+    /// history is the one Redis now holds).
+    pub fn advance(position: Option<EventId>, to: EventId) -> EventId {
+        match position {
+            Some(p) if p.covers(&to) => p,
+            _ => to,
         }
     }
 }
@@ -70,8 +159,11 @@ impl EventId {
 pub enum ResetReason {
     /// History no longer reaches back to the client's id.
     TooOld,
-    /// The id was not issued by this gateway for this application (or history was lost).
+    /// The id was not issued by this gateway for this application.
     UnknownId,
+    /// The id belongs to a history that no longer exists: Redis lost its data, or a failover
+    /// rolled back events a gateway had seen.
+    HistoryLost,
 }
 
 impl ResetReason {
@@ -79,6 +171,16 @@ impl ResetReason {
         match self {
             ResetReason::TooOld => "too_old",
             ResetReason::UnknownId => "unknown_id",
+            ResetReason::HistoryLost => "history_lost",
+        }
+    }
+
+    /// The reason named by the Redis library's replies.
+    pub fn from_name(name: &str) -> ResetReason {
+        match name {
+            "too_old" => ResetReason::TooOld,
+            "history_lost" => ResetReason::HistoryLost,
+            _ => ResetReason::UnknownId,
         }
     }
 }
@@ -138,24 +240,40 @@ pub fn merge(a: Vec<(EventId, Bytes)>, b: Vec<(EventId, Bytes)>) -> Vec<(EventId
 mod tests {
     use super::*;
 
+    fn id(ms: u64, seq: u64, epoch: u32) -> EventId {
+        EventId {
+            ms,
+            seq,
+            epoch: Epoch(epoch),
+        }
+    }
+
     #[test]
     fn ids_parse_strictly_and_order_numerically() {
-        let a: EventId = "1700000000000-2".parse().unwrap();
-        let b: EventId = "1700000000000-10".parse().unwrap();
-        let c: EventId = "1700000000001-0".parse().unwrap();
+        let a: EventId = "1700000000000-2-k3".parse().unwrap();
+        let b: EventId = "1700000000000-10-k3".parse().unwrap();
+        let c: EventId = "1700000000001-0-k3".parse().unwrap();
         assert!(a < b && b < c);
-        assert_eq!(a.to_string(), "1700000000000-2");
+        assert_eq!(a.to_string(), "1700000000000-2-k3");
+        assert_eq!(a.epoch, Epoch(20 * 36 + 3));
         for bad in [
             "",
             "1",
             "1-",
             "-1",
-            "1-2-3",
-            "a-1",
-            "1 -2",
-            "+1-2",
-            "1:2",
+            "1-2",
+            "1-2-",
+            "1-2-3-4",
+            "a-1-0",
+            "1 -2-0",
+            "+1-2-0",
+            "1:2-0",
+            "1-2-K3",
+            "1-2-03",
+            "1-2-1234567",
+            "1-2-k3\n",
             &"9".repeat(65),
+            &format!("{}-0-0", "9".repeat(16)),
         ] {
             assert_eq!(bad.parse::<EventId>(), Err(NotAnEventId), "{bad}");
         }
@@ -163,35 +281,57 @@ mod tests {
         assert!(
             c.to_string()
                 .bytes()
-                .all(|b| b.is_ascii_digit() || b == b'-')
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         );
+    }
+
+    #[test]
+    fn epochs_round_trip_in_base_36() {
+        for n in [0, 1, 35, 36, 1295, EPOCH_LIMIT as u32 - 1] {
+            let e = Epoch(n);
+            assert_eq!(e.to_string().parse::<Epoch>(), Ok(e), "{n}");
+        }
+        assert_eq!(Epoch(EPOCH_LIMIT as u32 - 1).to_string(), "zzzzzz");
+        assert_eq!(Epoch::from_micros(EPOCH_LIMIT + 5), Epoch(5));
     }
 
     #[test]
     fn next_is_monotonic_even_if_the_clock_goes_back() {
-        let first = EventId::next(None, 100);
-        assert_eq!(first, EventId { ms: 100, seq: 0 });
-        let same_ms = EventId::next(Some(first), 100);
-        assert_eq!(same_ms, EventId { ms: 100, seq: 1 });
-        let clock_back = EventId::next(Some(same_ms), 90);
-        assert_eq!(clock_back, EventId { ms: 100, seq: 2 });
+        let first = EventId::next(None, 100, Epoch(7));
+        assert_eq!(first, id(100, 0, 7));
+        let same_ms = EventId::next(Some(first), 100, Epoch(9));
+        assert_eq!(same_ms, id(100, 1, 7), "the history keeps its epoch");
+        let clock_back = EventId::next(Some(same_ms), 90, Epoch(9));
+        assert_eq!(clock_back, id(100, 2, 7));
         assert_eq!(
-            EventId::next(Some(clock_back), 200),
-            EventId { ms: 200, seq: 0 }
+            EventId::next(Some(clock_back), 200, Epoch(9)),
+            id(200, 0, 7)
         );
     }
 
     #[test]
+    fn positions_compare_only_within_one_history() {
+        let p = id(100, 3, 1);
+        assert!(p.covers(&id(100, 3, 1)) && p.covers(&id(99, 9, 1)));
+        assert!(!p.covers(&id(100, 4, 1)));
+        assert!(!p.covers(&id(50, 0, 2)), "another epoch is never covered");
+        assert_eq!(EventId::advance(Some(p), id(99, 0, 1)), p);
+        assert_eq!(EventId::advance(Some(p), id(101, 0, 1)), id(101, 0, 1));
+        assert_eq!(EventId::advance(Some(p), id(50, 0, 2)), id(50, 0, 2));
+        assert_eq!(EventId::advance(None, p), p);
+    }
+
+    #[test]
     fn stamping_puts_the_id_last() {
-        let id = EventId { ms: 5, seq: 1 };
+        let id = id(5, 1, 0);
         assert_eq!(
             &stamp(br#"{"type":"t","data":1}"#, id).unwrap()[..],
-            br#"{"type":"t","data":1,"id":"5-1"}"#
+            br#"{"type":"t","data":1,"id":"5-1-0"}"#
         );
-        assert_eq!(&stamp(b" { } ", id).unwrap()[..], br#"{"id":"5-1"}"#);
+        assert_eq!(&stamp(b" { } ", id).unwrap()[..], br#"{"id":"5-1-0"}"#);
         assert_eq!(
             &stamp(br#"{"id":"mine"}"#, id).unwrap()[..],
-            br#"{"id":"mine","id":"5-1"}"#
+            br#"{"id":"mine","id":"5-1-0"}"#
         );
         assert_eq!(stamp(b"[1]", id), None);
         assert_eq!(stamp(b"plain", id), None);
@@ -199,7 +339,7 @@ mod tests {
 
     #[test]
     fn merge_interleaves_by_id() {
-        let e = |ms, s: &'static str| (EventId { ms, seq: 0 }, Bytes::from_static(s.as_bytes()));
+        let e = |ms, s: &'static str| (id(ms, 0, 0), Bytes::from_static(s.as_bytes()));
         let merged = merge(
             vec![e(1, "a"), e(4, "d")],
             vec![e(2, "b"), e(3, "c"), e(5, "e")],

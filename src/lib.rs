@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod fds;
 pub mod history;
@@ -72,6 +73,7 @@ pub async fn run(
             Arc::new(broker::redis::RedisBroker::new(
                 url,
                 config.retention,
+                &config.instance_id,
                 metrics.clone(),
             )?)
         }
@@ -175,7 +177,7 @@ async fn expire_tokens(hub: Arc<Hub>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let ended = hub.expire_tokens(hub::unix_now());
+                let ended = hub.expire_tokens(clock::unix_secs());
                 if ended > 0 {
                     tracing::debug!(ended, "streams ended at token expiry");
                 }

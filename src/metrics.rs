@@ -79,6 +79,16 @@ pub struct Metrics {
     pub broker_link_up: Family<LinkLabel, Gauge>,
     pub broker_reconnects: Counter,
     pub registry_write_errors: Counter,
+    /// Round trip of the end-to-end broker probe.
+    pub probe_latency: Histogram,
+    pub probe_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Re-syncs of open streams from history after the subscriber link was lost, and how long
+    /// each took until every stream was back to live delivery.
+    pub resyncs: Counter,
+    pub resync_duration: Histogram,
+    /// Histories started afresh (a new epoch), by reason: `new` (none existed: nothing published
+    /// yet, or Redis lost its data) or `rolled_back` (Redis holds less than a gateway saw).
+    pub history_epochs: Family<ReasonLabel, Counter>,
 }
 
 /// Buckets from 0.5 ms to about 8 s.
@@ -118,6 +128,11 @@ impl Metrics {
             broker_link_up: Family::default(),
             broker_reconnects: Counter::default(),
             registry_write_errors: Counter::default(),
+            probe_latency: latency_histogram(),
+            probe_age: Gauge::default(),
+            resyncs: Counter::default(),
+            resync_duration: latency_histogram(),
+            history_epochs: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sse_connections", "Open SSE streams", m.connections.clone());
@@ -216,6 +231,31 @@ impl Metrics {
             "Registry write batches that failed (retried by the heartbeat)",
             m.registry_write_errors.clone(),
         );
+        registry.register(
+            "sse_broker_probe_latency_seconds",
+            "Round trip of the end-to-end probe: published through the broker, received back",
+            m.probe_latency.clone(),
+        );
+        registry.register(
+            "sse_broker_probe_age_seconds",
+            "Seconds since the end-to-end probe last came back (readiness fails past 3 s)",
+            m.probe_age.clone(),
+        );
+        registry.register(
+            "sse_resyncs",
+            "Re-syncs of the open streams from history after the subscriber link was lost",
+            m.resyncs.clone(),
+        );
+        registry.register(
+            "sse_resync_duration_seconds",
+            "From the subscriptions being live again to every open stream caught up",
+            m.resync_duration.clone(),
+        );
+        registry.register(
+            "sse_history_epochs_started",
+            "Histories started afresh, by reason (new, rolled_back)",
+            m.history_epochs.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -233,6 +273,13 @@ impl Metrics {
         self.broker_link_up
             .get_or_create(&LinkLabel { link: "pubsub" })
             .set(i64::from(link.pubsub));
+        self.broker_link_up
+            .get_or_create(&LinkLabel { link: "functions" })
+            .set(i64::from(link.functions));
+        self.broker_link_up
+            .get_or_create(&LinkLabel { link: "probe" })
+            .set(i64::from(link.probe));
+        self.probe_age.set(link.probe_age.unwrap_or(-1.0));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -265,7 +265,9 @@ async fn http_publish_to_users_and_batches_with_clear_errors() {
     let body = resp.json::<serde_json::Value>().await.unwrap();
     let id = body["ids"][0].as_str().unwrap().to_string();
     assert!(
-        id.bytes().all(|c| c.is_ascii_digit() || c == b'-') && id.len() <= 64,
+        id.bytes()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || c == b'-')
+            && id.len() <= 64,
         "{id}"
     );
     let ev = a.next().await;

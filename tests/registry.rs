@@ -28,13 +28,6 @@ async fn list(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
     (status, body)
 }
 
-async fn keys(r: &fred::clients::Client) -> Vec<String> {
-    use fred::interfaces::ClientLike;
-    let mut k: Vec<String> = r.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
-    k.sort();
-    k
-}
-
 #[tokio::test]
 async fn entries_carry_the_fields_and_vanish_on_disconnect() {
     let redis = RedisServer::start();
@@ -95,7 +88,7 @@ async fn entries_carry_the_fields_and_vanish_on_disconnect() {
     drop(c);
     eventually(Duration::from_secs(5), "entry and indexes deleted", || {
         let r = r.clone();
-        async move { keys(&r).await.is_empty() }
+        async move { registry_keys(&r).await.is_empty() }
     })
     .await;
     let (status, body) = list(&gw, "/connections/shop/alice", &user_token("shop", "alice")).await;
@@ -242,11 +235,11 @@ async fn entries_of_a_killed_instance_expire_by_themselves() {
         |u: &Vec<String>| u == &["carol"],
     )
     .await;
-    assert_eq!(users, ["carol"], "keys: {:?}", keys(&r).await);
+    assert_eq!(users, ["carol"], "keys: {:?}", registry_keys(&r).await);
     // The keys themselves expire too (the hash and the index keys, each on its own TTL).
     let r_ref = &r;
     let remaining = poll_until(
-        move || keys(r_ref),
+        move || registry_keys(r_ref),
         |ks: &Vec<String>| {
             ks.iter()
                 .all(|k| !k.contains("alice") && !k.contains("bob"))
@@ -276,7 +269,7 @@ async fn graceful_shutdown_tells_streams_to_reconnect_and_leaves_no_entries() {
     }
     eventually(Duration::from_secs(5), "entries written", || {
         let r = r.clone();
-        async move { keys(&r).await.len() == 5 + 5 + 1 }
+        async move { registry_keys(&r).await.len() == 5 + 5 + 1 }
     })
     .await;
 
@@ -289,7 +282,7 @@ async fn graceful_shutdown_tells_streams_to_reconnect_and_leaves_no_entries() {
         assert!((1000..2000).contains(&retry), "{retry}");
     }
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
-    assert_eq!(keys(&r).await, Vec::<String>::new());
+    assert_eq!(registry_keys(&r).await, Vec::<String>::new());
     assert!(gw.logs().contains("shutdown complete"));
 }
 
@@ -320,7 +313,7 @@ async fn shutdown_is_bounded_even_when_a_client_never_reads() {
     );
     let r = redis.client().await;
     // History stays (the published events are durable); no registry entry does.
-    let left: Vec<String> = keys(&r)
+    let left: Vec<String> = registry_keys(&r)
         .await
         .into_iter()
         .filter(|k| !k.contains(":history:"))

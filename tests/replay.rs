@@ -265,8 +265,17 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
         (Some(live.as_str()), "\"live\"")
     );
 
-    // Unknown ids: not ours, from the future, and (query form) from another application.
-    for bad in ["garbage", "99999999999999-0", "1:2", &"9".repeat(200)] {
+    // Unknown ids: not ours, from the future (in this history), and (query form) from another
+    // application, whose history is another one.
+    let epoch = newest.rsplit('-').next().unwrap();
+    let future = format!("99999999999999-0-{epoch}");
+    for bad in [
+        "garbage",
+        "99999999999999-0",
+        "1:2",
+        &"9".repeat(200),
+        &future,
+    ] {
         let mut c = resume(&gw, "shop", "alice", bad).await;
         let ev = c.next().await;
         assert_eq!(
@@ -283,7 +292,7 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
     let ev = c.next().await;
     assert_eq!(
         (ev.event.as_str(), ev.json()["reason"].as_str()),
-        ("reset", Some("unknown_id"))
+        ("reset", Some("history_lost"))
     );
     assert!(
         gw.metric("sse_replay_resets_total{app=\"shop\",reason=\"too_old\"}")
@@ -320,7 +329,7 @@ async fn history_survives_a_reconnect_but_an_emptied_redis_means_reset() {
     let ev = c.next().await;
     assert_eq!(
         (ev.event.as_str(), ev.json()["reason"].as_str()),
-        ("reset", Some("unknown_id"))
+        ("reset", Some("history_lost"))
     );
     // Durable publishing works again (the library is reloaded on demand).
     let again = publish_id(&gw, "shop", json!({"user": "alice", "data": 2})).await;

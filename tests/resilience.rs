@@ -10,10 +10,7 @@ use fred::interfaces::{ClientLike, PubsubInterface};
 use serde_json::{Value, json};
 
 async fn redis_keys(r: &RedisServer) -> Vec<String> {
-    let c = r.client().await;
-    let mut k: Vec<String> = c.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
-    k.sort();
-    k
+    registry_keys(&r.client().await).await
 }
 
 async fn ready(gw: &Gateway) -> (u16, Value) {
@@ -88,6 +85,14 @@ async fn redis_killed_and_restarted_mid_stream() {
     )
     .await;
     assert_eq!(receivers, 1, "subscription restored");
+    // Redis lost its data, and with it the history the streams stood in: they are told so.
+    for stream in [&mut alice, &mut bob] {
+        let ev = stream.next().await;
+        assert_eq!(
+            (ev.event.as_str(), ev.json()["reason"].as_str()),
+            ("reset", Some("history_lost"))
+        );
+    }
     assert_eq!(alice.next().await.event, "back");
     r.publish::<i64, _, _>("shop:broadcast", r#"{"type":"all"}"#)
         .await

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 
 use super::{
-    BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, RegistryOp,
+    BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, Position, RegistryOp,
     Retention, app_channel, user_channel,
 };
-use crate::history::{self, Backlog, EventId, ResetReason};
-use crate::hub::unix_now_ms;
+use crate::clock;
+use crate::history::{self, Backlog, Epoch, EventId, ResetReason};
 
 /// app -> (user, connection id) -> entry
 type Entries = HashMap<String, BTreeMap<(String, String), Arc<ConnectionRecord>>>;
@@ -70,6 +70,8 @@ pub struct History {
     retention: Retention,
     apps: HashMap<String, AppHistory>,
     appends: u64,
+    /// This process's history: none of it survives a restart, so each process has its own epoch.
+    epoch: Epoch,
 }
 
 impl History {
@@ -78,6 +80,22 @@ impl History {
             retention,
             apps: HashMap::new(),
             appends: 0,
+            epoch: Epoch::from_micros(clock::unix_micros() ^ u64::from(std::process::id())),
+        }
+    }
+
+    /// The application's newest id, starting its history at `now_ms` when it has none (so that a
+    /// stream's position can name it).
+    pub fn position(&mut self, app: &str, now_ms: u64) -> Position {
+        let epoch = self.epoch;
+        let entry = self.apps.entry(app.to_string()).or_default();
+        match entry.last {
+            Some(last) => Position::Current(last),
+            None => {
+                let start = EventId::next(None, now_ms, epoch);
+                entry.last = Some(start);
+                Position::Started(start)
+            }
         }
     }
 
@@ -95,13 +113,24 @@ impl History {
     ) -> Option<(EventId, Bytes)> {
         let (max_len, ttl_ms) = (self.retention.max_len, self.ttl_ms());
         let entry = self.apps.entry(app.to_string()).or_default();
-        let id = EventId::next(entry.last, now_ms);
+        let id = EventId::next(entry.last, now_ms, self.epoch);
         let message = history::stamp(envelope, id)?;
         entry.last = Some(id);
         let stream = match user {
             Some(u) => entry.users.entry(u.to_string()).or_default(),
             None => &mut entry.broadcast,
         };
+        if now_ms.saturating_sub(stream.last_write_ms) >= ttl_ms {
+            // New, or expired: what an expired stream held is gone, and it held nothing newer than
+            // `ttl` before now (as the Redis library marks a re-created stream).
+            let lost = EventId {
+                ms: now_ms.saturating_sub(ttl_ms),
+                seq: u64::MAX,
+                epoch: id.epoch,
+            };
+            stream.entries.clear();
+            stream.max_deleted = Some(stream.max_deleted.map_or(lost, |d| d.max(lost)));
+        }
         stream.entries.push_back((id, message.clone()));
         stream.last_write_ms = now_ms;
         let oldest_kept = id.ms.saturating_sub(ttl_ms);
@@ -133,9 +162,15 @@ impl History {
         let entry = self.apps.get(app);
         let current = entry.and_then(|e| e.last);
         let reset = |reason| Backlog::Reset { current, reason };
-        let (Ok(after), Some(entry), Some(last)) = (from.parse::<EventId>(), entry, current) else {
+        let Ok(after) = from.parse::<EventId>() else {
             return reset(ResetReason::UnknownId);
         };
+        let (Some(entry), Some(last)) = (entry, current) else {
+            return reset(ResetReason::HistoryLost);
+        };
+        if after.epoch != last.epoch {
+            return reset(ResetReason::HistoryLost);
+        }
         if after > last {
             return reset(ResetReason::UnknownId);
         }
@@ -213,7 +248,7 @@ impl Broker for EmbeddedBroker {
     ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>> {
         // Appending and delivering under one lock keeps delivery in id order, as Redis does.
         let mut history = lock(&self.history);
-        let result = match history.append(app, user, &envelope, unix_now_ms()) {
+        let result = match history.append(app, user, &envelope, clock::unix_ms()) {
             None => Err(BrokerError::Command(
                 "the envelope must be a JSON object".into(),
             )),
@@ -235,8 +270,18 @@ impl Broker for EmbeddedBroker {
         last_event_id: &'a str,
         users: &'a [String],
     ) -> BoxFuture<'a, Result<Backlog, BrokerError>> {
-        let backlog = lock(&self.history).backlog(app, last_event_id, users, unix_now_ms());
+        let backlog = lock(&self.history).backlog(app, last_event_id, users, clock::unix_ms());
         Box::pin(async move { Ok(backlog) })
+    }
+
+    fn position<'a>(
+        &'a self,
+        app: &'a str,
+        _seen: Option<EventId>,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>> {
+        // One process holds the whole history: it is never rolled back, only gone with the process.
+        let position = lock(&self.history).position(app, clock::unix_ms());
+        Box::pin(async move { Ok(position) })
     }
 
     fn registry_count<'a>(
@@ -313,6 +358,9 @@ impl Broker for EmbeddedBroker {
             kind: "embedded",
             commands: true,
             pubsub: true,
+            functions: true,
+            probe: true,
+            probe_age: None,
         }
     }
 
@@ -407,7 +455,17 @@ mod tests {
         );
         assert_eq!(
             since(&h, "nobody", "u", &first.to_string(), T0 + 10),
-            vec!["reset:unknown_id"]
+            vec!["reset:history_lost"]
+        );
+        // An id of another history (another process, or Redis before it lost its data).
+        let other = EventId {
+            epoch: Epoch::from_micros(1),
+            ..first
+        };
+        assert_ne!(other.epoch, first.epoch);
+        assert_eq!(
+            since(&h, "app", "u", &other.to_string(), T0 + 10),
+            vec!["reset:history_lost"]
         );
         // Age: an id older than the TTL whose stream is gone cannot be vouched for.
         let mut h = history(100);
@@ -416,6 +474,45 @@ mod tests {
         assert_eq!(
             since(&h, "app", "u", &old.to_string(), T0 + 120_001),
             vec!["reset:too_old"]
+        );
+    }
+
+    #[test]
+    fn a_stream_that_expired_and_was_recreated_is_never_a_silent_gap() {
+        // TTL 60 s: u's stream expires 60 s after its last write, losing `lost`.
+        let mut h = history(100);
+        let (seen, _) = h.append("app", Some("u"), b"{}", T0).unwrap();
+        h.append("app", Some("u"), br#"{"data":"lost"}"#, T0 + 1_000)
+            .unwrap();
+        // Long after, with the broadcasts keeping the application's history alive.
+        let (b, _) = h.append("app", None, b"{}", T0 + 30_000).unwrap();
+        h.append("app", None, b"{}", T0 + 59_000).unwrap();
+        let (fresh, _) = h.append("app", Some("u"), b"{}", T0 + 61_500).unwrap();
+        assert_eq!(
+            since(&h, "app", "u", &seen.to_string(), T0 + 61_600),
+            vec!["reset:too_old"]
+        );
+        // From a recent id nothing was lost: the re-created stream answers.
+        assert_eq!(
+            since(&h, "app", "u", &b.to_string(), T0 + 61_600)
+                .last()
+                .cloned(),
+            Some(fresh.to_string())
+        );
+    }
+
+    #[test]
+    fn a_position_starts_a_history_once() {
+        let mut h = history(100);
+        let Position::Started(p) = h.position("app", T0) else {
+            panic!("a new history starts");
+        };
+        assert_eq!(h.position("app", T0 + 5), Position::Current(p));
+        let (first, _) = h.append("app", None, b"{}", T0).unwrap();
+        assert!(first > p && first.epoch == p.epoch, "{first} follows {p}");
+        assert_eq!(
+            since(&h, "app", "u", &p.to_string(), T0 + 1),
+            vec![first.to_string()]
         );
     }
 

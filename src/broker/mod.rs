@@ -37,21 +37,55 @@ pub trait MessageSink: Send + Sync + 'static {
     /// Delivers `(channel, payload)` messages, in order. Messages that arrived together are
     /// handed over together, so that each stream's socket is written once for all of them.
     fn deliver(&self, messages: &[(&str, &[u8])]);
+
+    /// The subscriber link was lost and is being restored: whatever was published meanwhile never
+    /// arrived. Called before the subscriptions are sent again, so that live delivery can wait
+    /// until [`MessageSink::resume`] has caught every stream up from history.
+    fn suspend(&self);
+
+    /// The subscriptions are live again (after a [`MessageSink::suspend`]).
+    fn resume(self: Arc<Self>);
 }
 
 /// Health of the broker links, for readiness and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LinkState {
     pub kind: &'static str,
     /// Commands (publish, registry) can be sent.
     pub commands: bool,
     /// The subscriber link is up, so subscribed messages arrive.
     pub pubsub: bool,
+    /// The history functions are loaded on the node this instance writes to.
+    pub functions: bool,
+    /// The end-to-end probe (a publish through the broker, received back) succeeded lately.
+    pub probe: bool,
+    /// Seconds since the probe last came back, if it ever did.
+    pub probe_age: Option<f64>,
 }
 
 impl LinkState {
     pub fn ready(&self) -> bool {
-        self.commands && self.pubsub
+        self.commands && self.pubsub && self.functions && self.probe
+    }
+}
+
+/// Where an application's history stands, as [`Broker::position`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// The history goes on: its newest id.
+    Current(EventId),
+    /// There was no history (nothing published yet, or the broker lost its data): one starts here.
+    Started(EventId),
+    /// The broker holds less than this instance saw: writes were rolled back, and a new history
+    /// starts here, so that ids of the old one get a `reset`.
+    RolledBack(EventId),
+}
+
+impl Position {
+    pub fn id(self) -> EventId {
+        match self {
+            Position::Current(id) | Position::Started(id) | Position::RolledBack(id) => id,
+        }
     }
 }
 
@@ -158,6 +192,15 @@ pub trait Broker: Send + Sync + 'static {
         last_event_id: &'a str,
         users: &'a [String],
     ) -> BoxFuture<'a, Result<Backlog, BrokerError>>;
+
+    /// Where `app`'s history stands, starting one when there is none. `seen` is the newest id this
+    /// instance saw of it: if the broker holds less of that history, writes were lost, and a new
+    /// history (epoch) starts.
+    fn position<'a>(
+        &'a self,
+        app: &'a str,
+        seen: Option<EventId>,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>>;
 
     /// Live registry entries of an application, or of one of its users, across the cluster.
     fn registry_count<'a>(

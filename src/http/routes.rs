@@ -51,7 +51,9 @@ pub fn ready(state: &AppState) -> HttpResponse {
     };
     json_response(
         status,
-        &json!({"status": word, "broker": link.kind, "commands": link.commands, "pubsub": link.pubsub}),
+        &json!({"status": word, "broker": link.kind, "commands": link.commands,
+            "pubsub": link.pubsub, "functions": link.functions, "probe": link.probe,
+            "probe_age_seconds": link.probe_age}),
     )
 }
 
@@ -370,6 +372,7 @@ where
                 .publish_durable(app, user, plan.envelope.clone())
                 .await
                 .map(|(id, n)| {
+                    state.hub.published(app, id);
                     ids.push(id.to_string());
                     n
                 })

@@ -3,7 +3,8 @@
 //!
 //! - [`stream`]: one stream, its outbox and the writes to its socket;
 //! - [`writers`]: the threads that share a large fan-out's socket writes;
-//! - [`replay`]: history reads for resuming streams, shared by those resuming together.
+//! - [`replay`]: history reads for resuming streams, shared by those resuming together;
+//! - [`resync`]: catching every open stream up from history after the subscriber link was lost.
 //!
 //! A stream costs one small [`Conn`] (ids, an outbox, its socket and a waker); there is no timer or
 //! channel per connection, and its task sleeps until the socket needs it. The hub reference-counts
@@ -14,6 +15,7 @@
 //! and resumes by id) instead of slowing the others.
 
 mod replay;
+mod resync;
 pub mod stream;
 mod writers;
 
@@ -27,11 +29,12 @@ use bytes::Bytes;
 use serde_json::json;
 
 use self::replay::{Replay, Replays};
-pub use self::stream::{Conn, Outbox, Push, QueueLimits, Wire};
+pub use self::stream::{Conn, Hold, Outbox, Push, QueueLimits, Wire};
 use self::writers::Writers;
 use crate::broker::{
-    Broker, BrokerError, MessageSink, Topic, app_channel, parse_channel, user_channel,
+    Broker, BrokerError, MessageSink, Position, Topic, app_channel, parse_channel, user_channel,
 };
+use crate::clock;
 use crate::history::EventId;
 use crate::metrics::{AppReasonLabel, KindLabel, Metrics, ReasonLabel, close_reason};
 use crate::registry::Registry;
@@ -58,9 +61,30 @@ struct AppEntry {
     users: HashMap<Arc<str>, HashMap<u64, Arc<Conn>>>,
 }
 
+/// Where this instance stands in an application's history.
+#[derive(Default, Debug, Clone, Copy)]
+struct AppPosition {
+    /// Every live stream of the application here has been given every durable event up to this id
+    /// that was meant for it: a re-sync after a lost link replays from here. Known only while the
+    /// application's channels are subscribed (read from the broker when its first stream joins).
+    delivered: Option<EventId>,
+    /// The newest id this instance saw of the application (delivered, or acknowledged to a
+    /// publisher): if the broker later holds less, writes were rolled back.
+    seen: Option<EventId>,
+    /// A re-sync is under way: live events are held, `delivered` stays where the link was lost.
+    resyncing: bool,
+}
+
+impl AppPosition {
+    fn saw(&mut self, id: EventId) {
+        self.seen = Some(EventId::advance(self.seen, id));
+    }
+}
+
 #[derive(Default)]
 struct State {
     apps: HashMap<Arc<str>, AppEntry>,
+    positions: HashMap<Arc<str>, AppPosition>,
     /// Streams by token expiry, so one timer ends them all on time.
     expiries: BTreeMap<(u64, u64), Arc<Conn>>,
     len: usize,
@@ -89,6 +113,7 @@ pub struct Hub {
     config: HubConfig,
     writers: Writers,
     replays: Arc<Replays>,
+    resync: Mutex<resync::Pending>,
 }
 
 /// Why a stream could not join.
@@ -161,6 +186,7 @@ impl Hub {
             metrics,
             config,
             writers: Writers::per_core(),
+            resync: Mutex::default(),
         }
     }
 
@@ -176,11 +202,18 @@ impl Hub {
         let timeout = self.config.broker_timeout;
         let caught_up = async {
             self.broker.subscribe(channels).await?;
+            let start = self.position(&lease.conn.app).await?;
             let (replay, after) = match &new.last_event_id {
-                None => (Vec::new(), None),
+                None => (Vec::new(), Some(start)),
                 Some(last) => self.replay(&lease.conn, last).await,
             };
-            lease.conn.catch_up(replay, after);
+            if !lease.conn.catch_up(replay, after) {
+                // Ended while joining (the subscriber link was lost meanwhile): the client
+                // retries, and resumes by id.
+                return Err(AttachError::Broker(BrokerError::Unavailable(
+                    "the broker link was lost while the stream joined".into(),
+                )));
+            }
             Ok::<(), AttachError>(())
         };
         let error = match tokio::time::timeout(timeout, caught_up).await {
@@ -238,15 +271,85 @@ impl Hub {
         })
     }
 
+    /// Where this instance stands in `app`'s history: known while its channels are subscribed,
+    /// else read from the broker (after the subscription is live, so nothing later is missed).
+    async fn position(&self, app: &Arc<str>) -> Result<EventId, AttachError> {
+        let seen = {
+            let state = self.lock();
+            let known = state.positions.get(app);
+            if let Some(delivered) = known.and_then(|p| p.delivered) {
+                return Ok(delivered);
+            }
+            known.and_then(|p| p.seen)
+        };
+        let position = self.broker.position(app, seen).await?;
+        self.count_epoch(app, position);
+        let mut state = self.lock();
+        let known = state.positions.entry(app.clone()).or_default();
+        let delivered = EventId::advance(known.delivered, position.id());
+        known.delivered = Some(delivered);
+        known.saw(delivered);
+        Ok(delivered)
+    }
+
+    /// Counts (and logs) a history that started afresh.
+    fn count_epoch(&self, app: &str, position: Position) {
+        let reason = match position {
+            Position::Current(_) => return,
+            Position::Started(_) => "new",
+            Position::RolledBack(id) => {
+                tracing::warn!(app, epoch = %id.epoch, "the broker lost events this instance saw \
+                    (a failover or restart rolled writes back): a new history starts, streams get reset");
+                "rolled_back"
+            }
+        };
+        self.metrics
+            .history_epochs
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Notes an id acknowledged to a publisher, so that its loss in a failover is noticed.
+    pub fn published(&self, app: &str, id: EventId) {
+        let mut state = self.lock();
+        match state.positions.get_mut(app) {
+            Some(p) => p.saw(id),
+            None => {
+                let mut p = AppPosition::default();
+                p.saw(id);
+                state.positions.insert(Arc::from(app), p);
+            }
+        }
+    }
+
     /// What a stream resuming after `last` must see first, and the id it then stands at.
-    async fn replay(&self, conn: &Conn, last: &str) -> (Vec<Bytes>, Option<EventId>) {
+    async fn replay(
+        &self,
+        conn: &Conn,
+        last: &str,
+    ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>) {
+        let replay = self.replays.replay(&conn.app, &conn.user, last).await;
+        self.replayed(conn, replay, last)
+    }
+
+    /// A history read's part for `conn`, as events to queue (ids kept, to skip what the stream
+    /// has) and the id they bring it to; a `reset` where the gap cannot be filled.
+    fn replayed(
+        &self,
+        conn: &Conn,
+        replay: Result<Replay, BrokerError>,
+        last: &str,
+    ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>) {
         let label = Metrics::app(&conn.app);
-        let replay = match self.replays.replay(&conn.app, &conn.user, last).await {
+        let replay = match replay {
             Ok(replay) => replay,
             Err(error) => {
                 // Never pretend: if history cannot be read, the client is told to refetch.
                 tracing::warn!(app = %conn.app, user = %conn.user, %error, "history unavailable for replay");
-                return (vec![reset_event(None, "history_unavailable", last)], None);
+                return (
+                    vec![(None, reset_event(None, "history_unavailable", last))],
+                    None,
+                );
             }
         };
         match replay {
@@ -255,7 +358,10 @@ impl Hub {
                     .replayed_events
                     .get_or_create(&label)
                     .inc_by(events.len() as u64);
-                (events, after)
+                (
+                    events.into_iter().map(|(id, b)| (Some(id), b)).collect(),
+                    after,
+                )
             }
             Replay::Reset { current, reason } => {
                 self.metrics
@@ -267,7 +373,10 @@ impl Hub {
                     .inc();
                 tracing::info!(app = %conn.app, user = %conn.user, reason = reason.as_str(),
                     "cannot replay from the client's id: sending reset");
-                (vec![reset_event(current, reason.as_str(), last)], current)
+                (
+                    vec![(None, reset_event(current, reason.as_str(), last))],
+                    current,
+                )
             }
         }
     }
@@ -294,6 +403,11 @@ impl Hub {
             if entry.conns.is_empty() {
                 state.apps.remove(&*conn.app);
                 unsubscribe.push(app_channel(&conn.app));
+                // Unsubscribed, this instance no longer follows the application's history.
+                if let Some(p) = state.positions.get_mut(&*conn.app) {
+                    p.delivered = None;
+                    p.resyncing = false;
+                }
             }
             state.len -= 1;
             // The last stream's unsubscribe is sent under the lock: a stream that joins after it
@@ -334,10 +448,21 @@ impl Hub {
         };
         let before = offer.delivered;
         {
-            let state = self.lock();
-            let Some(entry) = state.apps.get(app) else {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some((app_key, entry)) = state.apps.get_key_value(app) else {
                 return 0;
             };
+            if let Some(id) = id {
+                let p = match state.positions.get_mut(app) {
+                    Some(p) => p,
+                    None => state.positions.entry(app_key.clone()).or_default(),
+                };
+                p.saw(id);
+                if !p.resyncing {
+                    p.delivered = Some(EventId::advance(p.delivered, id));
+                }
+            }
             match topic {
                 Topic::App { .. } => {
                     for conn in entry.conns.values() {
@@ -478,6 +603,14 @@ impl MessageSink for Hub {
         }
         self.complete(offer);
     }
+
+    fn suspend(&self) {
+        self.suspend_for_resync();
+    }
+
+    fn resume(self: Arc<Self>) {
+        self.start_resync();
+    }
 }
 
 impl Hub {
@@ -531,25 +664,11 @@ impl Hub {
             let app = match topic {
                 Topic::User { app, .. } | Topic::App { app } => app,
             };
-            let late_ms = unix_now_ms().saturating_sub(id.ms);
+            let late_ms = clock::unix_ms().saturating_sub(id.ms);
             self.metrics
                 .delivery_latency
                 .get_or_create(&Metrics::app(app))
                 .observe(late_ms as f64 / 1000.0);
         }
     }
-}
-
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }

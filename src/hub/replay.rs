@@ -23,11 +23,11 @@ use crate::sse;
 const BATCH: usize = 256;
 
 /// What one resuming stream is to be sent.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Replay {
-    /// The encoded events it missed, in order, and the id they bring it to.
+    /// The encoded events it missed, in order with their ids, and the id they bring it to.
     Events {
-        events: Vec<Bytes>,
+        events: Vec<(EventId, Bytes)>,
         after: Option<EventId>,
     },
     /// Its gap cannot be filled.
@@ -121,18 +121,24 @@ impl Replays {
 
 /// Hands each waiting stream its part of a read.
 fn answer(batch: Vec<(Arc<str>, Answer)>, backlog: Result<Backlog, BrokerError>, last: &str) {
-    let (current, broadcasts, users) = match backlog {
-        Err(e) => {
-            for (_, tx) in batch {
-                let _ = tx.send(Err(e.clone()));
-            }
-            return;
-        }
+    let parts = split(backlog, last, batch.len());
+    for ((_, tx), part) in batch.into_iter().zip(parts) {
+        let _ = tx.send(part);
+    }
+}
+
+/// Each of `users` users' part of one history read from `last`, in the order they were asked for.
+pub fn split(
+    backlog: Result<Backlog, BrokerError>,
+    last: &str,
+    users: usize,
+) -> Vec<Result<Replay, BrokerError>> {
+    let (current, broadcasts, own) = match backlog {
+        Err(e) => return vec![Err(e); users],
         Ok(Backlog::Reset { current, reason }) => {
-            for (_, tx) in batch {
-                let _ = tx.send(Ok(Replay::Reset { current, reason }));
-            }
-            return;
+            return (0..users)
+                .map(|_| Ok(Replay::Reset { current, reason }))
+                .collect();
         }
         Ok(Backlog::Events {
             current,
@@ -142,23 +148,21 @@ fn answer(batch: Vec<(Arc<str>, Answer)>, backlog: Result<Backlog, BrokerError>,
     };
     let shared = encode(broadcasts);
     let from = last.parse::<EventId>().ok().or(current);
-    for ((_, tx), own) in batch.into_iter().zip(users) {
-        let replay = match own {
-            None => Replay::Reset {
-                current,
-                reason: ResetReason::TooOld,
-            },
-            Some(own) => {
-                let merged = history::merge(encode(own), shared.clone());
-                let after = merged.iter().map(|(id, _)| Some(*id)).fold(from, Ord::max);
-                Replay::Events {
-                    events: merged.into_iter().map(|(_, b)| b).collect(),
-                    after,
+    own.into_iter()
+        .map(|own| {
+            Ok(match own {
+                None => Replay::Reset {
+                    current,
+                    reason: ResetReason::TooOld,
+                },
+                Some(own) => {
+                    let events = history::merge(encode(own), shared.clone());
+                    let after = events.iter().map(|(id, _)| Some(*id)).fold(from, Ord::max);
+                    Replay::Events { events, after }
                 }
-            }
-        };
-        let _ = tx.send(Ok(replay));
-    }
+            })
+        })
+        .collect()
 }
 
 /// Durable envelopes as SSE events, ids kept for merging.

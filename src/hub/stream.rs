@@ -17,8 +17,9 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use super::{NewConn, unix_now};
+use super::NewConn;
 use crate::broker::{ConnectionRecord, IdRef};
+use crate::clock;
 use crate::history::EventId;
 use crate::metrics::close_reason;
 
@@ -106,12 +107,14 @@ struct Queue {
     out: Outbox,
     waker: Option<Waker>,
     state: QueueState,
-    /// While the stream catches up from history, live events wait here with their ids, so that the
-    /// switch to live has neither gap nor duplicate.
+    /// While the stream catches up from history (when it joins, and again after the subscriber
+    /// link was lost), live events wait here with their ids, so that the switch to live has
+    /// neither gap nor duplicate.
     held: Option<Vec<(Option<EventId>, Bytes)>>,
-    /// The id replay brought the stream up to. A live copy of an event at or below it (published
-    /// while history was read, still on its way through the subscriber) is a duplicate. Durable
-    /// events of an application reach an instance in id order, so this one id is enough.
+    /// The newest durable event the stream was given (by replay or live). A copy of an event at or
+    /// below it (published while history was read, still on its way through the subscriber; or
+    /// replayed again after a lost link) is a duplicate. Durable events of an application reach an
+    /// instance in id order, so this one id is enough.
     floor: Option<EventId>,
     /// The socket, once the response head is on its way. Kept under the lock so that writes from
     /// any thread go out one at a time, in outbox order; dropped (closed) when the stream ends.
@@ -132,6 +135,17 @@ enum QueueState {
     Closed,
     /// The client went away (or its connection failed).
     Disconnected,
+}
+
+/// What [`Conn::hold`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Live events wait from now on, until [`Conn::catch_up`].
+    Held,
+    /// The stream is still catching up from joining: it is not live yet.
+    Joining,
+    /// The stream is ending.
+    Gone,
 }
 
 /// What happened to an event offered to a stream.
@@ -162,7 +176,7 @@ impl Conn {
             id: uuid::Uuid::new_v4(),
             app,
             user,
-            created_at: unix_now(),
+            created_at: clock::unix_secs(),
             exp: new.exp,
             remote_addr: new.remote_addr,
             user_agent: new.user_agent.as_str().into(),
@@ -192,7 +206,7 @@ impl Conn {
             return Push::Gone;
         }
         if let (Some(id), Some(floor)) = (id, q.floor)
-            && id <= floor
+            && floor.covers(&id)
         {
             return Push::Queued; // already delivered by replay
         }
@@ -209,6 +223,9 @@ impl Conn {
         if let Some(held) = &mut q.held {
             held.push((id, bytes));
             return Push::Queued;
+        }
+        if let Some(id) = id {
+            q.floor = Some(EventId::advance(q.floor, id));
         }
         q.out.queue(bytes);
         if q.wire.is_none() {
@@ -305,28 +322,60 @@ impl Conn {
         }
     }
 
-    /// Ends the catch-up: queues `replay` (past the limits: it is bounded by history), then the live
-    /// events that arrived meanwhile, skipping those at or before `after`, which replay covered.
-    pub(super) fn catch_up(&self, replay: Vec<Bytes>, after: Option<EventId>) {
+    /// Holds live delivery back (the subscriber link was lost): events wait until the stream has
+    /// caught up from history with [`Conn::catch_up`].
+    pub(super) fn hold(&self) -> Hold {
+        let mut q = self.lock();
+        match (q.state, &q.held) {
+            (QueueState::Open, None) => {
+                q.held = Some(Vec::new());
+                Hold::Held
+            }
+            (QueueState::Open, Some(_)) => Hold::Joining,
+            _ => Hold::Gone,
+        }
+    }
+
+    /// Ends a catch-up: queues `replay` (past the limits: it is bounded by history) except what the
+    /// stream already has, then the live events that arrived meanwhile, skipping those at or
+    /// before `after`, which replay covered. Returns whether the stream is still open.
+    pub(super) fn catch_up(
+        &self,
+        replay: Vec<(Option<EventId>, Bytes)>,
+        after: Option<EventId>,
+    ) -> bool {
         let mut q = self.lock();
         let held = q.held.take().unwrap_or_default();
         if q.state != QueueState::Open {
-            return;
+            return false;
         }
-        q.floor = after;
-        for b in replay {
-            q.out.push(b);
+        let mut floor = q.floor;
+        for (id, b) in replay {
+            match (id, floor) {
+                (Some(id), Some(f)) if f.covers(&id) => {}
+                _ => q.out.push(b),
+            }
+        }
+        if let Some(after) = after {
+            floor = Some(EventId::advance(floor, after));
         }
         // Held events were counted in the budget when they arrived.
         for (id, b) in held {
-            match (id, after) {
-                (Some(id), Some(after)) if id <= after => {
+            match (id, floor) {
+                (Some(id), Some(f)) if f.covers(&id) => {
                     q.out.bytes = q.out.bytes.saturating_sub(b.len());
                 }
-                _ => q.out.queue(b),
+                _ => {
+                    if let Some(id) = id {
+                        floor = Some(EventId::advance(floor, id));
+                    }
+                    q.out.queue(b);
+                }
             }
         }
+        q.floor = floor;
         wake(q);
+        true
     }
 
     /// Queues a last event (past the limits) and ends the stream after it, for `reason` (one of
@@ -447,7 +496,15 @@ mod tests {
     }
 
     fn id(ms: u64) -> Option<EventId> {
-        Some(EventId { ms, seq: 0 })
+        Some(EventId {
+            ms,
+            seq: 0,
+            epoch: Default::default(),
+        })
+    }
+
+    fn hist(ms: u64) -> (Option<EventId>, Bytes) {
+        (id(ms), Bytes::from(format!("hist{ms}")))
     }
 
     /// A socket that takes `room` bytes at a time, frames events as `<event>|`, and records what
@@ -579,7 +636,7 @@ mod tests {
             next(&c).is_pending(),
             "nothing goes out before the catch-up"
         );
-        c.catch_up(vec![b("hist1"), b("hist2"), b("hist3")], id(3));
+        assert!(c.catch_up(vec![hist(1), hist(2), hist(3)], id(3)));
         let mut out = Vec::new();
         while let Poll::Ready(Some(x)) = next(&c) {
             out.push(x);
@@ -594,6 +651,38 @@ mod tests {
         assert_eq!(c.push(b("live5"), id(5)), Push::Queued);
         assert_eq!(next(&c), Poll::Ready(Some(b("live5"))));
         assert!(next(&c).is_pending());
+    }
+
+    #[test]
+    fn a_resync_replays_only_what_the_stream_lacks_and_keeps_order() {
+        let c = conn(10, 1 << 20);
+        // Live before the link drops: 1 and 2.
+        c.push(b("live1"), id(1));
+        c.push(b("live2"), id(2));
+        assert_eq!(c.hold(), Hold::Held);
+        assert_eq!(c.hold(), Hold::Joining, "already held");
+        // After the new subscription: 5 arrives live while history is read.
+        c.push(b("live5"), id(5));
+        // History from the app's position (1): 2 is a duplicate, 3 and 4 were missed, 5 is both.
+        assert!(c.catch_up(vec![hist(2), hist(3), hist(4), hist(5)], id(5)));
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(x)) = next(&c) {
+            out.push(x);
+        }
+        assert_eq!(
+            out,
+            [b("live1"), b("live2"), b("hist3"), b("hist4"), b("hist5")]
+        );
+        assert_eq!(c.lock().out.bytes, 0, "the budget is back to empty");
+        // A second resync from an older position replays nothing twice.
+        assert_eq!(c.hold(), Hold::Held);
+        assert!(c.catch_up(vec![hist(4), hist(5), hist(6)], id(6)));
+        assert_eq!(next(&c), Poll::Ready(Some(b("hist6"))));
+        assert!(next(&c).is_pending());
+        // A stream that ended is not held and reports it.
+        c.finish(close_reason::SHUTDOWN, None);
+        assert_eq!(c.hold(), Hold::Gone);
+        assert!(!c.catch_up(Vec::new(), None));
     }
 
     #[test]

@@ -133,6 +133,14 @@ impl RedisServer {
     }
 }
 
+/// The registry's keys in Redis, sorted: every key but the durable history's.
+pub async fn registry_keys(r: &fred::clients::Client) -> Vec<String> {
+    let mut k: Vec<String> = r.custom(fred::cmd!("KEYS"), vec!["*"]).await.unwrap();
+    k.retain(|key| !key.contains(":history:"));
+    k.sort();
+    k
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();

@@ -7,6 +7,8 @@
 --   FCALL sse_publish 0 <app> <user> <payload>     -- to one user
 --   FCALL sse_publish 0 <app> "" <payload>         -- to every user of the app (broadcast)
 --   -> { "<event id>", <subscribers that received it> }
+-- Event ids are "<ms>-<seq>-<epoch>": the epoch names one unbroken history of the application and
+-- is drawn afresh when that history may have lost events (see sse_position).
 -- <payload> is the envelope JSON object {"type":..,"data":..}; the event id is added to it.
 --
 -- Replay (used by the gateway):
@@ -14,10 +16,22 @@
 --   -> { "ok", <newest id or "">, { <id>, <message>, ... }, <user's own>... }
 --        the application's broadcasts after the id (once, for every user), then for each user
 --        their own events after the id as { <id>, <message>, ... }, or "too_old"
---   -> { "reset", <newest id or "">, <reason> }     nobody's gap can be filled: too_old | unknown_id
+--   -> { "reset", <newest id or "">, <reason> }     nobody's gap can be filled:
+--        too_old | unknown_id | history_lost (the id's epoch is not the current one)
 --   FCALL_RO sse_since 0 <app> <user> <last event id>    (one user, merged; earlier gateways use it)
 --   -> { "ok", <newest id or "">, <message>... }   every durable event after the id, in id order
 --   -> { "reset", <newest id or "">, <reason> }
+--
+-- Where an application's history stands (used by the gateway), and the fence against lost writes:
+--   FCALL sse_position 0 <app> [<newest id this gateway saw>]
+--   -> { "<newest id>", "ok" | "new" | "rolled_back" }
+--   Starts a history (a new epoch) when there is none: Redis lost its data, or nothing was ever
+--   published. When the gateway saw an id of the current epoch that is newer than what Redis holds,
+--   writes were rolled back (a failover, a restart from an older file): a new epoch starts, so that
+--   every client holding an id of the old one is told (reset "history_lost").
+--
+-- End-to-end probe (used by the gateway's readiness): FCALL sse_probe 0 <channel> <payload>
+--   PUBLISH from a function: it fails unless the library is loaded and this node takes writes.
 --
 -- Connection registry writes (used by the gateway), applied in order:
 --   FCALL sse_registry 0 <ttl> <op> <fields...> [<op> <fields...>]...
@@ -28,9 +42,10 @@
 -- Keys: {app}:client:{user}:{conn} (hash), {app}:connections and {app}:connections:{user}
 -- (sorted sets scored by expiry time; their own expiry is only ever pushed out).
 --
--- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams),
--- each stream with a <stream>:trimmed key (the newest id trimmed from it).
--- Ids are "<ms>-<seq>" from one sequence per application, so one id places a client in both streams.
+-- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams,
+-- entry ids "<ms>-<seq>"), each stream with a <stream>:trimmed key: every id up to it may be
+-- missing from the stream (trimmed, aged out, or lost when the stream expired and was re-created).
+-- Ids come from one sequence per application, so one id places a client in both streams.
 
 local MAXLEN = __MAXLEN__   -- entries kept per stream
 local TTL = __TTL__         -- seconds an entry is kept
@@ -39,11 +54,21 @@ local function valid_id(s)
   return type(s) == 'string' and #s >= 1 and #s <= 128 and not string.find(s, '[^%w%._~@%+=%-]')
 end
 
-local function parse(id)
+-- "<ms>-<seq>" (a stream entry id, or a marker) as { ms, seq }.
+local function parse_plain(id)
   if type(id) ~= 'string' or #id > 64 then return nil end
   local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
   if not ms or #ms > 15 or #seq > 15 then return nil end
   return { tonumber(ms), tonumber(seq) }
+end
+
+-- An event id "<ms>-<seq>-<epoch>" as { ms, seq, epoch }.
+local function parse(id)
+  if type(id) ~= 'string' or #id > 64 then return nil end
+  local ms, seq, epoch = string.match(id, '^(%d+)%-(%d+)%-([0-9a-z]+)$')
+  if not ms or #ms > 15 or #seq > 15 or #epoch > 6 then return nil end
+  if #epoch > 1 and string.sub(epoch, 1, 1) == '0' then return nil end
+  return { tonumber(ms), tonumber(seq), epoch }
 end
 
 local function cmp(a, b)
@@ -52,13 +77,47 @@ local function cmp(a, b)
   return 0
 end
 
-local function fmt(id)
+local function fmt_plain(id)
   return string.format('%d-%d', id[1], id[2])
 end
+
+local function fmt(id)
+  return string.format('%d-%d-%s', id[1], id[2], id[3])
+end
+
+local DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
+local EPOCH_LIMIT = 2176782336 -- 36^6
+-- Largest counter written in a marker: "everything in that millisecond".
+local MAX_SEQ = 999999999999999
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A new epoch: the clock in microseconds, modulo 36^6, in base 36 (as the gateway's Epoch).
+local function new_epoch()
+  local t = redis.call('TIME')
+  local n = (tonumber(t[1]) * 1000000 + tonumber(t[2])) % EPOCH_LIMIT
+  local s = ''
+  repeat
+    local d = n % 36
+    s = string.sub(DIGITS, d + 1, d + 1) .. s
+    n = math.floor(n / 36)
+  until n == 0
+  return s
+end
+
+-- The application's newest id, or nil when it has no history (or one an older gateway wrote).
+local function current(app)
+  return parse(redis.call('GET', app .. ':history:last'))
+end
+
+-- Raises a stream's marker to `id` (every id up to it may be missing).
+local function mark(stream, id)
+  local marker = stream .. ':trimmed'
+  local before = parse_plain(redis.call('GET', marker))
+  if not before or cmp(id, before) > 0 then redis.call('SET', marker, fmt_plain(id)) end
 end
 
 -- Trims a stream to MAXLEN entries and to entries newer than `min_ms`, exactly, and remembers the
@@ -69,22 +128,18 @@ local function trim(stream, min_ms)
   local len = redis.call('XLEN', stream)
   if len > MAXLEN then
     local cut = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - MAXLEN)
-    trimmed = parse(cut[#cut][1])
+    trimmed = parse_plain(cut[#cut][1])
     redis.call('XTRIM', stream, 'MAXLEN', MAXLEN)
   end
-  local min_id = fmt({ min_ms, 0 })
+  local min_id = fmt_plain({ min_ms, 0 })
   local old = redis.call('XREVRANGE', stream, '(' .. min_id, '-', 'COUNT', 1)
   if #old > 0 then
-    local aged = parse(old[1][1])
+    local aged = parse_plain(old[1][1])
     if not trimmed or cmp(aged, trimmed) > 0 then trimmed = aged end
     redis.call('XTRIM', stream, 'MINID', min_id)
   end
-  local marker = stream .. ':trimmed'
-  if trimmed then
-    local before = parse(redis.call('GET', marker))
-    if not before or cmp(trimmed, before) > 0 then redis.call('SET', marker, fmt(trimmed)) end
-  end
-  redis.call('EXPIRE', marker, TTL)
+  if trimmed then mark(stream, trimmed) end
+  redis.call('EXPIRE', stream .. ':trimmed', TTL)
 end
 
 local function sse_publish(keys, args)
@@ -95,13 +150,18 @@ local function sse_publish(keys, args)
   local body = string.match(payload, '^%s*{(.*)}%s*$')
   if not body then return redis.error_reply('sse_publish: payload must be a JSON object') end
 
-  local last_key = app .. ':history:last'
   local ms = now_ms()
-  local id = { ms, 0 }
-  local last = parse(redis.call('GET', last_key))
-  if last and last[1] >= ms then id = { last[1], last[2] + 1 } end
+  local last = current(app)
+  local id
+  if not last then
+    id = { ms, 0, new_epoch() }
+  elseif last[1] >= ms then
+    id = { last[1], last[2] + 1, last[3] }
+  else
+    id = { ms, 0, last[3] }
+  end
   local sid = fmt(id)
-  redis.call('SET', last_key, sid)
+  redis.call('SET', app .. ':history:last', sid)
 
   local message
   if string.match(body, '^%s*$') then
@@ -117,7 +177,12 @@ local function sse_publish(keys, args)
   else
     stream, channel = app .. ':history:user:' .. user, app .. ':channel:' .. user
   end
-  redis.call('XADD', stream, sid, 'm', message)
+  if redis.call('EXISTS', stream) == 0 then
+    -- A stream that expired took its marker with it: what it held is gone. It held nothing newer
+    -- than TTL before its expiry, so every id up to now - TTL may be missing.
+    mark(stream, { math.max(0, ms - TTL * 1000), MAX_SEQ })
+  end
+  redis.call('XADD', stream, fmt_plain(id), 'm', message)
   trim(stream, math.max(0, id[1] - TTL * 1000))
   redis.call('EXPIRE', stream, TTL)
   local receivers = redis.call('PUBLISH', channel, message)
@@ -126,7 +191,7 @@ end
 
 -- The newest id trimmed from a stream, or nil.
 local function max_deleted(stream)
-  return parse(redis.call('GET', stream .. ':trimmed'))
+  return parse_plain(redis.call('GET', stream .. ':trimmed'))
 end
 
 -- The entries of `stream` after `after`, or nil when the stream cannot tell: trimmed past the id,
@@ -139,19 +204,19 @@ local function entries_after(stream, after, oldest_kept)
   end
   local deleted = max_deleted(stream)
   if deleted and cmp(after, deleted) < 0 then return nil end
-  return redis.call('XRANGE', stream, '(' .. fmt(after), '+')
+  return redis.call('XRANGE', stream, '(' .. fmt_plain(after), '+')
 end
 
 -- Where a client resuming after `from` stands: nil and a reset reply when the id cannot be
 -- resumed from (not ours, from the future, or history lost); else the newest id, the parsed
 -- id, and whether it is already the newest.
 local function resume_point(app, from)
-  local last = parse(redis.call('GET', app .. ':history:last'))
+  local last = current(app)
   local newest = last and fmt(last) or ''
   local after = parse(from)
-  if not after or not last or cmp(after, last) > 0 then
-    return nil, { 'reset', newest, 'unknown_id' }
-  end
+  if not after then return nil, { 'reset', newest, 'unknown_id' } end
+  if not last or after[3] ~= last[3] then return nil, { 'reset', newest, 'history_lost' } end
+  if cmp(after, last) > 0 then return nil, { 'reset', newest, 'unknown_id' } end
   return newest, after, cmp(after, last) == 0
 end
 
@@ -180,7 +245,7 @@ local function sse_since(keys, args)
     local take_a
     if i > #a then take_a = false
     elseif j > #b then take_a = true
-    else take_a = cmp(parse(a[i][1]), parse(b[j][1])) <= 0 end
+    else take_a = cmp(parse_plain(a[i][1]), parse_plain(b[j][1])) <= 0 end
     local entry
     if take_a then entry = a[i]; i = i + 1 else entry = b[j]; j = j + 1 end
     out[#out + 1] = entry[2][2]
@@ -188,11 +253,11 @@ local function sse_since(keys, args)
   return out
 end
 
--- { id1, message1, id2, message2, ... } from stream entries.
-local function flat(entries)
+-- { id1, message1, id2, message2, ... } from stream entries, the ids in `epoch`.
+local function flat(entries, epoch)
   local out = {}
   for _, e in ipairs(entries) do
-    out[#out + 1] = e[1]
+    out[#out + 1] = e[1] .. '-' .. epoch
     out[#out + 1] = e[2][2]
   end
   return out
@@ -214,12 +279,38 @@ local function sse_backlog(keys, args)
   local oldest_kept = now_ms() - TTL * 1000
   local broadcasts = entries_after(app .. ':history:app', after, oldest_kept)
   if not broadcasts then return { 'reset', newest, 'too_old' } end
-  out[3] = flat(broadcasts)
+  out[3] = flat(broadcasts, after[3])
   for i = 3, #args do
     local mine = entries_after(app .. ':history:user:' .. args[i], after, oldest_kept)
-    out[#out + 1] = mine and flat(mine) or 'too_old'
+    out[#out + 1] = mine and flat(mine, after[3]) or 'too_old'
   end
   return out
+end
+
+local function sse_position(keys, args)
+  local app, seen = args[1], parse(args[2])
+  if not valid_id(app) then return redis.error_reply('sse_position: invalid application id') end
+  local last = current(app)
+  local status = 'ok'
+  if not last then
+    -- Keep ids moving forward even when the clock is behind what was seen.
+    local ms = now_ms()
+    if seen and seen[1] > ms then ms = seen[1] end
+    last, status = { ms, 0, new_epoch() }, 'new'
+  elseif seen and seen[3] == last[3] and cmp(seen, last) > 0 then
+    last, status = { seen[1], seen[2], new_epoch() }, 'rolled_back'
+  else
+    return { fmt(last), status }
+  end
+  redis.call('SET', app .. ':history:last', fmt(last))
+  return { fmt(last), status }
+end
+
+local function sse_probe(keys, args)
+  if type(args[1]) ~= 'string' or string.sub(args[1], 1, 10) ~= 'sse-probe:' then
+    return redis.error_reply('sse_probe: not a probe channel')
+  end
+  return redis.call('PUBLISH', args[1], args[2] or '')
 end
 
 local REGISTRY_FIELDS = { put = 7, touch = 3, remove = 3 }
@@ -276,5 +367,7 @@ end
 
 redis.register_function('sse_publish', sse_publish)
 redis.register_function('sse_registry', sse_registry)
+redis.register_function('sse_position', sse_position)
+redis.register_function('sse_probe', sse_probe)
 redis.register_function({ function_name = 'sse_since', callback = sse_since, flags = { 'no-writes' } })
 redis.register_function({ function_name = 'sse_backlog', callback = sse_backlog, flags = { 'no-writes' } })

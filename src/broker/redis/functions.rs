@@ -1,0 +1,176 @@
+//! The Redis Functions library (`sse_gateway.lua`): loading it, calling it, and reading its answers
+//! (durable publish, replay, the history's position and the probe).
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use fred::interfaces::ClientLike;
+use fred::types::Value;
+
+use super::{Links, command_error};
+use crate::broker::{BrokerError, Position, Retention};
+use crate::history::{Backlog, EventId, ResetReason};
+
+/// The library, shipped with the gateway.
+const LIBRARY: &str = include_str!("sse_gateway.lua");
+
+/// The library with this deployment's history settings filled in.
+pub fn library(retention: Retention) -> String {
+    LIBRARY
+        .replace("__MAXLEN__", &retention.max_len.to_string())
+        .replace("__TTL__", &retention.ttl_secs.to_string())
+}
+
+impl Links {
+    /// Loads (or replaces) the library on the node commands go to.
+    pub(super) async fn load_library(&self) -> Result<(), BrokerError> {
+        let _: Value = self
+            .client
+            .custom(
+                fred::cmd!("FUNCTION"),
+                vec!["LOAD", "REPLACE", self.library.as_str()],
+            )
+            .await
+            .map_err(|e| BrokerError::Command(format!("loading the Redis Functions: {e}")))?;
+        self.functions.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `FCALL`, loading the library first if this Redis lost it (restarted without persistence,
+    /// or a replica promoted before the library reached it).
+    pub(super) async fn fcall(
+        &self,
+        function: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, BrokerError> {
+        self.commands_up()?;
+        let call = |args: Vec<Value>| {
+            let mut full: Vec<Value> = vec![function.into(), 0.into()];
+            full.extend(args);
+            self.client.custom::<Value, _>(fred::cmd!("FCALL"), full)
+        };
+        match call(args.clone()).await {
+            Err(e) if e.details().contains("Function not found") => {
+                self.functions.store(false, Ordering::Relaxed);
+                self.load_library().await?;
+                call(args).await.map_err(command_error)
+            }
+            other => other.map_err(command_error),
+        }
+    }
+
+    pub(super) async fn publish_durable(
+        &self,
+        app: &str,
+        user: Option<&str>,
+        envelope: Bytes,
+    ) -> Result<(EventId, u64), BrokerError> {
+        let args = vec![
+            app.into(),
+            user.unwrap_or("").into(),
+            Value::Bytes(envelope),
+        ];
+        let answer = self.fcall("sse_publish", args).await?;
+        let bad = || BrokerError::Command("unexpected answer from sse_publish".into());
+        let Value::Array(items) = answer else {
+            return Err(bad());
+        };
+        let id = items
+            .first()
+            .and_then(|v| v.as_string())
+            .and_then(|s| s.parse::<EventId>().ok())
+            .ok_or_else(bad)?;
+        let receivers = items.get(1).and_then(|v| v.as_i64()).unwrap_or(0);
+        Ok((id, receivers.max(0) as u64))
+    }
+
+    pub(super) async fn backlog(
+        &self,
+        app: &str,
+        last_event_id: &str,
+        users: &[String],
+    ) -> Result<Backlog, BrokerError> {
+        let mut args: Vec<Value> = Vec::with_capacity(2 + users.len());
+        args.extend([app.into(), last_event_id.into()]);
+        args.extend(users.iter().map(|u| Value::from(u.as_str())));
+        parse_backlog(self.fcall("sse_backlog", args).await?, users.len())
+    }
+
+    pub(super) async fn position(
+        &self,
+        app: &str,
+        seen: Option<EventId>,
+    ) -> Result<Position, BrokerError> {
+        let mut args: Vec<Value> = vec![app.into()];
+        args.extend(seen.map(|id| Value::from(id.to_string())));
+        let bad = || BrokerError::Command("unexpected answer from sse_position".into());
+        let Value::Array(items) = self.fcall("sse_position", args).await? else {
+            return Err(bad());
+        };
+        let mut items = items.into_iter().filter_map(|v| v.into_string());
+        let id: EventId = items.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        Ok(match items.next().as_deref() {
+            Some("new") => Position::Started(id),
+            Some("rolled_back") => Position::RolledBack(id),
+            _ => Position::Current(id),
+        })
+    }
+
+    /// Publishes `payload` on `channel` from a function: it fails unless the library is loaded and
+    /// the node takes writes.
+    pub(super) async fn probe(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        self.fcall("sse_probe", vec![channel.into(), payload.into()])
+            .await
+            .map(drop)
+    }
+}
+
+/// Parses `sse_backlog`'s answer: `["ok", newest, [id, message, ...], <per user: [id, message,
+/// ...] or "too_old">...]` or `["reset", newest, reason]`.
+fn parse_backlog(value: Value, users: usize) -> Result<Backlog, BrokerError> {
+    let bad = || BrokerError::Command("unexpected answer from sse_backlog".into());
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let mut items = items.into_iter();
+    let status = items.next().and_then(|v| v.as_string()).ok_or_else(bad)?;
+    let current = items
+        .next()
+        .and_then(|v| v.as_string())
+        .and_then(|s| s.parse::<EventId>().ok());
+    // `[id, message, id, message, ...]`; `None` for anything else (a user's "too_old").
+    let entries = |v: Value| -> Option<Vec<(EventId, Bytes)>> {
+        let Value::Array(flat) = v else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        let mut flat = flat.into_iter();
+        while let (Some(id), Some(message)) = (flat.next(), flat.next()) {
+            let id = id.as_string()?.parse().ok()?;
+            out.push((id, message.into_bytes()?));
+        }
+        Some(out)
+    };
+    match status.as_str() {
+        "ok" => {
+            let broadcasts = items.next().and_then(entries).ok_or_else(bad)?;
+            let per_user: Vec<_> = items.map(entries).collect();
+            if per_user.len() != users {
+                return Err(bad());
+            }
+            Ok(Backlog::Events {
+                current,
+                broadcasts,
+                users: per_user,
+            })
+        }
+        "reset" => {
+            let reason = items.next().and_then(|v| v.as_string());
+            Ok(Backlog::Reset {
+                current,
+                reason: ResetReason::from_name(reason.as_deref().unwrap_or_default()),
+            })
+        }
+        _ => Err(bad()),
+    }
+}

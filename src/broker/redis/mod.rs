@@ -1,0 +1,384 @@
+//! The Redis broker: every use of fred lives under this module.
+//!
+//! Two connections: one for commands (publish, history, registry; pipelined) and one dedicated
+//! subscriber. Both reconnect forever, with a backoff capped at one second so that the gateway is
+//! back within about a second of Redis.
+//!
+//! - [`functions`]: the Redis Functions library (durable publish, replay, history position, probe);
+//! - [`subscriber`]: subscriptions, message delivery to the hub, re-sync after a lost link, probe;
+//! - [`registry`]: the cluster-wide connection registry's keys.
+
+mod functions;
+mod registry;
+mod subscriber;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::{Client, SubscriberClient};
+use fred::error::Error as FredError;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::Builder;
+use fred::types::config::{Config as FredConfig, ReconnectPolicy, TcpConfig};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use self::functions::library;
+use self::subscriber::{Probe, SubRequest};
+use super::{
+    BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, Position, RegistryOp,
+    Retention,
+};
+use crate::history::{Backlog, EventId};
+use crate::metrics::Metrics;
+
+/// Upper bound on any single Redis command, so nothing on a request path can hang.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for bursts between the subscriber connection and the hub; overflowing it loses messages
+/// (counted as `lagged`). The hub only queues events on the pump's thread (sockets are written
+/// by the fan-out writers), so 16k messages are over a quarter of a second at 60k messages/s.
+/// fred allocates it for each of its 8 notification channels, slots included: 64k cost 50 MB of
+/// RSS per client before a single stream.
+const MESSAGE_BUFFER: usize = 1 << 14;
+/// Reconnect backoff: from 50 ms, doubling, at most 1 s, plus up to 100 ms of jitter so that a
+/// fleet of gateways does not reconnect in lockstep.
+const RECONNECT_MIN_MS: u32 = 50;
+const RECONNECT_MAX_MS: u32 = 1_000;
+const RECONNECT_JITTER_MS: u32 = 100;
+
+/// The two connections and what this instance knows about them; shared with the broker's tasks.
+struct Links {
+    client: Client,
+    subscriber: SubscriberClient,
+    metrics: Arc<Metrics>,
+    library: String,
+    /// The library is loaded on the node commands go to (as far as this instance knows).
+    functions: AtomicBool,
+    probe: Arc<Probe>,
+}
+
+pub struct RedisBroker {
+    links: Arc<Links>,
+    requests: mpsc::UnboundedSender<SubRequest>,
+    request_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<SubRequest>>>,
+    reconnects: watch::Sender<u64>,
+    stopped: watch::Sender<bool>,
+}
+
+impl RedisBroker {
+    /// Builds the clients; nothing connects until [`Broker::start`]. `instance` names this
+    /// instance's probe channel.
+    pub fn new(
+        url: &str,
+        retention: Retention,
+        instance: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
+        let mut config =
+            FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
+        // Keep retrying when Redis is not up yet at start-up, instead of failing.
+        config.fail_fast = false;
+        let mut policy = ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2);
+        policy.set_jitter(RECONNECT_JITTER_MS);
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(3);
+                c.internal_command_timeout = COMMAND_TIMEOUT;
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+                c.unresponsive.max_timeout = Some(Duration::from_secs(10));
+                c.unresponsive.interval = Duration::from_secs(2);
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = COMMAND_TIMEOUT;
+            })
+            // fred does not reconnect unless told to.
+            .set_policy(policy);
+        // The command client receives no messages: fred's small default buffers are enough.
+        let client = builder
+            .build()
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let subscriber = builder
+            .with_performance_config(|p| p.broadcast_channel_capacity = MESSAGE_BUFFER)
+            .build_subscriber_client()
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let (requests, request_rx) = mpsc::unbounded_channel();
+        Ok(RedisBroker {
+            links: Arc::new(Links {
+                client,
+                subscriber,
+                metrics,
+                library: library(retention),
+                functions: AtomicBool::new(false),
+                probe: Arc::new(Probe::new(instance)),
+            }),
+            requests,
+            request_rx: std::sync::Mutex::new(Some(request_rx)),
+            reconnects: watch::channel(0).0,
+            stopped: watch::channel(false).0,
+        })
+    }
+}
+
+impl Links {
+    /// Fails fast when the command link is down, instead of queueing behind a reconnect.
+    fn commands_up(&self) -> Result<(), BrokerError> {
+        if self.client.is_connected() {
+            Ok(())
+        } else {
+            Err(BrokerError::Unavailable("Redis link is down".into()))
+        }
+    }
+}
+
+fn command_error(e: FredError) -> BrokerError {
+    match e.kind() {
+        fred::error::ErrorKind::IO
+        | fred::error::ErrorKind::Timeout
+        | fred::error::ErrorKind::Canceled => BrokerError::Unavailable(e.to_string()),
+        _ => BrokerError::Command(e.to_string()),
+    }
+}
+
+fn unavailable(e: FredError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// Loads the library again after every reconnect of the command link: a Redis that restarted
+/// without persistence, or a promoted replica, may lack it, and backends' own `FCALL sse_publish`
+/// must not fail until some gateway happens to call a function.
+async fn reload_on_reconnect(
+    links: Arc<Links>,
+    mut reconnects: watch::Receiver<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = reconnects.changed() => if changed.is_err() { break },
+            _ = stopped.changed() => break,
+        }
+        links.functions.store(false, Ordering::Relaxed);
+        for attempt in 0..20u32 {
+            match links.load_library().await {
+                Ok(()) => break,
+                Err(error) => {
+                    if attempt == 0 {
+                        tracing::warn!(%error, "Redis Functions not loaded yet; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn start(&self, sink: Arc<dyn MessageSink>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let Some(request_rx) = self
+                .request_rx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            else {
+                return Ok(()); // already started
+            };
+            let links = &self.links;
+            // Listen before connecting so that no message or reconnect event is missed.
+            tokio::spawn(subscriber::pump_messages(
+                links.subscriber.message_rx(),
+                sink.clone(),
+                links.metrics.clone(),
+                links.probe.clone(),
+            ));
+            tokio::spawn(subscriber::watch_reconnects(
+                links.client.reconnect_rx(),
+                self.reconnects.clone(),
+                links.metrics.clone(),
+                "commands",
+                None,
+            ));
+            tokio::spawn(subscriber::watch_reconnects(
+                links.subscriber.reconnect_rx(),
+                watch::channel(0).0,
+                links.metrics.clone(),
+                "pubsub",
+                Some(self.requests.clone()),
+            ));
+            tokio::spawn(subscriber::log_errors(links.client.error_rx(), "commands"));
+            tokio::spawn(subscriber::log_errors(
+                links.subscriber.error_rx(),
+                "pubsub",
+            ));
+            tokio::spawn(subscriber::manage_subscriptions(
+                links.subscriber.clone(),
+                self.requests.clone(),
+                request_rx,
+                sink,
+            ));
+            tokio::spawn(reload_on_reconnect(
+                links.clone(),
+                self.reconnects.subscribe(),
+                self.stopped.subscribe(),
+            ));
+            // The probe's own channel: subscribed like any other, so it is restored with them.
+            let (probe_tx, probe_rx) = oneshot::channel();
+            let _ = self.requests.send(SubRequest::Subscribe(
+                vec![links.probe.channel.clone()],
+                probe_tx,
+            ));
+            links.client.connect();
+            links.subscriber.connect();
+            let wait = async {
+                links.client.wait_for_connect().await.map_err(unavailable)?;
+                links
+                    .subscriber
+                    .wait_for_connect()
+                    .await
+                    .map_err(unavailable)?;
+                links.load_library().await?;
+                // The first probe goes once its channel is live, so that a healthy start is
+                // ready at once.
+                probe_rx.await.unwrap_or(Ok(()))
+            };
+            let started = tokio::time::timeout(Duration::from_secs(5), wait).await;
+            let prober = links.clone();
+            tokio::spawn(subscriber::run_probe(
+                links.probe.clone(),
+                self.stopped.subscribe(),
+                move |channel, payload| {
+                    let links = prober.clone();
+                    async move { links.probe(&channel, &payload).await }
+                },
+            ));
+            match started {
+                Ok(Ok(())) => {
+                    // Bounded: readiness only waits for the answer already on its way.
+                    for _ in 0..40 {
+                        if links.probe.fresh() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(BrokerError::Unavailable(
+                    "no connection to Redis within 5s; still retrying".into(),
+                )),
+            }
+        })
+    }
+
+    fn subscribe(&self, channels: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            if !self.links.subscriber.is_connected() {
+                return Err(BrokerError::Unavailable("subscriber link is down".into()));
+            }
+            let (tx, rx) = oneshot::channel();
+            self.requests
+                .send(SubRequest::Subscribe(channels, tx))
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+            rx.await
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?
+        })
+    }
+
+    fn unsubscribe(&self, channels: Vec<String>) {
+        let _ = self.requests.send(SubRequest::Unsubscribe(channels));
+    }
+
+    fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>> {
+        Box::pin(async move {
+            self.links.commands_up()?;
+            let n: i64 = self
+                .links
+                .client
+                .publish(channel, payload)
+                .await
+                .map_err(unavailable)?;
+            Ok(n.max(0) as u64)
+        })
+    }
+
+    fn publish_durable<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+        envelope: Bytes,
+    ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>> {
+        Box::pin(self.links.publish_durable(app, user, envelope))
+    }
+
+    fn since<'a>(
+        &'a self,
+        app: &'a str,
+        last_event_id: &'a str,
+        users: &'a [String],
+    ) -> BoxFuture<'a, Result<Backlog, BrokerError>> {
+        Box::pin(self.links.backlog(app, last_event_id, users))
+    }
+
+    fn position<'a>(
+        &'a self,
+        app: &'a str,
+        seen: Option<EventId>,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>> {
+        Box::pin(self.links.position(app, seen))
+    }
+
+    fn registry_count<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, BrokerError>> {
+        Box::pin(self.links.registry_count(app, user))
+    }
+
+    fn registry_apply(
+        &self,
+        ops: Vec<RegistryOp>,
+        ttl_secs: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
+        Box::pin(self.links.registry_apply(ops, ttl_secs))
+    }
+
+    fn registry_list<'a>(
+        &'a self,
+        app: &'a str,
+        user: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<ConnectionRecord>, BrokerError>> {
+        Box::pin(self.links.registry_list(app, user))
+    }
+
+    fn link(&self) -> LinkState {
+        let links = &self.links;
+        LinkState {
+            kind: "redis",
+            commands: links.client.is_connected(),
+            pubsub: links.subscriber.is_connected(),
+            functions: links.functions.load(Ordering::Relaxed),
+            probe: links.probe.fresh(),
+            probe_age: links.probe.age(),
+        }
+    }
+
+    fn reconnects(&self) -> watch::Receiver<u64> {
+        self.reconnects.subscribe()
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.stopped.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = self.links.subscriber.quit().await;
+                let _ = self.links.client.quit().await;
+            })
+            .await;
+        })
+    }
+}

@@ -1,0 +1,345 @@
+//! The subscriber link: what this instance is subscribed to, messages handed to the hub, the
+//! re-sync after the link is lost, and the end-to-end probe that proves delivery works.
+//!
+//! Subscribe and unsubscribe requests go through one task, so they reach Redis in the order the hub
+//! made them and concurrent requests are batched into one command; that task also restores every
+//! wanted subscription after a reconnect (fred's own `manage_subscriptions` is not used: it raced
+//! the first subscribe on a fresh link). Before it does, the hub is told to hold live delivery, and
+//! once the subscriptions are live again, to catch every stream up from history.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fred::clients::SubscriberClient;
+use fred::error::Error as FredError;
+use fred::interfaces::{ClientLike, PubsubInterface};
+use fred::types::Value;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::unavailable;
+use crate::broker::{BrokerError, MessageSink};
+use crate::metrics::{Metrics, ReasonLabel};
+
+/// Largest number of subscription requests folded into one SUBSCRIBE.
+const SUBSCRIBE_BATCH: usize = 1024;
+/// Most messages handed to the hub at once.
+const DELIVER_BATCH: usize = 256;
+/// How often the probe goes round, and how old its last answer may be for readiness.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_STALE: Duration = Duration::from_secs(3);
+/// A failed re-subscription on a link that is still up is tried again after this long.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
+
+pub enum SubRequest {
+    Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(Vec<String>),
+    /// The subscriber link (re)connected: subscribe every wanted channel again.
+    Resubscribe,
+}
+
+/// The end-to-end probe: a message published through a function (so the library is loaded and the
+/// node takes writes) on this instance's own channel, and received back on the subscriber link.
+pub struct Probe {
+    pub channel: String,
+    state: Mutex<ProbeState>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    /// The probe in flight: its number and when it was sent.
+    sent: Option<(u64, Instant)>,
+    /// When a probe last came back.
+    last_ok: Option<Instant>,
+}
+
+impl Probe {
+    pub fn new(instance: &str) -> Probe {
+        Probe {
+            channel: format!("sse-probe:{instance}"),
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProbeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds since the probe last came back.
+    pub fn age(&self) -> Option<f64> {
+        self.lock().last_ok.map(|t| t.elapsed().as_secs_f64())
+    }
+
+    pub fn fresh(&self) -> bool {
+        self.lock()
+            .last_ok
+            .is_some_and(|t| t.elapsed() < PROBE_STALE)
+    }
+
+    fn sent(&self, n: u64) {
+        self.lock().sent = Some((n, Instant::now()));
+    }
+
+    /// A probe message came back; returns its round trip if it is the one in flight.
+    fn received(&self, payload: &[u8]) -> Option<Duration> {
+        let n: u64 = std::str::from_utf8(payload).ok()?.parse().ok()?;
+        let mut state = self.lock();
+        let (want, at) = state.sent?;
+        if n != want {
+            return None;
+        }
+        let now = Instant::now();
+        state.last_ok = Some(now);
+        state.sent = None;
+        Some(now - at)
+    }
+}
+
+/// Hands received messages to the hub, batched; probe answers are taken out on the way.
+pub async fn pump_messages(
+    mut rx: broadcast::Receiver<fred::types::Message>,
+    sink: Arc<dyn MessageSink>,
+    metrics: Arc<Metrics>,
+    probe: Arc<Probe>,
+) {
+    let lagged = |n: u64| {
+        metrics
+            .messages_dropped
+            .get_or_create(&ReasonLabel { reason: "lagged" })
+            .inc_by(n);
+        tracing::error!(
+            lost = n,
+            "messages lost: the hub fell behind the Redis subscriber"
+        );
+    };
+    let mut batch = Vec::with_capacity(DELIVER_BATCH);
+    loop {
+        match rx.recv().await {
+            Ok(msg) => batch.push(msg),
+            Err(broadcast::error::RecvError::Lagged(n)) => lagged(n),
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+        // Whatever else has arrived goes along, without waiting for more.
+        while batch.len() < DELIVER_BATCH {
+            match rx.try_recv() {
+                Ok(msg) => batch.push(msg),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(n),
+                Err(_) => break,
+            }
+        }
+        let mut messages: Vec<(&str, &[u8])> = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let payload = m.value.as_bytes().unwrap_or_default();
+            if *m.channel == *probe.channel {
+                if let Some(rtt) = probe.received(payload) {
+                    metrics.probe_latency.observe(rtt.as_secs_f64());
+                }
+            } else {
+                messages.push((&m.channel, payload));
+            }
+        }
+        if !messages.is_empty() {
+            sink.deliver(&messages);
+        }
+        drop(messages);
+        batch.clear();
+    }
+}
+
+/// Sends a probe every [`PROBE_EVERY`] through `send` until the broker stops.
+pub async fn run_probe<F, Fut>(probe: Arc<Probe>, stop: watch::Receiver<bool>, send: F)
+where
+    F: Fn(String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    let mut failing = false;
+    while !*stop.borrow() {
+        tick.tick().await;
+        n += 1;
+        probe.sent(n);
+        match send(probe.channel.clone(), n.to_string()).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("broker probe succeeds again");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "broker probe failed: not ready until it succeeds");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+pub async fn watch_reconnects(
+    mut rx: broadcast::Receiver<fred::types::config::Server>,
+    notify: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+    link: &'static str,
+    resubscribe: Option<mpsc::UnboundedSender<SubRequest>>,
+) {
+    let mut first = true;
+    loop {
+        match rx.recv().await {
+            Ok(server) => {
+                if first {
+                    tracing::info!(%server, link, "connected to Redis");
+                    first = false;
+                } else {
+                    metrics.broker_reconnects.inc();
+                    tracing::info!(%server, link, "reconnected to Redis");
+                }
+                notify.send_modify(|n| *n += 1);
+                if let Some(tx) = &resubscribe {
+                    let _ = tx.send(SubRequest::Resubscribe);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+pub async fn log_errors(
+    mut rx: broadcast::Receiver<(FredError, Option<fred::types::config::Server>)>,
+    link: &'static str,
+) {
+    loop {
+        match rx.recv().await {
+            Ok((error, server)) => {
+                let server = server.map(|s| s.to_string()).unwrap_or_default();
+                tracing::warn!(%error, %server, link, "Redis connection error");
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// The one place SUBSCRIBE and UNSUBSCRIBE are sent from. Requests that queued up while a command
+/// was in flight are folded into one batch; within a batch a later request wins, so an
+/// unsubscribe followed by a subscribe of the same channel leaves it subscribed. `wanted` is the
+/// truth about what this instance wants, `live` what Redis confirmed on the current connection;
+/// after a reconnect all of `wanted` is subscribed again, between the sink's suspend and resume.
+pub async fn manage_subscriptions(
+    subscriber: SubscriberClient,
+    requests: mpsc::UnboundedSender<SubRequest>,
+    mut incoming: mpsc::UnboundedReceiver<SubRequest>,
+    sink: Arc<dyn MessageSink>,
+) {
+    let mut wanted: HashSet<String> = HashSet::new();
+    let mut live: HashSet<String> = HashSet::new();
+    // A re-sync is owed to the sink once the subscriptions are all live again.
+    let mut suspended = false;
+    while let Some(first) = incoming.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < SUBSCRIBE_BATCH {
+            match incoming.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut to_sub: Vec<String> = Vec::new();
+        let mut pending: HashSet<String> = HashSet::new();
+        let mut to_unsub: HashSet<String> = HashSet::new();
+        let mut waiters = Vec::new();
+        let mut resubscribe = false;
+        for request in batch {
+            match request {
+                SubRequest::Subscribe(channels, tx) => {
+                    for ch in &channels {
+                        to_unsub.remove(ch);
+                        wanted.insert(ch.clone());
+                        if !live.contains(ch) && pending.insert(ch.clone()) {
+                            to_sub.push(ch.clone());
+                        }
+                    }
+                    waiters.push((channels, tx));
+                }
+                SubRequest::Unsubscribe(channels) => {
+                    for ch in channels {
+                        wanted.remove(&ch);
+                        if pending.remove(&ch) {
+                            to_sub.retain(|c| c != &ch);
+                        }
+                        if live.remove(&ch) {
+                            to_unsub.insert(ch);
+                        }
+                    }
+                }
+                SubRequest::Resubscribe => resubscribe = true,
+            }
+        }
+        if resubscribe {
+            // A fresh connection has no subscriptions: hold delivery, then subscribe everything.
+            if !suspended {
+                sink.suspend();
+                suspended = true;
+            }
+            live.clear();
+            to_unsub.clear();
+            to_sub = wanted.iter().cloned().collect();
+            if !to_sub.is_empty() {
+                tracing::info!(channels = to_sub.len(), "restoring subscriptions");
+            }
+        }
+        if !to_unsub.is_empty() {
+            let list: Vec<String> = to_unsub.into_iter().collect();
+            if let Err(error) = subscriber.unsubscribe(list).await {
+                // Harmless: messages for nobody are dropped by the hub; a reconnect clears them.
+                tracing::warn!(%error, "UNSUBSCRIBE failed");
+            }
+        }
+        let mut outcome = Ok(());
+        let mut sent = Vec::new();
+        for chunk in to_sub.chunks(SUBSCRIBE_BATCH) {
+            match subscriber.subscribe(chunk.to_vec()).await {
+                Ok(()) => sent.extend(chunk.iter().cloned()),
+                Err(error) => {
+                    tracing::warn!(%error, channels = chunk.len(), "SUBSCRIBE failed");
+                    outcome = Err(unavailable(error));
+                }
+            }
+        }
+        // fred's subscribe returns once SUBSCRIBE is written, not when Redis has run it. Redis runs
+        // a connection's commands in order, so the answer to a PING on the same connection proves
+        // the subscriptions are live: only then may a stream be told it is connected.
+        if !sent.is_empty() {
+            match subscriber.ping::<Value>(None).await {
+                Ok(_) => live.extend(sent.into_iter().filter(|c| wanted.contains(c))),
+                Err(error) => {
+                    tracing::warn!(%error, "subscriber did not confirm SUBSCRIBE");
+                    outcome = Err(unavailable(error));
+                }
+            }
+        }
+        for (channels, tx) in waiters {
+            let result = if channels.iter().all(|c| live.contains(c)) {
+                Ok(())
+            } else {
+                Err(outcome
+                    .clone()
+                    .err()
+                    .unwrap_or_else(|| BrokerError::Unavailable("subscription withdrawn".into())))
+            };
+            let _ = tx.send(result);
+        }
+        if suspended {
+            if wanted.iter().all(|c| live.contains(c)) {
+                suspended = false;
+                sink.clone().resume();
+            } else if subscriber.is_connected() {
+                // The link is up but Redis refused: try again (a dropped link sends its own).
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+                    let _ = requests.send(SubRequest::Resubscribe);
+                });
+            }
+        }
+    }
+}
