@@ -10,19 +10,6 @@ use fred::interfaces::{ClientLike, PubsubInterface};
 use fred::types::Value as RedisValue;
 use serde_json::{Value, json};
 
-/// Opens a stream for `user` resuming after `last` (sent as `Last-Event-ID`).
-async fn resume(gw: &Gateway, app: &str, user: &str, last: &str) -> SseClient {
-    let c = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
-            .bearer_auth(user_token(app, user))
-            .header("last-event-id", last),
-    )
-    .await;
-    assert_eq!(c.status, 200);
-    c
-}
-
 async fn publish_id(gw: &Gateway, app: &str, body: Value) -> String {
     let r = gw.publish(app, body).await;
     assert_eq!(r.status(), 200);
@@ -80,7 +67,7 @@ async fn replay_scenario(first: &Gateway, second: &Gateway) {
         }
     }
 
-    let mut back = resume(second, "shop", "alice", &b1).await;
+    let mut back = second.resume("shop", "alice", &b1).await;
     assert_eq!(
         take(&mut back, 3).await,
         missed,
@@ -144,7 +131,7 @@ async fn streams_resuming_together_share_history_reads() {
     const STREAMS: usize = 40;
     let users: Vec<String> = (0..STREAMS).map(|i| format!("u{i}")).collect();
     let streams =
-        futures_util::future::join_all(users.iter().map(|u| resume(&gw, "shop", u, &start))).await;
+        futures_util::future::join_all(users.iter().map(|u| gw.resume("shop", u, &start))).await;
     asleep.await.unwrap();
 
     for (i, mut s) in streams.into_iter().enumerate() {
@@ -214,7 +201,7 @@ async fn no_gap_and_no_duplicate_at_the_switch_over_under_concurrent_publishing(
             drop(client);
             hops += 1;
             let gw = if hops % 2 == 0 { &a } else { &b };
-            client = resume(gw, "shop", "alice", &last_id).await;
+            client = gw.resume("shop", "alice", &last_id).await;
         }
     }
     publisher.await.unwrap();
@@ -247,7 +234,7 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
         newest = publish_id(&gw, "shop", json!({"user": "alice", "data": n})).await;
     }
     // Trimmed past the client's id: the gap cannot be filled, and the stream says so.
-    let mut c = resume(&gw, "shop", "alice", &first).await;
+    let mut c = gw.resume("shop", "alice", &first).await;
     let ev = c.next().await;
     assert_eq!(ev.event, "reset");
     assert_eq!(ev.json()["reason"], "too_old");
@@ -276,7 +263,7 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
         &"9".repeat(200),
         &future,
     ] {
-        let mut c = resume(&gw, "shop", "alice", bad).await;
+        let mut c = gw.resume("shop", "alice", bad).await;
         let ev = c.next().await;
         assert_eq!(
             (ev.event.as_str(), ev.json()["reason"].as_str()),
@@ -301,7 +288,7 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
     );
 
     // A recent id with nothing missed: no reset, nothing replayed.
-    let mut c = resume(&gw, "shop", "alice", &live).await;
+    let mut c = gw.resume("shop", "alice", &live).await;
     c.expect_silence(Duration::from_millis(300)).await;
 }
 
@@ -325,7 +312,7 @@ async fn history_survives_a_reconnect_but_an_emptied_redis_means_reset() {
     )
     .await;
     assert_eq!(status, 200);
-    let mut c = resume(&gw, "shop", "alice", &id).await;
+    let mut c = gw.resume("shop", "alice", &id).await;
     let ev = c.next().await;
     assert_eq!(
         (ev.event.as_str(), ev.json()["reason"].as_str()),
@@ -403,7 +390,7 @@ async fn backends_publish_durably_with_the_redis_function() {
         .await
         .unwrap();
     assert_eq!(n, 0);
-    let mut back = resume(&gw, "shop", "alice", &id).await;
+    let mut back = gw.resume("shop", "alice", &id).await;
     let ev = back.next().await;
     assert_eq!(ev.event, "all", "the durable broadcast is replayed");
     back.expect_silence(Duration::from_millis(300)).await;
@@ -428,7 +415,7 @@ async fn batch_publish_is_durable_for_every_user() {
         .collect();
     assert_eq!(ids.len(), 3);
     for (user, id) in ["a", "b", "c"].iter().zip(&ids) {
-        let mut c = resume(&gw, "shop", user, &start).await;
+        let mut c = gw.resume("shop", user, &start).await;
         let ev = c.next().await;
         assert_eq!(
             (ev.id.as_deref(), ev.event.as_str()),
@@ -531,5 +518,42 @@ async fn connection_limits_and_their_policies() {
         b.metric("sse_limit_rejections_total{app=\"shop\",reason=\"application\"}")
             .await
             == Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_history_that_expired_and_was_recreated_is_never_a_silent_gap() {
+    let redis = RedisServer::start();
+    let gw = Gateway::builder()
+        .redis(&redis)
+        .env("HISTORY_TTL", "2")
+        .start()
+        .await;
+    let seen = publish_id(&gw, "shop", json!({"user": "alice", "data": "seen"})).await;
+    // Missed by the client, then gone with alice's history when it expires.
+    publish_id(&gw, "shop", json!({"user": "alice", "data": "lost"})).await;
+    let redis_client = redis.client().await;
+    let r = &redis_client;
+    eventually(
+        Duration::from_secs(5),
+        "alice's history expired",
+        || async move {
+            let n: i64 = r
+                .custom(fred::cmd!("EXISTS"), vec!["shop:history:user:alice"])
+                .await
+                .unwrap();
+            n == 0
+        },
+    )
+    .await;
+    // Both streams are written again: the application's broadcasts, and alice's own.
+    publish_id(&gw, "shop", json!({"broadcast": true, "data": "broadcast"})).await;
+    publish_id(&gw, "shop", json!({"user": "alice", "data": "fresh"})).await;
+    let mut c = gw.resume("shop", "alice", &seen).await;
+    let ev = c.next().await;
+    assert_eq!(
+        (ev.event.as_str(), ev.json()["reason"].as_str()),
+        ("reset", Some("too_old")),
+        "\"lost\" cannot be replayed, and the stream says so: {ev:?}"
     );
 }

@@ -173,27 +173,14 @@ async fn a_restart_without_persistence_reaches_open_and_resuming_streams_as_a_re
     );
 
     // An id of the lost history, resumed with: a clean reset, not an error.
-    let mut back = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
-            .bearer_auth(user_token("shop", "alice"))
-            .header("Last-Event-ID", &before),
-    )
-    .await;
-    assert_eq!(back.status, 200);
+    let mut back = gw.resume("shop", "alice", &before).await;
     let ev = back.next().await;
     assert_eq!(
         (ev.event.as_str(), ev.json()["reason"].as_str()),
         ("reset", Some("history_lost"))
     );
     // So is an id from before epochs existed ("<ms>-<seq>").
-    let mut legacy = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
-            .bearer_auth(user_token("shop", "alice"))
-            .header("Last-Event-ID", "1795334532736-0"),
-    )
-    .await;
+    let mut legacy = gw.resume("shop", "alice", "1795334532736-0").await;
     assert_eq!(legacy.next().await.event, "reset");
 }
 
@@ -231,13 +218,7 @@ async fn writes_rolled_back_by_a_restart_from_an_older_file_start_a_new_history(
     // only the lost writes had gets a reset, never the next events as if nothing was missing.
     fcall_publish(&redis, "alice", 3).await;
     assert_eq!(ns(&take(&mut alice, 1).await), [3]);
-    let mut back = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
-            .bearer_auth(user_token("shop", "alice"))
-            .header("Last-Event-ID", &lost),
-    )
-    .await;
+    let mut back = gw.resume("shop", "alice", &lost).await;
     let ev = back.next().await;
     assert_eq!(ev.event, "reset", "{ev:?}");
 }

@@ -316,6 +316,19 @@ impl Gateway {
         c
     }
 
+    /// Opens `/sse` for a user resuming after `last` (sent as `Last-Event-ID`).
+    pub async fn resume(&self, app: &str, user: &str, last: &str) -> SseClient {
+        let c = SseClient::open(
+            http()
+                .get(self.url("/sse"))
+                .bearer_auth(user_token(app, user))
+                .header("last-event-id", last),
+        )
+        .await;
+        assert_eq!(c.status, 200, "resume {app}/{user} from {last}");
+        c
+    }
+
     /// Scrapes `/metrics` and returns the value of the first sample whose line starts with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
         let text = http()

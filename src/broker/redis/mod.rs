@@ -209,16 +209,22 @@ impl Broker for RedisBroker {
                 "pubsub",
                 Some(self.requests.clone()),
             ));
-            tokio::spawn(subscriber::log_errors(links.client.error_rx(), "commands"));
+            tokio::spawn(subscriber::log_errors(
+                links.client.error_rx(),
+                "commands",
+                None,
+            ));
             tokio::spawn(subscriber::log_errors(
                 links.subscriber.error_rx(),
                 "pubsub",
+                Some(links.probe.clone()),
             ));
             tokio::spawn(subscriber::manage_subscriptions(
                 links.subscriber.clone(),
                 self.requests.clone(),
                 request_rx,
                 sink,
+                links.probe.clone(),
             ));
             tokio::spawn(reload_on_reconnect(
                 links.clone(),

@@ -76,6 +76,13 @@ impl Probe {
             .is_some_and(|t| t.elapsed() < PROBE_STALE)
     }
 
+    /// The link was lost: what the probe proved no longer holds until it comes back again.
+    fn forget(&self) {
+        let mut state = self.lock();
+        state.last_ok = None;
+        state.sent = None;
+    }
+
     fn sent(&self, n: u64) {
         self.lock().sent = Some((n, Instant::now()));
     }
@@ -204,13 +211,19 @@ pub async fn watch_reconnects(
     }
 }
 
+/// Logs a link's errors; on the subscriber link, an error also voids the probe (messages may have
+/// been lost), so that readiness waits for a probe over the restored link.
 pub async fn log_errors(
     mut rx: broadcast::Receiver<(FredError, Option<fred::types::config::Server>)>,
     link: &'static str,
+    probe: Option<Arc<Probe>>,
 ) {
     loop {
         match rx.recv().await {
             Ok((error, server)) => {
+                if let Some(probe) = &probe {
+                    probe.forget();
+                }
                 let server = server.map(|s| s.to_string()).unwrap_or_default();
                 tracing::warn!(%error, %server, link, "Redis connection error");
             }
@@ -230,6 +243,7 @@ pub async fn manage_subscriptions(
     requests: mpsc::UnboundedSender<SubRequest>,
     mut incoming: mpsc::UnboundedReceiver<SubRequest>,
     sink: Arc<dyn MessageSink>,
+    probe: Arc<Probe>,
 ) {
     let mut wanted: HashSet<String> = HashSet::new();
     let mut live: HashSet<String> = HashSet::new();
@@ -277,6 +291,7 @@ pub async fn manage_subscriptions(
         if resubscribe {
             // A fresh connection has no subscriptions: hold delivery, then subscribe everything.
             if !suspended {
+                probe.forget();
                 sink.suspend();
                 suspended = true;
             }
