@@ -83,6 +83,8 @@ pub struct Config {
     pub max_user_connections: u64,
     /// History kept per stream for replay.
     pub retention: crate::broker::Retention,
+    /// When a durable publish counts as acknowledged.
+    pub durability: crate::broker::Durability,
 }
 
 /// One application's own settings. Every field is optional; absent ones fall back to the global
@@ -308,6 +310,10 @@ impl Config {
                 ttl_secs: positive("HISTORY_TTL", get("HISTORY_TTL"), secs(3600))?
                     .as_secs()
                     .max(1),
+            },
+            durability: crate::broker::Durability {
+                min_replicas: parse_or("DURABLE_MIN_REPLICAS", get("DURABLE_MIN_REPLICAS"), 0)?,
+                wait: positive("DURABLE_WAIT_TIMEOUT", get("DURABLE_WAIT_TIMEOUT"), secs(1))?,
             },
         };
         if config.client_queue == 0 {

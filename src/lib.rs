@@ -73,6 +73,7 @@ pub async fn run(
             Arc::new(broker::redis::RedisBroker::new(
                 url,
                 config.retention,
+                config.durability,
                 &config.instance_id,
                 metrics.clone(),
             )?)

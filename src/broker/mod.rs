@@ -30,6 +30,10 @@ pub enum BrokerError {
     /// The broker answered, but with an error.
     #[error("broker error: {0}")]
     Command(String),
+    /// A durable event was published (it has this id) but fewer replicas than required
+    /// acknowledged it in time: a failover may still lose it.
+    #[error("event {id} reached {replicas} replica(s), fewer than required")]
+    NotReplicated { id: EventId, replicas: u64 },
 }
 
 /// Where the broker hands messages it receives on subscribed channels.
@@ -139,6 +143,14 @@ pub fn user_channel(app: &str, user: &str) -> String {
 
 pub fn app_channel(app: &str) -> String {
     format!("{app}:broadcast")
+}
+
+/// How a durable publish is acknowledged: once at least `min_replicas` replicas hold it (Redis
+/// `WAIT`, at most `wait` long), so that a failover cannot take an acknowledged event back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub min_replicas: u32,
+    pub wait: std::time::Duration,
 }
 
 /// How long and how much history is kept, per stream (a user's, or an application's broadcasts).

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::{AppState, Body, HttpResponse, error, json_bytes, json_response, unauthorized};
 use crate::auth::{self, Identity};
-use crate::broker::{ConnectionRecord, app_channel, user_channel};
+use crate::broker::{BrokerError, ConnectionRecord, app_channel, user_channel};
 use crate::hub::{AttachError, NewConn};
 use crate::metrics::{AppReasonLabel, OutcomeLabel};
 use crate::sse::clean_field;
@@ -386,11 +386,21 @@ where
         match sent {
             Ok(n) => subscribers += n,
             Err(e) => {
-                outcome("broker_unavailable");
+                // An event that reached too few replicas exists (it may be delivered, and a
+                // failover may lose it): the publisher gets its id, to retry knowingly.
+                let error = match &e {
+                    BrokerError::NotReplicated { id, .. } => {
+                        state.hub.published(app, *id);
+                        ids.push(id.to_string());
+                        "not_replicated"
+                    }
+                    _ => "broker_unavailable",
+                };
+                outcome(error);
                 tracing::warn!(%app, error = %e, "publish failed");
                 return json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"error": "broker_unavailable", "message": e.to_string(),
+                    &json!({"error": error, "message": e.to_string(),
                             "published": done, "ids": ids}),
                 );
             }

@@ -105,6 +105,16 @@ impl RedisServer {
         });
     }
 
+    /// A handle on a server this test did not start (one of a set's nodes, found by port): it is
+    /// not stopped when dropped.
+    pub fn attach(port: u16) -> RedisServer {
+        RedisServer {
+            port,
+            child: None,
+            args: Vec::new(),
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -131,6 +141,175 @@ impl RedisServer {
         client.init().await.expect("connect to test redis");
         client
     }
+}
+
+/// A primary, a replica and three Sentinels watching them as `mymaster`, all on free ports.
+pub struct SentinelSet {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    _dir: TempDir,
+}
+
+impl SentinelSet {
+    /// Starts the five processes and waits until every Sentinel knows the replica and the other
+    /// Sentinels (a failover needs both).
+    pub async fn start() -> SentinelSet {
+        // Without the diskless sync's default 5 s delay, the replica is in sync at once (either
+        // node may be primary after a failover).
+        let fast_sync = ["--repl-diskless-sync-delay", "0"];
+        let primary = RedisServer::start_with(&fast_sync);
+        let primary_port = primary.port.to_string();
+        let mut replica_args = vec!["--replicaof", "127.0.0.1", primary_port.as_str()];
+        replica_args.extend(fast_sync);
+        let replica = RedisServer::start_with(&replica_args);
+        let replica_ref = &replica;
+        eventually(
+            Duration::from_secs(20),
+            "the replica is in sync",
+            || async move {
+                let info: String = replica_ref
+                    .client()
+                    .await
+                    .custom(fred::cmd!("INFO"), vec!["replication"])
+                    .await
+                    .unwrap_or_default();
+                info.contains("master_link_status:up")
+            },
+        )
+        .await;
+        let dir = TempDir::new();
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.path.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor mymaster 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 4000\n\
+                     sentinel parallel-syncs mymaster 1\n",
+                    dir = dir.path.display(),
+                    primary = primary.port,
+                ),
+            )
+            .expect("sentinel config");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed");
+            sentinels.push(child);
+            sentinel_ports.push(port);
+        }
+        let set = SentinelSet {
+            primary,
+            replica,
+            sentinel_ports,
+            sentinels,
+            _dir: dir,
+        };
+        for port in set.sentinel_ports.clone() {
+            eventually(
+                Duration::from_secs(20),
+                "sentinels know each other and the replica",
+                || async move {
+                    let Some(c) = sentinel_client(port).await else {
+                        return false;
+                    };
+                    let replicas: Vec<fred::types::Value> = c
+                        .custom(fred::cmd!("SENTINEL"), vec!["REPLICAS", "mymaster"])
+                        .await
+                        .unwrap_or_default();
+                    let others: Vec<fred::types::Value> = c
+                        .custom(fred::cmd!("SENTINEL"), vec!["SENTINELS", "mymaster"])
+                        .await
+                        .unwrap_or_default();
+                    let _ = c.quit().await;
+                    replicas.len() == 1 && others.len() == 2
+                },
+            )
+            .await;
+        }
+        set
+    }
+
+    /// The gateway's `REDIS_URL` for this set.
+    pub fn url(&self) -> String {
+        let p = &self.sentinel_ports;
+        format!(
+            "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName=mymaster&node=127.0.0.1:{}&node=127.0.0.1:{}",
+            p[0], p[1], p[2]
+        )
+    }
+
+    /// The port of the node the Sentinels call primary now.
+    pub async fn primary_port(&self) -> u16 {
+        let c = sentinel_client(self.sentinel_ports[0])
+            .await
+            .expect("sentinel up");
+        let addr: Vec<String> = c
+            .custom(
+                fred::cmd!("SENTINEL"),
+                vec!["GET-MASTER-ADDR-BY-NAME", "mymaster"],
+            )
+            .await
+            .expect("master address");
+        let _ = c.quit().await;
+        addr[1].parse().expect("port")
+    }
+
+    /// `SENTINEL FAILOVER`: the replica is promoted, the primary demoted.
+    pub async fn failover(&self) {
+        let c = sentinel_client(self.sentinel_ports[0])
+            .await
+            .expect("sentinel up");
+        let _: fred::types::Value = c
+            .custom(fred::cmd!("SENTINEL"), vec!["FAILOVER", "mymaster"])
+            .await
+            .expect("SENTINEL FAILOVER");
+        let _ = c.quit().await;
+    }
+
+    /// Waits until the Sentinels name a primary other than `old`; returns its port.
+    pub async fn wait_new_primary(&self, old: u16) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = self.primary_port().await;
+            if now != old {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "no failover within 20 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for c in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A client of the Sentinel on `port`, or `None` while it does not answer.
+async fn sentinel_client(port: u16) -> Option<fred::clients::Client> {
+    let config =
+        fred::types::config::Config::from_url(&format!("redis://127.0.0.1:{port}")).ok()?;
+    let client = fred::types::Builder::from_config(config).build().ok()?;
+    tokio::time::timeout(Duration::from_secs(2), client.init())
+        .await
+        .ok()?
+        .ok()?;
+    Some(client)
 }
 
 /// The registry's keys in Redis, sorted: every key but the durable history's.

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use fred::clients::Client;
 use fred::interfaces::ClientLike;
 use fred::types::Value;
 
@@ -36,10 +37,20 @@ impl Links {
         Ok(())
     }
 
-    /// `FCALL`, loading the library first if this Redis lost it (restarted without persistence,
-    /// or a replica promoted before the library reached it).
+    /// `FCALL` on the command connection.
     pub(super) async fn fcall(
         &self,
+        function: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, BrokerError> {
+        self.fcall_on(&self.client, function, args).await
+    }
+
+    /// `FCALL` on `client`, loading the library first if this Redis lost it (restarted without
+    /// persistence, or a replica promoted before the library reached it).
+    async fn fcall_on(
+        &self,
+        client: &Client,
         function: &str,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
@@ -47,16 +58,22 @@ impl Links {
         let call = |args: Vec<Value>| {
             let mut full: Vec<Value> = vec![function.into(), 0.into()];
             full.extend(args);
-            self.client.custom::<Value, _>(fred::cmd!("FCALL"), full)
+            client.custom::<Value, _>(fred::cmd!("FCALL"), full)
         };
-        match call(args.clone()).await {
+        let answer = match call(args.clone()).await {
             Err(e) if e.details().contains("Function not found") => {
                 self.functions.store(false, Ordering::Relaxed);
                 self.load_library().await?;
-                call(args).await.map_err(command_error)
+                call(args).await
             }
-            other => other.map_err(command_error),
-        }
+            other => other,
+        };
+        answer.map_err(|e| {
+            if e.details().starts_with("READONLY") {
+                self.demoted();
+            }
+            command_error(e)
+        })
     }
 
     pub(super) async fn publish_durable(
@@ -70,7 +87,8 @@ impl Links {
             user.unwrap_or("").into(),
             Value::Bytes(envelope),
         ];
-        let answer = self.fcall("sse_publish", args).await?;
+        let client = self.durable.as_ref().unwrap_or(&self.client);
+        let answer = self.fcall_on(client, "sse_publish", args).await?;
         let bad = || BrokerError::Command("unexpected answer from sse_publish".into());
         let Value::Array(items) = answer else {
             return Err(bad());
@@ -81,6 +99,23 @@ impl Links {
             .and_then(|s| s.parse::<EventId>().ok())
             .ok_or_else(bad)?;
         let receivers = items.get(1).and_then(|v| v.as_i64()).unwrap_or(0);
+        let want = self.durability.min_replicas;
+        if want > 0 {
+            let wait_ms = self.durability.wait.as_millis().max(1) as u64;
+            let acked: i64 = client
+                .custom(
+                    fred::cmd!("WAIT"),
+                    vec![want.to_string(), wait_ms.to_string()],
+                )
+                .await
+                .map_err(command_error)?;
+            if acked < i64::from(want) {
+                return Err(BrokerError::NotReplicated {
+                    id,
+                    replicas: acked.max(0) as u64,
+                });
+            }
+        }
         Ok((id, receivers.max(0) as u64))
     }
 

@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use self::functions::library;
 use self::subscriber::{Probe, SubRequest};
 use super::{
-    BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, Position, RegistryOp,
-    Retention,
+    BoxFuture, Broker, BrokerError, ConnectionRecord, Durability, LinkState, MessageSink, Position,
+    RegistryOp, Retention,
 };
 use crate::history::{Backlog, EventId};
 use crate::metrics::Metrics;
@@ -51,6 +51,10 @@ const RECONNECT_JITTER_MS: u32 = 100;
 struct Links {
     client: Client,
     subscriber: SubscriberClient,
+    /// With `DURABLE_MIN_REPLICAS`, durable publishes and their `WAIT` go on a connection of their
+    /// own: `WAIT` blocks the connection it runs on, and the registry and replay must not wait.
+    durable: Option<Client>,
+    durability: Durability,
     metrics: Arc<Metrics>,
     library: String,
     /// The library is loaded on the node commands go to (as far as this instance knows).
@@ -72,6 +76,7 @@ impl RedisBroker {
     pub fn new(
         url: &str,
         retention: Retention,
+        durability: Durability,
         instance: &str,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
@@ -102,6 +107,14 @@ impl RedisBroker {
         let client = builder
             .build()
             .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let durable = match durability.min_replicas {
+            0 => None,
+            _ => Some(
+                builder
+                    .build()
+                    .map_err(|e| BrokerError::Command(e.to_string()))?,
+            ),
+        };
         let subscriber = builder
             .with_performance_config(|p| p.broadcast_channel_capacity = MESSAGE_BUFFER)
             .build_subscriber_client()
@@ -111,6 +124,8 @@ impl RedisBroker {
             links: Arc::new(Links {
                 client,
                 subscriber,
+                durable,
+                durability,
                 metrics,
                 library: library(retention),
                 functions: AtomicBool::new(false),
@@ -132,6 +147,24 @@ impl Links {
         } else {
             Err(BrokerError::Unavailable("Redis link is down".into()))
         }
+    }
+
+    /// The node this instance talks to no longer takes writes: it was demoted (a failover).
+    /// Every connection is made again, which asks Sentinel (or the cluster) for the new primary;
+    /// the subscriber's reconnect then re-syncs the open streams.
+    fn demoted(&self) {
+        tracing::warn!("Redis answered READONLY: reconnecting to the current primary");
+        let mut clients = vec![self.client.clone()];
+        clients.extend(self.durable.clone());
+        for client in clients {
+            tokio::spawn(async move {
+                let _ = client.force_reconnection().await;
+            });
+        }
+        let subscriber = self.subscriber.clone();
+        tokio::spawn(async move {
+            let _ = subscriber.force_reconnection().await;
+        });
     }
 }
 
@@ -239,6 +272,9 @@ impl Broker for RedisBroker {
             ));
             links.client.connect();
             links.subscriber.connect();
+            if let Some(durable) = &links.durable {
+                durable.connect();
+            }
             let wait = async {
                 links.client.wait_for_connect().await.map_err(unavailable)?;
                 links
@@ -383,6 +419,9 @@ impl Broker for RedisBroker {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 let _ = self.links.subscriber.quit().await;
                 let _ = self.links.client.quit().await;
+                if let Some(durable) = &self.links.durable {
+                    let _ = durable.quit().await;
+                }
             })
             .await;
         })
