@@ -2,6 +2,7 @@
 //! and a small SSE client that keeps the raw bytes it read.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod external;
 
 use std::collections::HashMap;
