@@ -30,18 +30,20 @@ async fn gateway(redis: &RedisServer, env: &[(&str, &str)]) -> Gateway {
     b.start().await
 }
 
-/// Prints a scenario's figures and makes sure it measured something: a run where nothing was
-/// acknowledged or delivered would be clean for nothing.
-fn report(scenario: &str, started: Instant, ledger: &Ledger, verdict: &Verdict) {
+/// Ends a scenario, prints its figures and makes sure it measured something: a run where little was
+/// acknowledged or nothing delivered would be clean for nothing.
+async fn end(scenario: &str, started: Instant, load: Load, fleet: Fleet) -> Verdict {
+    let (ledger, verdict) = finish(load, fleet).await;
     println!(
         "{scenario} ({:.1} s): {ledger}\n{verdict}",
         started.elapsed().as_secs_f64()
     );
     assert!(
-        ledger.acked() >= 500,
+        ledger.acked() >= 300,
         "{scenario}: too few acknowledged publishes to judge: {ledger}"
     );
     assert!(verdict.total.delivered > 0, "{scenario}: nothing delivered");
+    verdict
 }
 
 /// Kills Redis for about a second, mid-run, and starts it again on the same port; `persistent`
@@ -56,19 +58,26 @@ async fn redis_restart(scenario: &str, persistent: bool) {
     };
     let gw = gateway(&redis, &[]).await;
     let bases = vec![gw.url("")];
-    let fleet = Fleet::spawn(APP, &users(50), 1, &bases);
-    fleet.wait_connected(secs(10.0)).await;
-    let load = Load::start(LoadConfig::new(APP), &redis.url(), &bases).await;
+    let (fleet, load) = start(LoadConfig::new(APP), 1, &redis.url(), &bases).await;
 
-    tokio::time::sleep(secs(4.0)).await;
+    tokio::time::sleep(secs(3.5)).await;
+    // Ten streams leave just before the fault and resume after it, from an id of the history
+    // before the restart: they get what they missed, or (the history gone) a reset.
+    for s in &fleet.streams[..10] {
+        s.go_away(secs(3.0));
+    }
+    tokio::time::sleep(secs(0.5)).await;
     redis.kill();
     tokio::time::sleep(secs(1.0)).await;
     tokio::task::block_in_place(|| redis.start_again());
     tokio::time::sleep(secs(7.0)).await;
 
-    let (ledger, verdict) = finish(load, fleet).await;
-    report(scenario, started, &ledger, &verdict);
+    let verdict = end(scenario, started, load, fleet).await;
     verdict.assert_clean();
+    assert!(
+        verdict.streams[..10].iter().all(|s| s.connects >= 2),
+        "the streams that left came back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,16 +99,13 @@ async fn gateway_sigkill_clients_resume_elsewhere() {
     let b = gateway(&redis, &[]).await;
     // Streams start on alternate gateways, and each reconnect tries the other one.
     let bases = vec![a.url(""), b.url("")];
-    let fleet = Fleet::spawn(APP, &users(50), 1, &bases);
-    fleet.wait_connected(secs(10.0)).await;
-    let load = Load::start(LoadConfig::new(APP), &redis.url(), &bases).await;
+    let (fleet, load) = start(LoadConfig::new(APP), 1, &redis.url(), &bases).await;
 
     tokio::time::sleep(secs(4.0)).await;
     a.kill();
     tokio::time::sleep(secs(6.0)).await;
 
-    let (ledger, verdict) = finish(load, fleet).await;
-    report("gateway_sigkill", started, &ledger, &verdict);
+    let verdict = end("gateway_sigkill", started, load, fleet).await;
     verdict.assert_clean();
     let moved = verdict.streams.iter().filter(|s| s.connects >= 2).count();
     assert!(
@@ -115,9 +121,7 @@ async fn history_expiry_and_recreation_is_never_silent() {
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[("HISTORY_TTL", "2s")]).await;
     let bases = vec![gw.url("")];
-    let fleet = Fleet::spawn(APP, &users(50), 1, &bases);
-    fleet.wait_connected(secs(10.0)).await;
-    let load = Load::start(LoadConfig::new(APP), &redis.url(), &bases).await;
+    let (fleet, load) = start(LoadConfig::new(APP), 1, &redis.url(), &bases).await;
 
     tokio::time::sleep(secs(2.0)).await;
     // Ten streams leave for 6 s; for 2 s they miss events of their own and broadcasts.
@@ -132,8 +136,7 @@ async fn history_expiry_and_recreation_is_never_silent() {
     load.resume();
     tokio::time::sleep(secs(4.5)).await;
 
-    let (ledger, verdict) = finish(load, fleet).await;
-    report("history_expiry_and_recreation", started, &ledger, &verdict);
+    let verdict = end("history_expiry_and_recreation", started, load, fleet).await;
     let away = &verdict.streams[..10];
     verdict.assert_clean();
     assert!(
@@ -150,12 +153,9 @@ async fn history_trim_while_away_is_announced() {
     let gw = gateway(&redis, &[("HISTORY_MAXLEN", "20")]).await;
     let bases = vec![gw.url("")];
     // 10 users with 5 streams each (tabs): about 23 events a second per topic.
-    let users = users(10);
-    let fleet = Fleet::spawn(APP, &users, 5, &bases);
-    fleet.wait_connected(secs(10.0)).await;
     let mut cfg = LoadConfig::new(APP);
-    cfg.users = users;
-    let load = Load::start(cfg, &redis.url(), &bases).await;
+    cfg.users = users(10);
+    let (fleet, load) = start(cfg, 5, &redis.url(), &bases).await;
 
     tokio::time::sleep(secs(2.0)).await;
     // One tab of each user leaves for 5 s: over 100 events of each topic go by, 20 are kept.
@@ -164,8 +164,7 @@ async fn history_trim_while_away_is_announced() {
     }
     tokio::time::sleep(secs(8.0)).await;
 
-    let (ledger, verdict) = finish(load, fleet).await;
-    report("history_trim", started, &ledger, &verdict);
+    let verdict = end("history_trim", started, load, fleet).await;
     verdict.assert_clean();
     for s in &verdict.streams[..10] {
         assert!(
@@ -184,11 +183,9 @@ async fn sigterm_while_redis_is_down_exits_in_bounded_time() {
     let mut redis = RedisServer::start();
     let mut gw = gateway(&redis, &[("SHUTDOWN_TIMEOUT", "3s")]).await;
     let bases = vec![gw.url("")];
-    let fleet = Fleet::spawn(APP, &users(50), 1, &bases);
-    fleet.wait_connected(secs(10.0)).await;
-    let load = Load::start(LoadConfig::new(APP), &redis.url(), &bases).await;
+    let (fleet, load) = start(LoadConfig::new(APP), 1, &redis.url(), &bases).await;
 
-    tokio::time::sleep(secs(3.0)).await;
+    tokio::time::sleep(secs(4.0)).await;
     redis.kill();
     tokio::time::sleep(secs(1.0)).await;
     gw.signal("TERM");
@@ -201,8 +198,7 @@ async fn sigterm_while_redis_is_down_exits_in_bounded_time() {
     );
 
     // What was acknowledged before Redis went away reached every stream.
-    let (ledger, verdict) = finish(load, fleet).await;
-    report("sigterm_while_redis_is_down", started, &ledger, &verdict);
+    let verdict = end("sigterm_while_redis_is_down", started, load, fleet).await;
     verdict.assert_clean();
 }
 
@@ -310,8 +306,7 @@ fn the_verdict_tells_lost_from_announced_duplicated_and_reordered() {
         table.contains("alice#0") && !table.contains("alice#2"),
         "{table}"
     );
-    let panicked = std::panic::catch_unwind(|| verdict.assert_clean());
-    assert!(panicked.is_err(), "lost events fail the scenario");
+    assert!(!verdict.is_clean(), "lost events fail the scenario");
 }
 
 #[test]
@@ -350,6 +345,5 @@ fn a_reset_announces_only_its_own_gap() {
 
     // A stream that never connected is not clean, whatever it did not see.
     let never = StreamLog::new("bob#2", "bob");
-    let verdict = judge(&ledger, &[never]);
-    assert!(std::panic::catch_unwind(|| verdict.assert_clean()).is_err());
+    assert!(!judge(&ledger, &[never]).is_clean());
 }
