@@ -602,7 +602,12 @@ impl Publisher {
         );
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err("fcall timeout".into()),
-            Ok(Err(e)) => Err(format!("fcall {:?}", e.kind())),
+            // The message's start says which failure it was (a missing function, a dropped link).
+            Ok(Err(e)) => Err(format!(
+                "fcall {:?} ({})",
+                e.kind(),
+                e.details().chars().take(40).collect::<String>()
+            )),
             Ok(Ok(answer)) => answer
                 .first()
                 .and_then(|v| v.as_string())
