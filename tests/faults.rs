@@ -288,7 +288,14 @@ fn the_verdict_tells_lost_from_announced_duplicated_and_reordered() {
         "{verdict}"
     );
     assert_eq!((c.resets, c.uncertain), (1, 1));
-    assert_eq!(verdict.streams[0].lost_examples, vec!["alice:9"]);
+    assert_eq!(
+        verdict.streams[0].examples,
+        vec![
+            "dup alice:2 2-0 2-0",
+            "reorder alice:3 after 4",
+            "lost alice:9"
+        ]
+    );
 
     let c = &verdict.streams[1].counts;
     assert_eq!(
@@ -296,7 +303,7 @@ fn the_verdict_tells_lost_from_announced_duplicated_and_reordered() {
         (5, 0, 0, 1, 0),
         "{verdict}"
     );
-    assert_eq!(verdict.streams[1].lost_examples, vec!["alice:6"]);
+    assert_eq!(verdict.streams[1].examples, vec!["lost alice:6"]);
 
     assert_eq!(verdict.streams[2].counts.problems(), 0, "{verdict}");
     assert_eq!(verdict.total.lost, 2);

@@ -716,8 +716,9 @@ pub struct StreamVerdict {
     pub name: String,
     pub counts: Counts,
     pub connects: u32,
-    /// A few lost events, as `topic:n`, for the report.
-    pub lost_examples: Vec<String>,
+    /// A few problems, for the report: `lost topic:n`, `dup topic:n <first id> <second id>` (one
+    /// id twice: delivered twice; two ids: published twice), `reorder topic:n after m`.
+    pub examples: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -759,11 +760,11 @@ impl fmt::Display for Verdict {
         for s in bad.iter().take(60) {
             writeln!(
                 f,
-                "  {:<8} {}  connects {:>3}  lost e.g. {}",
+                "  {:<8} {}  connects {:>3}  e.g. {}",
                 s.name,
                 s.counts,
                 s.connects,
-                s.lost_examples.join(" ")
+                s.examples.join(", ")
             )?;
         }
         if bad.len() > 60 {
@@ -780,9 +781,9 @@ pub fn judge(ledger: &Ledger, logs: &[StreamLog]) -> Verdict {
         .iter()
         .map(|log| {
             let mut counts = Counts::default();
-            let mut lost_examples = Vec::new();
+            let mut examples = Vec::new();
             for topic in [log.user.as_str(), BROADCAST] {
-                judge_topic(ledger, log, topic, &mut counts, &mut lost_examples);
+                judge_topic(ledger, log, topic, &mut counts, &mut examples);
             }
             counts.resets = log
                 .receipts
@@ -794,7 +795,7 @@ pub fn judge(ledger: &Ledger, logs: &[StreamLog]) -> Verdict {
                 name: log.name.clone(),
                 counts,
                 connects: log.connects,
-                lost_examples,
+                examples,
             }
         })
         .collect();
@@ -806,8 +807,13 @@ fn judge_topic(
     log: &StreamLog,
     topic: &str,
     counts: &mut Counts,
-    lost_examples: &mut Vec<String>,
+    examples: &mut Vec<String>,
 ) {
+    let mut example = |text: String| {
+        if examples.len() < 4 {
+            examples.push(text);
+        }
+    };
     let empty = BTreeMap::new();
     let sent = ledger.topics.get(topic).unwrap_or(&empty);
     let acked = |n: u64| {
@@ -819,27 +825,29 @@ fn judge_topic(
             })
         )
     };
-    // n -> position of its first receipt.
-    let mut first_at: BTreeMap<u64, usize> = BTreeMap::new();
+    // n -> position and id of its first receipt.
+    let mut first_at: BTreeMap<u64, (usize, &str)> = BTreeMap::new();
     let mut highest_acked = 0;
     for (pos, r) in log.receipts.iter().enumerate() {
-        let Receipt::Event { topic: t, n, .. } = r else {
+        let Receipt::Event { topic: t, n, id } = r else {
             continue;
         };
         if t != topic {
             continue;
         }
-        if first_at.contains_key(n) {
+        if let Some((_, first)) = first_at.get(n) {
             counts.duplicated += 1;
+            example(format!("dup {topic}:{n} {first} {id}"));
             continue;
         }
-        first_at.insert(*n, pos);
+        first_at.insert(*n, (pos, id));
         counts.delivered += 1;
         // An uncertain publish has no known place in its topic's order: only acknowledged ones
         // are ordered.
         if acked(*n) {
             if *n < highest_acked {
                 counts.reordered += 1;
+                example(format!("reorder {topic}:{n} after {highest_acked}"));
             }
             highest_acked = highest_acked.max(*n);
         }
@@ -864,8 +872,8 @@ fn judge_topic(
         }
         // The gap runs from the last event received before n to the first one after it; a reset
         // received in between announces it.
-        let after = first_at.range(..n).next_back().map(|(_, &p)| p);
-        let before = first_at.range(n + 1..).next().map(|(_, &p)| p);
+        let after = first_at.range(..n).next_back().map(|(_, &(p, _))| p);
+        let before = first_at.range(n + 1..).next().map(|(_, &(p, _))| p);
         let covered = resets
             .iter()
             .any(|&p| after.is_none_or(|a| p > a) && before.is_none_or(|b| p < b));
@@ -873,9 +881,7 @@ fn judge_topic(
             counts.announced += 1;
         } else {
             counts.lost += 1;
-            if lost_examples.len() < 4 {
-                lost_examples.push(format!("{topic}:{n}"));
-            }
+            example(format!("lost {topic}:{n}"));
         }
     }
 }
