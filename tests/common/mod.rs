@@ -2,6 +2,7 @@
 //! and a small SSE client that keeps the raw bytes it read.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod external;
 
 use std::collections::HashMap;
@@ -64,6 +65,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Extra arguments (authentication, TLS); with TLS, `port` is the TLS port.
     args: Vec<String>,
+    /// The data directory of a persistent server, kept across restarts.
+    _dir: Option<TempDir>,
 }
 
 impl RedisServer {
@@ -83,8 +86,26 @@ impl RedisServer {
             port,
             child: None,
             args,
+            _dir: None,
         };
         r.spawn();
+        r
+    }
+
+    /// A server that writes every command to an append-only file (fsync on each) in a directory of
+    /// its own, so a kill -9 and `start_again` bring back everything it acknowledged.
+    pub fn start_persistent() -> RedisServer {
+        let dir = TempDir::new();
+        let path = dir.path.to_str().expect("utf-8 temp dir").to_string();
+        let mut r = RedisServer::start_with(&[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            &path,
+        ]);
+        r._dir = Some(dir);
         r
     }
 
@@ -119,7 +140,7 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server outright (its data is gone: it keeps nothing on disk).
+    /// Kills the server outright (SIGKILL). Its data is gone unless it is persistent.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -127,10 +148,17 @@ impl RedisServer {
         }
     }
 
-    /// Starts an empty server on the same port again.
+    /// Starts the server on the same port again: empty, or from its append-only file.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Starts a killed server again on the same port, with the same arguments.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
     }
 
     pub async fn client(&self) -> fred::clients::Client {
@@ -587,14 +615,24 @@ pub struct SseClient {
     scanned: usize,
     pub raw: String,
     pub ended: bool,
+    /// The WHATWG "last event ID string": set by every complete block with an `id:` field, with
+    /// or without data (a browser sends it back as `Last-Event-ID`).
+    pub last_event_id: Option<String>,
+    /// The last `retry:` value, even from a block without data.
+    pub retry: Option<u64>,
 }
 
 impl SseClient {
     pub async fn open(req: reqwest::RequestBuilder) -> SseClient {
-        let resp = req.send().await.expect("sse request");
+        SseClient::try_open(req).await.expect("sse request")
+    }
+
+    /// Like `open`, but a connection error is returned rather than a panic.
+    pub async fn try_open(req: reqwest::RequestBuilder) -> reqwest::Result<SseClient> {
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        SseClient {
+        Ok(SseClient {
             status,
             headers,
             stream: Box::pin(resp.bytes_stream()),
@@ -602,7 +640,9 @@ impl SseClient {
             scanned: 0,
             raw: String::new(),
             ended: false,
-        }
+            last_event_id: None,
+            retry: None,
+        })
     }
 
     pub fn connection_id(&self) -> String {
@@ -621,7 +661,14 @@ impl SseClient {
                 let end = self.scanned + end;
                 let block: String = self.buf.drain(..end + 2).collect();
                 self.scanned = 0;
-                if let Some(ev) = parse_block(&block) {
+                let (ev, dispatch) = parse_block(&block);
+                if ev.id.is_some() {
+                    self.last_event_id.clone_from(&ev.id);
+                }
+                if ev.retry.is_some() {
+                    self.retry = ev.retry;
+                }
+                if dispatch {
                     return Some(ev);
                 }
                 continue;
@@ -688,8 +735,9 @@ impl SseClient {
     }
 }
 
-/// One event block, as the WHATWG parser reads it: no data line, no event.
-fn parse_block(block: &str) -> Option<Event> {
+/// One event block, as the WHATWG parser reads it; the flag says whether it is dispatched (no data
+/// line, no event, though its `id:` and `retry:` still count).
+fn parse_block(block: &str) -> (Event, bool) {
     let mut ev = Event::default();
     let mut data: Option<String> = None;
     for line in block.lines() {
@@ -712,13 +760,15 @@ fn parse_block(block: &str) -> Option<Event> {
             _ => {}
         }
     }
-    let mut data = data?;
+    let Some(mut data) = data else {
+        return (ev, false);
+    };
     data.pop();
     if ev.event.is_empty() {
         ev.event = "message".into();
     }
     ev.data = data;
-    Some(ev)
+    (ev, true)
 }
 
 pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) {
