@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fred::interfaces::{ClientLike, PubsubInterface};
+use fred::interfaces::PubsubInterface;
 use serde_json::{Value, json};
 
 async fn redis_keys(r: &RedisServer) -> Vec<String> {

@@ -60,16 +60,7 @@ fn ns(events: &[(String, Event)]) -> Vec<u64> {
 
 #[tokio::test]
 async fn open_streams_get_what_was_published_while_redis_restarted_with_persistence() {
-    let dir = TempDir::new();
-    let dir_arg = dir.path.to_string_lossy().to_string();
-    let mut redis = RedisServer::start_with(&[
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--dir",
-        &dir_arg,
-    ]);
+    let mut redis = RedisServer::start_persistent();
     let gw = Gateway::builder().redis(&redis).start().await;
     let mut alice = gw.connect("shop", "alice").await;
     fcall_publish(&redis, "alice", 0).await;
@@ -186,9 +177,7 @@ async fn a_restart_without_persistence_reaches_open_and_resuming_streams_as_a_re
 
 #[tokio::test]
 async fn writes_rolled_back_by_a_restart_from_an_older_file_start_a_new_history() {
-    let dir = TempDir::new();
-    let dir_arg = dir.path.to_string_lossy().to_string();
-    let mut redis = RedisServer::start_with(&["--dir", &dir_arg, "--dbfilename", "dump.rdb"]);
+    let mut redis = RedisServer::start_in_dir(&["--dbfilename", "dump.rdb"]);
     let gw = Gateway::builder().redis(&redis).start().await;
     let mut alice = gw.connect("shop", "alice").await;
     fcall_publish(&redis, "alice", 0).await;

@@ -360,6 +360,18 @@ impl Ledger {
         self.count(|o| matches!(o, Outcome::Acked(_)))
     }
 
+    /// Every acknowledged event, as (topic, n).
+    pub fn acked_events(&self) -> Vec<(String, u64)> {
+        self.topics
+            .iter()
+            .flat_map(|(topic, sent)| {
+                sent.iter()
+                    .filter(|(_, s)| matches!(s.outcome, Outcome::Acked(_)))
+                    .map(move |(n, _)| (topic.clone(), *n))
+            })
+            .collect()
+    }
+
     pub fn uncertain(&self) -> usize {
         self.count(|o| *o == Outcome::Uncertain)
     }
@@ -408,6 +420,9 @@ pub struct LoadConfig {
     pub rate: u32,
     /// Longest wait for one publish's answer.
     pub timeout: Duration,
+    /// `FCALL` publishes count as acknowledged only once this many replicas hold them (`WAIT`,
+    /// as a backend asks for it); 0 acknowledges on the primary's answer.
+    pub wait_replicas: u32,
 }
 
 impl LoadConfig {
@@ -419,6 +434,7 @@ impl LoadConfig {
             broadcast: true,
             rate: 250,
             timeout: Duration::from_secs(2),
+            wait_replicas: 0,
         }
     }
 }
@@ -483,6 +499,7 @@ impl Load {
                     bases: bases.to_vec(),
                     gateway: i,
                     timeout: cfg.timeout,
+                    wait_replicas: cfg.wait_replicas,
                     ledger: ledger.clone(),
                 };
                 // Staggered, so the publishers do not fire all at once.
@@ -533,6 +550,7 @@ struct Publisher {
     /// Index (modulo) of the gateway to publish to over HTTP.
     gateway: usize,
     timeout: Duration,
+    wait_replicas: u32,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -600,8 +618,8 @@ impl Publisher {
             fred::cmd!("FCALL"),
             vec!["sse_publish", "0", &self.app, user, &envelope],
         );
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err("fcall timeout".into()),
+        let id = match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err("fcall timeout".to_string()),
             // The message's start says which failure it was (a missing function, a dropped link).
             Ok(Err(e)) => Err(format!(
                 "fcall {:?} ({})",
@@ -612,7 +630,18 @@ impl Publisher {
                 .first()
                 .and_then(|v| v.as_string())
                 .ok_or_else(|| "fcall odd answer".into()),
+        }?;
+        if self.wait_replicas > 0 {
+            let wait = self.redis.custom::<i64, _>(
+                fred::cmd!("WAIT"),
+                vec![self.wait_replicas.to_string(), "1000".to_string()],
+            );
+            match tokio::time::timeout(self.timeout, wait).await {
+                Ok(Ok(n)) if n >= i64::from(self.wait_replicas) => {}
+                _ => return Err("fcall not replicated".into()),
+            }
         }
+        Ok(id)
     }
 
     /// `POST /publish` to one user (`{"user": ..}`) or all (`{"broadcast": true}`).

@@ -95,16 +95,17 @@ impl RedisServer {
     /// A server that writes every command to an append-only file (fsync on each) in a directory of
     /// its own, so a kill -9 and `start_again` bring back everything it acknowledged.
     pub fn start_persistent() -> RedisServer {
+        RedisServer::start_in_dir(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    /// A server with extra arguments whose files (snapshots, append-only file) go to a directory
+    /// of its own, kept across restarts.
+    pub fn start_in_dir(args: &[&str]) -> RedisServer {
         let dir = TempDir::new();
         let path = dir.path.to_str().expect("utf-8 temp dir").to_string();
-        let mut r = RedisServer::start_with(&[
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            &path,
-        ]);
+        let mut with_dir = args.to_vec();
+        with_dir.extend(["--dir", &path]);
+        let mut r = RedisServer::start_with(&with_dir);
         r._dir = Some(dir);
         r
     }
@@ -133,6 +134,7 @@ impl RedisServer {
             port,
             child: None,
             args: Vec::new(),
+            _dir: None,
         }
     }
 

@@ -97,6 +97,10 @@ impl RedisBroker {
                 };
                 c.unresponsive.max_timeout = Some(Duration::from_secs(10));
                 c.unresponsive.interval = Duration::from_secs(2);
+                // A command whose connection closed while it was in flight may have run: sent
+                // again after the reconnect, a durable publish would be stored twice. The caller
+                // gets the error instead (a publisher retries knowingly; the rest is idempotent).
+                c.max_command_attempts = 1;
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = COMMAND_TIMEOUT;
