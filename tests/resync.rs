@@ -177,7 +177,7 @@ async fn a_restart_without_persistence_reaches_open_and_resuming_streams_as_a_re
 
 #[tokio::test]
 async fn writes_rolled_back_by_a_restart_from_an_older_file_start_a_new_history() {
-    let mut redis = RedisServer::start_in_dir(&["--dbfilename", "dump.rdb"]);
+    let mut redis = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);
     let gw = Gateway::builder().redis(&redis).start().await;
     let mut alice = gw.connect("shop", "alice").await;
     fcall_publish(&redis, "alice", 0).await;

@@ -65,7 +65,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Extra arguments (authentication, TLS); with TLS, `port` is the TLS port.
     args: Vec<String>,
-    /// The data directory of a persistent server, kept across restarts.
+    /// The server's own directory, kept across restarts: files a server writes (a replica's
+    /// synced snapshot, say) must never be loaded by another test's server.
     _dir: Option<TempDir>,
 }
 
@@ -78,15 +79,17 @@ impl RedisServer {
     /// with `--tls-port {port}`, plain TCP is switched off.
     pub fn start_with(args: &[&str]) -> RedisServer {
         let port = free_port();
-        let args: Vec<String> = args
+        let dir = TempDir::new();
+        let mut args: Vec<String> = args
             .iter()
             .map(|a| a.replace("{port}", &port.to_string()))
             .collect();
+        args.extend(["--dir".into(), dir.path.to_string_lossy().into_owned()]);
         let mut r = RedisServer {
             port,
             child: None,
             args,
-            _dir: None,
+            _dir: Some(dir),
         };
         r.spawn();
         r
@@ -95,19 +98,7 @@ impl RedisServer {
     /// A server that writes every command to an append-only file (fsync on each) in a directory of
     /// its own, so a kill -9 and `start_again` bring back everything it acknowledged.
     pub fn start_persistent() -> RedisServer {
-        RedisServer::start_in_dir(&["--appendonly", "yes", "--appendfsync", "always"])
-    }
-
-    /// A server with extra arguments whose files (snapshots, append-only file) go to a directory
-    /// of its own, kept across restarts.
-    pub fn start_in_dir(args: &[&str]) -> RedisServer {
-        let dir = TempDir::new();
-        let path = dir.path.to_str().expect("utf-8 temp dir").to_string();
-        let mut with_dir = args.to_vec();
-        with_dir.extend(["--dir", &path]);
-        let mut r = RedisServer::start_with(&with_dir);
-        r._dir = Some(dir);
-        r
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
     fn spawn(&mut self) {
@@ -150,7 +141,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server on the same port again: empty, or from its append-only file.
+    /// Starts the server on the same port again: empty, or from the files it wrote (an
+    /// append-only file, a snapshot).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
