@@ -6,15 +6,16 @@
 //!
 //! - [`http`]: the hyper server, routes, CORS and JSON errors (edge).
 //! - [`sse`]: the `text/event-stream` wire encoding of published payloads (edge).
-//! - [`broker`]: the [`broker::Broker`] trait, with the Redis implementation (all fred use) and the
-//!   embedded in-process one (edge).
+//! - [`broker`]: the [`broker::Broker`] trait, with the Redis implementation (all fred use: the
+//!   functions library, the subscriber and its probe, the registry's keys) and the embedded
+//!   in-process one (edge).
 //! - [`auth`]: token extraction and JWT verification into an identity (core).
-//! - [`hub`]: which local streams belong to which app and user; subscription ref-counting and
-//!   fan-out of encoded events (core).
+//! - [`hub`]: which local streams belong to which app and user; subscription ref-counting,
+//!   fan-out of encoded events, replay and the re-sync after a lost broker link (core).
 //! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
-//! - [`history`]: event ids, replay merging and reset reasons (core).
-//! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`]: settings, Prometheus metrics, log
-//!   output, signal handling and drain order, the open-file limit.
+//! - [`history`]: event ids and their epochs, replay merging and reset reasons (core).
+//! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`], [`clock`]: settings, Prometheus
+//!   metrics, log output, signal handling and drain order, the open-file limit, the wall clock.
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
 

@@ -3,8 +3,8 @@
 #
 #   bench/scenarios/run.sh [--target gateway|nchan|pushpin] [SCENARIO ...]
 #
-# SCENARIO is any of: idle idle-multi unicast unicast-search broadcast storm (default: all; the
-# peers skip idle-multi, which needs six instances sharing one Redis). Results: one JSON summary
+# SCENARIO is any of: idle idle-multi unicast unicast-search broadcast storm durable resync
+# (default: all; the peers skip idle-multi, durable and resync, which are the gateway's own). Results: one JSON summary
 # per run in $RESULTS (default bench/results/<date>-<target>), progress logs beside them.
 #
 # Sizes and rates come from the environment, defaults being the documented scenario set:
@@ -14,6 +14,8 @@
 #   SEARCH_RATES="5000 10000 ... 150000" SEARCH_SECS=4 SEARCH_MAX_P99_US=50000
 #   BROADCAST_CONNS=5000 BROADCAST_MESSAGES=200 BROADCAST_RATES="10 20 0"   (0 = one burst)
 #   STORM_CONNS=19500 STORM_PROCS=2 STORM_PUB_RATE=20 STORM_PUB_SECS=6
+#   DURABLE_RATES="1000 2000 5000 10000" DURABLE_SECS=4   durable unicast, through FCALL and POST
+#   RESYNC_CONNS=19500 RESYNC_EVENTS=20   open streams re-synced after a Redis restart (AOF)
 #   HOLD=35 PING_INTERVAL=30 REPEAT=1 (REPEAT=3 for medians of three)
 # SMOKE=1 shrinks everything to a quick check (at most 2,000 streams, runs of a few seconds).
 set -euo pipefail
@@ -38,6 +40,7 @@ if [ -n "${SMOKE:-}" ]; then
   : "${SEARCH_RATES:=2000 5000}" "${SEARCH_SECS:=1}"
   : "${BROADCAST_CONNS:=500}" "${BROADCAST_MESSAGES:=40}" "${BROADCAST_RATES:=20 0}"
   : "${STORM_CONNS:=1000}" "${STORM_PUB_SECS:=4}" "${HOLD:=3}" "${PING_INTERVAL:=1}"
+  : "${DURABLE_RATES:=1000 2000}" "${DURABLE_SECS:=1}" "${RESYNC_CONNS:=1000}"
 fi
 : "${IDLE_SIZES:=10000:1000 19500:5000}"
 : "${MULTI_SIZES:=50000 100000}" "${MULTI_INSTANCES:=6}" "${MULTI_RATE:=6000}"
@@ -47,6 +50,8 @@ fi
 : "${BROADCAST_CONNS:=5000}" "${BROADCAST_MESSAGES:=200}" "${BROADCAST_RATES:=10 20 0}"
 : "${STORM_CONNS:=19500}" "${STORM_PROCS:=2}" "${STORM_RATE:=5000}"
 : "${STORM_PUB_RATE:=20}" "${STORM_PUB_SECS:=6}"
+: "${DURABLE_RATES:=1000 2000 5000 10000}" "${DURABLE_SECS:=4}"
+: "${RESYNC_CONNS:=19500}" "${RESYNC_EVENTS:=20}"
 : "${HOLD:=35}" "${REPEAT:=1}" "${PER_PROC:=10000}"
 export PING_INTERVAL=${PING_INTERVAL:-30}
 
@@ -289,10 +294,93 @@ scenario_storm() {
   done
 }
 
+# 5. The durable path: unicast to UNICAST_USERS users, each message through `FCALL sse_publish`
+#    (history, then publish) and, separately, `POST /publish` (durable): per rate, the rate the
+#    publisher sustained, the delivery p99 and losses (none allowed).
+scenario_durable() {
+  [ "$TARGET" = gateway ] || {
+    log "durable: gateway only"
+    return 0
+  }
+  local rate via r pub
+  for r in $(seq "$REPEAT"); do
+    start_target
+    for via in fcall http; do
+      for rate in $DURABLE_RATES; do
+        pub=(--publish durable --redis-url "redis://127.0.0.1:$REDIS_PORT")
+        [ "$via" = http ] && pub=(--publish http --http-style gateway-durable --http-publish-conns 8)
+        bench "durable-$via-$rate$(suffix "$r")" "${SUB_ARGS[@]}" "${PID_ARGS[@]}" "${pub[@]}" \
+          --connections "$UNICAST_USERS" --connect-rate 2000 --hold 1 --pattern unicast \
+          --user-prefix "d${via}${rate}u" --messages "$((rate * DURABLE_SECS))" --rate "$rate" \
+          --drain 5 || true
+      done
+    done
+    stop_target
+  done
+}
+
+# 6. Re-sync after a Redis restart: RESYNC_CONNS open streams on one gateway whose Redis (with an
+#    append-only file) is killed and started again; RESYNC_EVENTS durable broadcasts are published
+#    the moment it is back, before the gateway has its subscriptions again, so every stream must
+#    get them from history. The figures, from the gateway's metrics: the time from the lost link
+#    to every stream live again, and the events replayed.
+scenario_resync() {
+  [ "$TARGET" = gateway ] || {
+    log "resync: gateway only"
+    return 0
+  }
+  local r n=$RESYNC_CONNS port rport dir procs name bench_pid metrics i
+  procs=$(((n + PER_PROC - 1) / PER_PROC))
+  for r in $(seq "$REPEAT"); do
+    name="resync-$n$(suffix "$r")"
+    rport=$(free_port) port=$(free_port) dir="$WORK/resync-redis-$r"
+    mkdir -p "$dir" "$RESULTS"
+    local redis_cmd=(redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly yes
+      --appendfsync everysec --dir "$dir" --maxclients 10000 --logfile "$dir/redis.log")
+    "${redis_cmd[@]}" &
+    local rpid=$!
+    STARTED_PIDS+=("$rpid")
+    wait_port "$rport"
+    start_gateway "$port" "redis://127.0.0.1:$rport"
+    # The streams are held open through the restart (no publishing from the tool: its publisher
+    # stops at the first lost Redis reply).
+    run_sized "$name" "$n" --url "http://127.0.0.1:$port/sse" --token-in header \
+      --secret "$SECRET" --server-pid "$GATEWAY_PID" --connect-rate 5000 --hold 25 &
+    bench_pid=$!
+    sleep $((n / 5000 + 6))
+    redis-cli -p "$rport" FCALL sse_publish 0 app0 "" '{"type":"before"}' >/dev/null
+    kill -9 "$rpid"
+    sleep 1
+    "${redis_cmd[@]}" &
+    rpid=$!
+    STARTED_PIDS+=("$rpid")
+    wait_port "$rport"
+    for ((i = 0; i < RESYNC_EVENTS; i++)); do
+      redis-cli -p "$rport" FCALL sse_publish 0 app0 "" "{\"type\":\"during\",\"data\":$i}" >/dev/null
+    done
+    for ((i = 0; i < 300; i++)); do
+      metrics=$(curl -s "http://127.0.0.1:$port/metrics" || true)
+      grep -q '^sse_resyncs_total [1-9]' <<<"$metrics" && break
+      sleep 0.2
+    done
+    wait "$bench_pid" || true
+    jq -n --argjson streams "$n" \
+      --argjson seconds "$(awk '/^sse_resync_duration_seconds_sum /{print $2}' <<<"$metrics")" \
+      --argjson replayed "$(awk '/^sse_replayed_events_total/{s+=$2} END{print s+0}' <<<"$metrics")" \
+      --argjson resets "$(awk '/^sse_replay_resets_total/{s+=$2} END{print s+0}' <<<"$metrics")" \
+      '{streams: $streams, resync_seconds: $seconds, replayed_events: $replayed, resets: $resets}' \
+      >"$RESULTS/$name.resync.json"
+    log "$name: $(jq -c . "$RESULTS/$name.resync.json")"
+    stop_started "$GATEWAY_PID"
+    stop_started "$rpid"
+    sleep 1
+  done
+}
+
 main() {
   local scenarios=("$@") s
   if [ ${#scenarios[@]} -eq 0 ]; then
-    scenarios=(idle idle-multi unicast unicast-search broadcast storm)
+    scenarios=(idle idle-multi unicast unicast-search broadcast storm durable resync)
   fi
   command -v jq >/dev/null || die "jq is needed (apt-get install jq)"
   command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
@@ -314,6 +402,8 @@ main() {
       unicast-search) scenario_unicast_search ;;
       broadcast) scenario_broadcast ;;
       storm) scenario_storm ;;
+      durable) scenario_durable ;;
+      resync) scenario_resync ;;
       *) die "unknown scenario $s" ;;
     esac
   done

@@ -37,7 +37,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub struct Pending {
     generation: u64,
     streams: HashMap<u64, Arc<Conn>>,
-    /// When the oldest loss not yet re-synced was noticed.
+    /// When the oldest loss not yet re-synced was noticed, if it held any stream.
     since: Option<Instant>,
 }
 
@@ -61,8 +61,10 @@ impl Hub {
     pub(super) fn suspend_for_resync(&self) {
         let mut pending = self.pending();
         pending.generation += 1;
-        pending.since.get_or_insert_with(Instant::now);
         let mut state = self.lock();
+        if !state.apps.is_empty() {
+            pending.since.get_or_insert_with(Instant::now);
+        }
         for entry in state.apps.values() {
             for conn in entry.conns.values() {
                 if pending.streams.contains_key(&conn.key) {

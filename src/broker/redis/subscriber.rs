@@ -249,6 +249,8 @@ pub async fn manage_subscriptions(
     let mut live: HashSet<String> = HashSet::new();
     // A re-sync is owed to the sink once the subscriptions are all live again.
     let mut suspended = false;
+    // Before the first connection nothing was subscribed, so nothing can have been missed.
+    let mut first_connection = true;
     while let Some(first) = incoming.recv().await {
         let mut batch = vec![first];
         while batch.len() < SUBSCRIBE_BATCH {
@@ -290,11 +292,12 @@ pub async fn manage_subscriptions(
         }
         if resubscribe {
             // A fresh connection has no subscriptions: hold delivery, then subscribe everything.
-            if !suspended {
+            if !suspended && !first_connection {
                 probe.forget();
                 sink.suspend();
                 suspended = true;
             }
+            first_connection = false;
             live.clear();
             to_unsub.clear();
             to_sub = wanted.iter().cloned().collect();
