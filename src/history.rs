@@ -74,10 +74,12 @@ impl FromStr for Epoch {
 
 /// The id of a durable event. Ordered by time and counter; ids of different epochs do not
 /// describe one history, so [`EventId::covers`] is what callers use to compare positions.
+/// 16 bytes: every stream keeps one (a counter past 2^32 events in one millisecond is not an id
+/// of ours).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventId {
     pub ms: u64,
-    pub seq: u64,
+    pub seq: u32,
     pub epoch: Epoch,
 }
 
@@ -109,9 +111,10 @@ impl FromStr for EventId {
                 .then(|| p.parse::<u64>().ok())
                 .flatten()
         };
+        let seq = digits(seq).and_then(|s| u32::try_from(s).ok());
         Ok(EventId {
             ms: digits(ms).ok_or(NotAnEventId)?,
-            seq: digits(seq).ok_or(NotAnEventId)?,
+            seq: seq.ok_or(NotAnEventId)?,
             epoch: epoch.parse()?,
         })
     }
@@ -123,7 +126,7 @@ impl EventId {
     pub fn next(last: Option<EventId>, now_ms: u64, epoch: Epoch) -> EventId {
         match last {
             Some(l) if l.ms >= now_ms => EventId {
-                seq: l.seq + 1,
+                seq: l.seq.saturating_add(1),
                 ..l
             },
             Some(l) => EventId {
@@ -240,7 +243,7 @@ pub fn merge(a: Vec<(EventId, Bytes)>, b: Vec<(EventId, Bytes)>) -> Vec<(EventId
 mod tests {
     use super::*;
 
-    fn id(ms: u64, seq: u64, epoch: u32) -> EventId {
+    fn id(ms: u64, seq: u32, epoch: u32) -> EventId {
         EventId {
             ms,
             seq,
@@ -274,6 +277,7 @@ mod tests {
             "1-2-k3\n",
             &"9".repeat(65),
             &format!("{}-0-0", "9".repeat(16)),
+            "1-4294967296-0",
         ] {
             assert_eq!(bad.parse::<EventId>(), Err(NotAnEventId), "{bad}");
         }

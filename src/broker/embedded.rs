@@ -125,7 +125,7 @@ impl History {
             // `ttl` before now (as the Redis library marks a re-created stream).
             let lost = EventId {
                 ms: now_ms.saturating_sub(ttl_ms),
-                seq: u64::MAX,
+                seq: u32::MAX,
                 epoch: id.epoch,
             };
             stream.entries.clear();
