@@ -7,9 +7,10 @@ apt_install() {
   [ ${#missing[@]} -eq 0 ] && return 0
   export DEBIAN_FRONTEND=noninteractive
   if [ -z "${SSE_APT_UPDATED:-}" ]; then
-    apt-get update -qq
+    # Wait for another apt or dpkg (an unattended upgrade, a second `make test`) instead of failing.
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
     export SSE_APT_UPDATED=1
   fi
   echo "installing: ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
