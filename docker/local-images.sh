@@ -33,10 +33,19 @@ done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# Debian's packages through docker build; $1 the image, the Dockerfile on stdin, no build context.
+# `docker build` of $1 from the build context (a tar) on stdin; its output only if it fails.
 build() {
   say "building $1 from Debian packages"
-  docker build --quiet --build-arg "BASE=$base" -t "$1" - >/dev/null
+  docker build --build-arg "BASE=$base" -t "$1" - >"$work/build.log" 2>&1 || {
+    tail -n 30 "$work/build.log" >&2
+    exit 1
+  }
+}
+
+# A stand-in from a Dockerfile on stdin, without a context.
+build_dockerfile() {
+  cat >"$work/Dockerfile"
+  tar -c -C "$work" Dockerfile | build "$1"
 }
 
 base="$prefix/debian:$suite"
@@ -74,19 +83,19 @@ RUN apt-get update \
 COPY toolchain /usr/local/rust
 ENV PATH=/usr/local/rust/bin:/usr/local/cargo/bin:$PATH CARGO_HOME=/usr/local/cargo
 EOF
-  say "building $rust from Debian packages and $sysroot"
+  say "with the toolchain of $sysroot"
   parts=()
   for part in bin lib libexec etc; do
     [ -e "$sysroot/$part" ] && parts+=("$part")
   done
   tar -c -C "$work" Dockerfile -C "$sysroot" --transform 's,^,toolchain/,;s,^toolchain/Dockerfile$,Dockerfile,' \
-    "${parts[@]}" | docker build --quiet --build-arg "BASE=$base" -t "$rust" - >/dev/null
+    "${parts[@]}" | build "$rust"
 fi
 
 # Official images run redis-server with protected mode off (the stack's Redis is reachable only on
 # its internal network); Debian's binary defaults to on, which refuses the gateways' connections.
 redis="$prefix/redis:$suite"
-have "$redis" || build "$redis" <<'EOF'
+have "$redis" || build_dockerfile "$redis" <<'EOF'
 ARG BASE
 FROM $BASE
 RUN apt-get update \
@@ -105,7 +114,7 @@ EOF
 
 # wget: the compose health check calls it, as it calls busybox's in the official alpine image.
 nginx="$prefix/nginx:$suite"
-have "$nginx" || build "$nginx" <<'EOF'
+have "$nginx" || build_dockerfile "$nginx" <<'EOF'
 ARG BASE
 FROM $BASE
 RUN apt-get update \
