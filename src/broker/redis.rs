@@ -278,8 +278,15 @@ impl Broker for RedisBroker {
                 "pubsub",
                 Some(self.requests.clone()),
             ));
-            tokio::spawn(log_errors(self.client.error_rx(), "commands"));
-            tokio::spawn(log_errors(self.subscriber.error_rx(), "pubsub"));
+            let configured = self.client.client_config().server.hosts();
+            let configured: Vec<String> = configured.iter().map(|s| s.to_string()).collect();
+            let configured = configured.join(",");
+            tokio::spawn(log_errors(
+                self.client.error_rx(),
+                "commands",
+                configured.clone(),
+            ));
+            tokio::spawn(log_errors(self.subscriber.error_rx(), "pubsub", configured));
             tokio::spawn(manage_subscriptions(self.subscriber.clone(), request_rx));
             self.client.connect();
             self.subscriber.connect();
@@ -583,12 +590,14 @@ async fn watch_reconnects(
 async fn log_errors(
     mut rx: broadcast::Receiver<(FredError, Option<fred::types::config::Server>)>,
     link: &'static str,
+    configured: String,
 ) {
     loop {
         match rx.recv().await {
             Ok((error, server)) => {
-                let server = server.map(|s| s.to_string()).unwrap_or_default();
-                tracing::warn!(%error, %server, link, "Redis connection error");
+                // fred names no server for a connection that never got up: name the configured one.
+                let server = server.map_or_else(|| configured.clone(), |s| s.to_string());
+                tracing::warn!(%error, %server, link, hint = "is REDIS_URL right?", "Redis connection error");
             }
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => break,
