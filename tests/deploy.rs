@@ -314,19 +314,13 @@ impl Nginx {
             child: Some(child),
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let exited = nginx
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "nginx did not start ({exited:?}):\n{}",
-                nginx.error_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_start(
+            nginx.child.as_mut().expect("spawned"),
+            "nginx",
+            Duration::from_secs(10),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            || nginx_error_log(&nginx.dir.path),
+        );
         nginx
     }
 
@@ -339,10 +333,7 @@ impl Nginx {
     }
 
     fn error_log(&self) -> String {
-        let mut s =
-            std::fs::read_to_string(self.dir.path.join("startup-error.log")).unwrap_or_default();
-        s.push_str(&std::fs::read_to_string(self.dir.path.join("error.log")).unwrap_or_default());
-        s
+        nginx_error_log(&self.dir.path)
     }
 
     fn signal_group(pgid: u32, sig: &str) {
@@ -351,6 +342,13 @@ impl Nginx {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// What nginx running in `dir` wrote to its start-up and error logs.
+fn nginx_error_log(dir: &Path) -> String {
+    let mut s = std::fs::read_to_string(dir.join("startup-error.log")).unwrap_or_default();
+    s.push_str(&std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
+    s
 }
 
 impl Drop for Nginx {

@@ -238,13 +238,20 @@ async fn odd_requests_get_answers_not_crashes() {
     );
 }
 
-#[tokio::test]
-async fn metrics_are_prometheus_text_labelled_by_app_only() {
+/// A gateway with alice's stream (returned, to keep it open), one delivered publish and one refused
+/// `/sse` behind it, so that every kind of metric has samples.
+async fn gateway_with_traffic() -> (Gateway, SseClient) {
     let gw = Gateway::embedded().await;
-    let _s = gw.connect("shop", "alice").await;
+    let stream = gw.connect("shop", "alice").await;
     gw.publish("shop", json!({"user": "alice", "data": 1}))
         .await;
     let _ = http().get(gw.url("/sse")).send().await;
+    (gw, stream)
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_labelled_by_app_only() {
+    let (gw, _s) = gateway_with_traffic().await;
     let r = http().get(gw.url("/metrics")).send().await.unwrap();
     assert!(
         r.headers()["content-type"]
@@ -266,6 +273,95 @@ async fn metrics_are_prometheus_text_labelled_by_app_only() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
     assert!(!text.contains("alice"), "never labelled by user");
+}
+
+/// Checks what promtool's `check metrics` lints in the Prometheus text format 0.0.4: every sample
+/// belongs to a family with one HELP and one TYPE line, named as the sample is (a counter's
+/// `x_total`; a histogram's `x` for `x_bucket`, `x_sum`, `x_count`), and nothing of OpenMetrics.
+fn check_prometheus_text(text: &str) {
+    use std::collections::HashMap;
+    let mut help = HashMap::new();
+    let mut kind = HashMap::new();
+    let mut samples = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, h) = rest.split_once(' ').expect("HELP name text");
+            assert!(!h.trim().is_empty(), "{line}");
+            assert!(help.insert(name, h).is_none(), "second HELP for {name}");
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, t) = rest.split_once(' ').expect("TYPE name type");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                "{line}"
+            );
+            if t == "counter" {
+                assert!(name.ends_with("_total"), "counter {name}");
+            }
+            assert!(kind.insert(name, t).is_none(), "second TYPE for {name}");
+        } else {
+            assert!(!line.starts_with('#'), "not 0.0.4: {line}");
+            let name = line.split(['{', ' ']).next().expect("sample name");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    let base = name.strip_suffix(s)?;
+                    (kind.get(base) == Some(&"histogram")).then_some(base)
+                })
+                .unwrap_or(name);
+            assert!(kind.contains_key(family), "{name}: no TYPE");
+            assert!(help.contains_key(family), "{name}: no HELP");
+            samples += 1;
+        }
+    }
+    assert!(samples > 10, "{text}");
+}
+
+#[tokio::test]
+async fn metrics_in_prometheus_text_when_asked() {
+    let (gw, _s) = gateway_with_traffic().await;
+
+    let get = |accept: &'static str| {
+        let url = gw.url("/metrics");
+        async move {
+            let r = http()
+                .get(url)
+                .header("accept", accept)
+                .send()
+                .await
+                .expect("metrics");
+            assert_eq!(r.status(), 200);
+            let ct = r.headers()["content-type"]
+                .to_str()
+                .expect("ascii")
+                .to_string();
+            (ct, r.text().await.expect("body"))
+        }
+    };
+    // promtool, curl -H 'Accept: text/plain', older scrapers.
+    let (ct, text) = get("text/plain").await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    check_prometheus_text(&text);
+    for needle in [
+        "# TYPE sse_connections_opened_total counter",
+        "sse_connections_opened_total{app=\"shop\"} 1",
+        "# TYPE sse_active_clients gauge",
+        "sse_active_clients 1",
+        "sse_delivery_latency_seconds_count{app=\"shop\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    // Prometheus offers both and gets OpenMetrics; so does a client that states no preference.
+    for accept in [
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+        "*/*",
+    ] {
+        let (ct, text) = get(accept).await;
+        assert!(
+            ct.starts_with("application/openmetrics-text"),
+            "{accept}: {ct}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{accept}");
+    }
 }
 
 #[tokio::test]

@@ -119,23 +119,14 @@ impl Engine {
             .spawn()
             .expect("start dockerd");
         engine.dockerd = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !engine_answers(Some(&host)) {
-            let exited = engine
-                .dockerd
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "dockerd did not come up ({exited:?}):\n{}",
-                tail(
-                    &std::fs::read_to_string(engine.log.path.join("dockerd.log"))
-                        .unwrap_or_default(),
-                    40
-                )
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        let log = engine.log.path.join("dockerd.log");
+        wait_for_start(
+            engine.dockerd.as_mut().expect("spawned"),
+            "dockerd",
+            Duration::from_secs(90),
+            || engine_answers(Some(&host)),
+            || tail(&std::fs::read_to_string(&log).unwrap_or_default(), 40),
+        );
         engine
     }
 }
@@ -268,6 +259,18 @@ impl Stack {
 
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `POST /publish` through nginx; asserts it is accepted.
+    async fn publish(&self, token: &str, body: Value) {
+        let r = http()
+            .post(self.url("/publish"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(r.status(), 200, "{body}");
     }
 
     /// JWT_SECRET of the stack's .env, as `make` created it.
@@ -471,14 +474,12 @@ async fn make_up_runs_the_stack_on_a_real_engine() {
     assert_eq!(ev.json(), json!({"via": "redis-cli"}));
 
     // And over HTTP.
-    let r = http()
-        .post(stack.url("/publish"))
-        .bearer_auth(&publisher)
-        .json(&json!({"user": "alice", "type": "order", "data": {"id": 42}}))
-        .send()
-        .await
-        .expect("publish");
-    assert_eq!(r.status(), 200);
+    stack
+        .publish(
+            &publisher,
+            json!({"user": "alice", "type": "order", "data": {"id": 42}}),
+        )
+        .await;
     let ev = alice.next().await;
     assert_eq!(ev.event, "order");
     assert_eq!(ev.json(), json!({"id": 42}));
@@ -560,14 +561,12 @@ async fn make_up_runs_the_stack_on_a_real_engine() {
         held = listed.into_iter().map(|(_, instance)| instance).collect();
     }
     say(&format!("{} streams of bob on {held:?}", bobs.len()));
-    let r = http()
-        .post(stack.url("/publish"))
-        .bearer_auth(&publisher)
-        .json(&json!({"user": "bob", "type": "fanout", "data": {"n": 1}}))
-        .send()
-        .await
-        .expect("publish");
-    assert_eq!(r.status(), 200);
+    stack
+        .publish(
+            &publisher,
+            json!({"user": "bob", "type": "fanout", "data": {"n": 1}}),
+        )
+        .await;
     for bob in &mut bobs {
         let ev = bob.next().await;
         assert_eq!((ev.event.as_str(), ev.json()), ("fanout", json!({"n": 1})));
