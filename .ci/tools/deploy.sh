@@ -5,25 +5,8 @@
 #   - hadolint, the Dockerfile linter;
 #   - a Docker engine (Debian's docker.io; tests/stack.rs starts dockerd when none runs) and
 #     debootstrap, which makes the base images locally when no image registry is reachable.
-# Sourced by .ci/install-tools, which provides apt_install. Each step runs only when its tool is
-# missing.
-
-# Installs Debian packages whose postinst would start a system service (nginx on port 80, dockerd):
-# the tests start their own, so service starts are forbidden during the install (policy-rc.d exit
-# 101 = "action forbidden"), unless the machine already has a policy of its own (Docker-built
-# images do).
-sse_install_without_services() {
-  local own_policy=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    own_policy=1
-  fi
-  apt_install "$@"
-  if [ -n "$own_policy" ]; then
-    rm -f /usr/sbin/policy-rc.d
-  fi
-}
+# Sourced by .ci/install-tools; apt_install and sse_install_without_services are in .ci/lib.sh.
+# Each step runs only when its tool is missing.
 
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   sse_install_without_services nginx
