@@ -248,6 +248,15 @@ impl Stack {
         cmd
     }
 
+    /// `make <target>` in the copy, niced (a build compiles the project). The first build compiles
+    /// every dependency in the container (about 10 minutes niced on two busy cores); later ones
+    /// reuse the engine's layer cache. Everything else takes seconds.
+    async fn make(&self, target: &str) {
+        let limit = Duration::from_secs(if target == "build" { 40 * 60 } else { 300 });
+        let cmd = self.command("nice", &["-n", "19", "make", target]);
+        self.run(&format!("make {target}"), cmd, limit).await;
+    }
+
     /// Runs `cmd` within `limit`; panics with the end of its output when it fails.
     async fn run(&self, what: &str, cmd: Command, limit: Duration) -> String {
         let started = Instant::now();
@@ -397,15 +406,7 @@ async fn make_up_runs_the_stack_on_a_real_engine() {
     ));
 
     let stack = Stack::new(&engine, &images);
-    // The first build compiles every dependency in the container (about 10 minutes niced on two
-    // busy cores); later ones reuse the engine's layer cache.
-    stack
-        .run(
-            "make build",
-            stack.command("nice", &["-n", "19", "make", "build"]),
-            Duration::from_secs(40 * 60),
-        )
-        .await;
+    stack.make("build").await;
     // `make` made .env with a random secret of its own, never the example's placeholder.
     let secret = stack.secret();
     assert_eq!(secret.len(), 64, "openssl rand -hex 32");
@@ -414,13 +415,7 @@ async fn make_up_runs_the_stack_on_a_real_engine() {
             .expect(".env.example")
             .contains(&secret)
     );
-    stack
-        .run(
-            "make up",
-            stack.command("make", &["up"]),
-            Duration::from_secs(300),
-        )
-        .await;
+    stack.make("up").await;
     stack.wait_healthy(3).await;
 
     let token = |sub: &str, role: Option<&str>| {
@@ -574,13 +569,7 @@ async fn make_up_runs_the_stack_on_a_real_engine() {
     }
 
     // The drain: `make down` stops the gateways first, so their `shutdown` events still pass nginx.
-    stack
-        .run(
-            "make down",
-            stack.command("make", &["down"]),
-            Duration::from_secs(300),
-        )
-        .await;
+    stack.make("down").await;
     assert_drained(&mut alice, "alice").await;
     for bob in &mut bobs {
         assert_drained(bob, "bob").await;
