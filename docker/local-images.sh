@@ -10,11 +10,11 @@
 # exist already are kept, so a second run only prints. Progress goes to stderr, the variables to
 # stdout.
 #
-#   sse-standin/debian:bookworm    debootstrap --variant=minbase, plus this machine's CA bundle
+#   sse-standin/debian:bookworm-*  debootstrap --variant=minbase, plus this machine's CA bundle
 #                                  (RUNTIME_IMAGE, and the base of the others)
-#   sse-standin/rust:<version>     + gcc, libc6-dev, make and the local toolchain (RUST_IMAGE)
-#   sse-standin/redis:bookworm     + Debian's redis-server; `redis-cli ping` works (REDIS_IMAGE)
-#   sse-standin/nginx:bookworm     + Debian's nginx and wget (NGINX_IMAGE)
+#   sse-standin/rust:<version>-*   + gcc, libc6-dev, make and the local toolchain (RUST_IMAGE)
+#   sse-standin/redis:bookworm-*   + Debian's redis-server; `redis-cli ping` works (REDIS_IMAGE)
+#   sse-standin/nginx:bookworm-*   + Debian's nginx and wget (NGINX_IMAGE)
 set -euo pipefail
 
 prefix="${STANDIN_PREFIX:-sse-standin}"
@@ -29,6 +29,10 @@ for tool in docker debootstrap rustc tar; do
   command -v "$tool" >/dev/null || { say "needs $tool on PATH"; exit 1; }
 done
 [ -r "$ca" ] || { say "needs the CA bundle $ca (Debian: ca-certificates)"; exit 1; }
+
+# The tags carry a digest of this script: a changed recipe builds new stand-ins instead of reusing
+# the old ones, which are then removed.
+recipe="$(sha256sum "$0" | cut -c1-12)"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -48,7 +52,7 @@ build_dockerfile() {
   tar -c -C "$work" Dockerfile | build "$1"
 }
 
-base="$prefix/debian:$suite"
+base="$prefix/debian:$suite-$recipe"
 if ! have "$base"; then
   say "making $base with debootstrap (about two minutes, 200 MB)"
   debootstrap --variant=minbase "$suite" "$work/root" "$mirror" >"$work/debootstrap.log" 2>&1 || {
@@ -72,7 +76,7 @@ fi
 # pulled, and Debian's own Rust is older than the project needs). Its docs are left out.
 sysroot="$(rustc --print sysroot)"
 version="$(rustc --version | cut -d' ' -f2)"
-rust="$prefix/rust:$version"
+rust="$prefix/rust:$version-$recipe"
 if ! have "$rust"; then
   cat >"$work/Dockerfile" <<'EOF'
 ARG BASE
@@ -94,7 +98,7 @@ fi
 
 # Official images run redis-server with protected mode off (the stack's Redis is reachable only on
 # its internal network); Debian's binary defaults to on, which refuses the gateways' connections.
-redis="$prefix/redis:$suite"
+redis="$prefix/redis:$suite-$recipe"
 have "$redis" || build_dockerfile "$redis" <<'EOF'
 ARG BASE
 FROM $BASE
@@ -113,7 +117,7 @@ CMD ["redis-server"]
 EOF
 
 # wget: the compose health check calls it, as it calls busybox's in the official alpine image.
-nginx="$prefix/nginx:$suite"
+nginx="$prefix/nginx:$suite-$recipe"
 have "$nginx" || build_dockerfile "$nginx" <<'EOF'
 ARG BASE
 FROM $BASE
@@ -124,6 +128,11 @@ EXPOSE 80
 STOPSIGNAL SIGQUIT
 CMD ["nginx", "-g", "daemon off;"]
 EOF
+
+for old in $(docker image ls --format '{{.Repository}}:{{.Tag}}' | grep "^$prefix/" | grep -v -- "-$recipe\$"); do
+  say "removing $old (an older recipe)"
+  docker image rm "$old" >/dev/null || true
+done
 
 say "stand-ins built from Debian packages (no image registry used): $base, $rust, $redis, $nginx"
 cat <<EOF
