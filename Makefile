@@ -17,8 +17,8 @@ env: .env
 run: .env
 	cargo run --bin sse-gateway
 
-# Installs the programs the tests drive (redis-server, nginx, Chromium, Node and Python tools) when
-# missing, then runs every test against real processes.
+# Installs the programs the tests drive (redis-server, nginx, Chromium, Node and Python tools,
+# promtool, a Docker engine) when missing, then runs every test against real processes.
 test: tools
 	cargo test --workspace --all-targets
 
