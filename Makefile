@@ -50,7 +50,7 @@ compose-v2:
 
 # The placeholder secret of .env.example is public: the stack never runs with it.
 secret-check: .env
-	@! grep -qx 'JWT_SECRET=change-me-to-a-long-random-secret' .env || { echo "make: .env has the example JWT_SECRET: set a long random one (openssl rand -hex 32)" >&2; exit 1; }
+	@! grep -qx "$$(grep '^JWT_SECRET=' .env.example)" .env || { echo "make: .env has the example JWT_SECRET: set a long random one (openssl rand -hex 32)" >&2; exit 1; }
 
 build: compose-v2 secret-check
 	$(COMPOSE) build
