@@ -3,19 +3,22 @@
 
 COMPOSE ?= docker compose -f docker/docker-compose.yml --env-file .env
 
-.PHONY: run test tools lint fmt bench build up down restart logs token env
+.PHONY: run test tools lint fmt bench build up down restart logs token env compose-v2 secret-check
 
+# A new .env gets a random JWT_SECRET of its own: the example's placeholder is public, and `make up`
+# refuses it.
 .env:
-	@cp .env.example .env
-	@echo "created .env from .env.example: set JWT_SECRET before going anywhere near production" >&2
+	@secret="$$(openssl rand -hex 32 2>/dev/null || od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"; \
+	sed "s/^JWT_SECRET=.*/JWT_SECRET=$$secret/" .env.example > .env
+	@echo "created .env from .env.example, with a random JWT_SECRET (tokens: make token)" >&2
 
 env: .env
 
 run: .env
 	cargo run --bin sse-gateway
 
-# Installs the programs the tests drive (redis-server, nginx, Chromium, Node and Python tools) when
-# missing, then runs every test against real processes.
+# Installs the programs the tests drive (redis-server, nginx, Chromium, Node and Python tools,
+# promtool, a Docker engine) when missing, then runs every test against real processes.
 test: tools
 	cargo test --workspace --all-targets
 
@@ -35,21 +38,34 @@ fmt:
 bench:
 	bench/scenarios/run.sh $(SCENARIOS)
 
-# Usage: make token APP=shop USER_ID=alice [ROLE=publisher]
+# Usage: make token APP=shop USER_ID=alice [ROLE=publisher] [TTL=seconds]
 token: .env
-	@cargo run -q --bin sse-token -- $(APP) $(USER_ID) $(if $(ROLE),--role $(ROLE))
+	@cargo run -q --bin sse-token -- $(APP) $(USER_ID) $(if $(ROLE),--role $(ROLE)) $(if $(TTL),--ttl $(TTL))
 
-build: .env
+# The Docker targets need Compose v2 (Debian's docker-compose 1.x cannot read the file's `name:`).
+# Base images come from the environment when set: RUST_IMAGE, RUNTIME_IMAGE, REDIS_IMAGE,
+# NGINX_IMAGE (docs/deployment.md).
+compose-v2:
+	@docker compose version >/dev/null 2>&1 || { echo "make: the Docker targets need Docker Compose v2 (the 'docker compose' CLI plugin): install it (.ci/tools/deploy.sh does) and a Docker engine" >&2; exit 1; }
+
+# The placeholder secret of .env.example is public: the stack never runs with it.
+secret-check: .env
+	@! grep -qx "$$(grep '^JWT_SECRET=' .env.example)" .env || { echo "make: .env has the example JWT_SECRET: set a long random one (openssl rand -hex 32)" >&2; exit 1; }
+
+build: compose-v2 secret-check
 	$(COMPOSE) build
 
-up: .env
+up: compose-v2 secret-check
 	$(COMPOSE) up -d
 
-down:
+# The gateways stop first: nginx still carries their drain (a `shutdown` event to every stream, so
+# clients reconnect elsewhere). `down` alone would stop nginx first and cut the streams.
+down: compose-v2
+	$(COMPOSE) stop gateway
 	$(COMPOSE) down
 
-restart:
+restart: compose-v2
 	$(COMPOSE) restart
 
-logs:
+logs: compose-v2
 	$(COMPOSE) logs --follow

@@ -30,7 +30,10 @@ pub enum AuthError {
     Malformed,
     #[error("the token's algorithm is not accepted")]
     UnsupportedAlgorithm,
-    #[error("the token's signature does not match")]
+    #[error(
+        "the token's signature does not match: it may be signed with another secret than this \
+         gateway's (JWT_SECRET, or the application's own in TENANTS)"
+    )]
     BadSignature,
     #[error("the token has expired")]
     Expired,

@@ -24,7 +24,8 @@ fn main() -> ExitCode {
     // Also before the runtime: growing the file table is only free while there is one thread.
     let fds = sse_gateway::fds::prepare();
     tracing::info!(
-        open_files_limit = fds.limit,
+        open_files_soft = fds.limit,
+        open_files_hard = fds.hard_limit,
         file_table = fds.reserved,
         "file descriptors"
     );
@@ -42,7 +43,13 @@ fn main() -> ExitCode {
         let listener = match sse_gateway::http::server::listen(config.listen) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("cannot listen on {}: {e}", config.listen);
+                // The usual cause on a first run: another program (or gateway) has the port.
+                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    " (set APP_PORT to another port)"
+                } else {
+                    ""
+                };
+                eprintln!("cannot listen on {}: {e}{hint}", config.listen);
                 return ExitCode::FAILURE;
             }
         };

@@ -286,3 +286,51 @@ impl Metrics {
         out
     }
 }
+
+/// Content type of [`Metrics::render`]'s OpenMetrics text.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`prometheus_text`].
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The same exposition in the Prometheus text format 0.0.4, for clients that ask for `text/plain`
+/// (promtool, older scrapers). Read as 0.0.4, OpenMetrics text is subtly wrong: a counter's HELP
+/// and TYPE name the family (`x`) while its samples are `x_total`, so promtool reports counters
+/// without help. Here they name the samples, and what 0.0.4 lacks (`# EOF`, `# UNIT`, a counter's
+/// `_created` samples) is left out.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let created = name
+                    .strip_suffix("_created")
+                    .is_some_and(|family| counters.contains(family));
+                if !created {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}

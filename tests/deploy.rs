@@ -314,19 +314,13 @@ impl Nginx {
             child: Some(child),
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let exited = nginx
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "nginx did not start ({exited:?}):\n{}",
-                nginx.error_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_start(
+            nginx.child.as_mut().expect("spawned"),
+            "nginx",
+            Duration::from_secs(10),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            || nginx_error_log(&nginx.dir.path),
+        );
         nginx
     }
 
@@ -339,10 +333,7 @@ impl Nginx {
     }
 
     fn error_log(&self) -> String {
-        let mut s =
-            std::fs::read_to_string(self.dir.path.join("startup-error.log")).unwrap_or_default();
-        s.push_str(&std::fs::read_to_string(self.dir.path.join("error.log")).unwrap_or_default());
-        s
+        nginx_error_log(&self.dir.path)
     }
 
     fn signal_group(pgid: u32, sig: &str) {
@@ -351,6 +342,13 @@ impl Nginx {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// What nginx running in `dir` wrote to its start-up and error logs.
+fn nginx_error_log(dir: &Path) -> String {
+    let mut s = std::fs::read_to_string(dir.join("startup-error.log")).unwrap_or_default();
+    s.push_str(&std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
+    s
 }
 
 impl Drop for Nginx {
@@ -799,6 +797,12 @@ fn compose() -> Command {
         "COMPOSE_PROFILES",
         "COMPOSE_ENV_FILES",
         "HTTP_PORT",
+        "HTTP_HOST",
+        "NOFILE_LIMIT",
+        "RUST_IMAGE",
+        "RUNTIME_IMAGE",
+        "REDIS_IMAGE",
+        "NGINX_IMAGE",
     ] {
         cmd.env_remove(var);
     }
@@ -808,6 +812,11 @@ fn compose() -> Command {
 /// The resolved compose model, as `make up` would see it: the repository's docker/ directory in a
 /// temp root with `.env` copied from .env.example (never the developer's own .env).
 fn compose_model(root: &Path) -> Value {
+    compose_model_with(root, &[])
+}
+
+/// [`compose_model`] with variables set in Compose's environment.
+fn compose_model_with(root: &Path, vars: &[(&str, &str)]) -> Value {
     let docker = root.join("docker");
     std::fs::create_dir_all(&docker).expect("mkdir");
     for f in ["Dockerfile", "docker-compose.yml", "nginx.conf"] {
@@ -822,6 +831,7 @@ fn compose_model(root: &Path) -> Value {
     );
     let out = compose()
         .current_dir(root)
+        .envs(vars.iter().copied())
         .args(["-f", "docker/docker-compose.yml", "--env-file", ".env"])
         .args(["config", "--format", "json"])
         .output()
@@ -873,6 +883,19 @@ fn compose_file_resolves_to_the_intended_stack() {
     );
     assert_eq!(env["REDIS_URL"], "redis://redis:6379");
     assert_eq!(env["APP_PORT"], "8080");
+    assert_eq!(
+        example["APP_MODE"], "debug",
+        "the example is for `make run`"
+    );
+    assert_eq!(
+        env["APP_MODE"], "production",
+        "the stack runs in production mode"
+    );
+    assert_eq!(
+        gw["build"].get("args"),
+        None,
+        "no base image set: the Dockerfile's official defaults"
+    );
     assert_eq!(
         gw["healthcheck"].get("test"),
         None,
@@ -940,6 +963,11 @@ fn compose_file_resolves_to_the_intended_stack() {
     assert_eq!(ports[0]["target"], 80);
     assert_eq!(ports[0]["published"], "80");
     assert_eq!(
+        ports[0].get("host_ip"),
+        None,
+        "every address, IPv4 and IPv6, unless HTTP_HOST says otherwise"
+    );
+    assert_eq!(
         nginx["depends_on"]["gateway"]["condition"],
         "service_healthy"
     );
@@ -953,6 +981,53 @@ fn compose_file_resolves_to_the_intended_stack() {
         nginx["networks"].get(backend.as_str()).is_none(),
         "nginx must not reach Redis"
     );
+}
+
+/// Without an image registry (or with a private mirror), the base images, the published address and
+/// the open-file limit come from the environment (docs/deployment.md).
+#[test]
+fn compose_takes_images_port_and_limits_from_the_environment() {
+    let root = TempDir::new();
+    let model = compose_model_with(
+        &root.path,
+        &[
+            ("RUST_IMAGE", "mirror.example/rust:1.90.0-slim-bookworm"),
+            ("RUNTIME_IMAGE", "mirror.example/debian:bookworm-slim"),
+            ("REDIS_IMAGE", "mirror.example/redis:7.4-alpine"),
+            ("NGINX_IMAGE", "mirror.example/nginx:1.28-alpine"),
+            ("HTTP_HOST", "127.0.0.1"),
+            ("HTTP_PORT", "8081"),
+            ("NOFILE_LIMIT", "20000"),
+        ],
+    );
+    let services = &model["services"];
+    assert_eq!(
+        services["gateway"]["build"]["args"],
+        json!({
+            "RUST_IMAGE": "mirror.example/rust:1.90.0-slim-bookworm",
+            "RUNTIME_IMAGE": "mirror.example/debian:bookworm-slim"
+        })
+    );
+    assert_eq!(
+        services["redis"]["image"],
+        "mirror.example/redis:7.4-alpine"
+    );
+    assert_eq!(
+        services["nginx"]["image"],
+        "mirror.example/nginx:1.28-alpine"
+    );
+    let port = &services["nginx"]["ports"][0];
+    assert_eq!(
+        (&port["host_ip"], &port["published"], &port["target"]),
+        (&json!("127.0.0.1"), &json!("8081"), &json!(80))
+    );
+    for name in ["gateway", "nginx"] {
+        assert_eq!(
+            services[name]["ulimits"]["nofile"],
+            json!({"soft": 20000, "hard": 20000}),
+            "{name}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1010,13 +1085,37 @@ fn dockerfile_builds_both_binaries_and_runs_unprivileged() {
         .map(|(_, v)| v)
         .collect();
     assert_eq!(froms.len(), 2, "{froms:?}");
-    let builder = froms[0].split_whitespace().next().expect("image");
+    // The base images are build arguments (a private mirror, local stand-ins) whose defaults are
+    // the official images.
+    let args: HashMap<String, String> = all
+        .iter()
+        .take_while(|(k, _)| k != "FROM")
+        .filter(|(k, _)| k == "ARG")
+        .filter_map(|(_, v)| v.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let image = |from: &str| {
+        let word = from.split_whitespace().next().expect("image");
+        let arg = word
+            .strip_prefix("${")
+            .and_then(|w| w.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("FROM {word}: a build argument, for registries and mirrors"));
+        args.get(arg)
+            .unwrap_or_else(|| panic!("ARG {arg}=<default> before the first FROM"))
+            .clone()
+    };
+    assert_eq!(
+        image(froms[0]),
+        args["RUST_IMAGE"],
+        "the builder is RUST_IMAGE"
+    );
+    let builder = image(froms[0]);
     assert!(
         builder.starts_with("rust:1.9") && builder.ends_with("-bookworm"),
         "builder image {builder}: a pinned 1.9x Rust on bookworm (the runtime's glibc)"
     );
-    let runtime = froms[1].split_whitespace().next().expect("image");
-    assert_eq!(runtime, "debian:bookworm-slim");
+    assert_eq!(image(froms[1]), "debian:bookworm-slim");
+    assert_eq!(froms[1].split_whitespace().next(), Some("${RUNTIME_IMAGE}"));
 
     // Cache-friendly: the dependency build runs before the sources are copied in; every workspace
     // member's manifest is there for it (cargo loads the whole workspace).

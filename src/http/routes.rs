@@ -33,13 +33,40 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Identity, Box<H
     auth::extract_token(req.headers(), req.uri().query())
         .and_then(|token| state.verifier.verify(&token))
         .map_err(|e| {
-            tracing::debug!(
-                reason = e.reason(),
-                path = req.uri().path(),
-                "authentication failed"
-            );
+            log_auth_failure(e, req.uri().path());
             Box::new(unauthorized(&state.metrics, e))
         })
+}
+
+/// Refused tokens are the first thing to look for when clients cannot connect, so they are logged
+/// at info; at most one line a second, though (a client retrying with a stale token, or a scan,
+/// would flood the log), which counts the failures left out before it. All are in
+/// `sse_auth_failures_total`, and at debug level.
+fn log_auth_failure(e: auth::AuthError, path: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_SECOND.load(Relaxed);
+    if second > last
+        && LAST_SECOND
+            .compare_exchange(last, second, Relaxed, Relaxed)
+            .is_ok()
+    {
+        let left_out = LEFT_OUT.swap(0, Relaxed);
+        tracing::info!(
+            reason = e.reason(),
+            path,
+            detail = %e,
+            left_out,
+            "authentication failed"
+        );
+    } else {
+        LEFT_OUT.fetch_add(1, Relaxed);
+        tracing::debug!(reason = e.reason(), path, "authentication failed");
+    }
 }
 
 pub fn ready(state: &AppState) -> HttpResponse {
@@ -57,13 +84,24 @@ pub fn ready(state: &AppState) -> HttpResponse {
     )
 }
 
-pub fn metrics(state: &AppState) -> HttpResponse {
-    let text = state.metrics.render(state.broker.link());
+/// OpenMetrics, unless the client asks for the Prometheus text format (`Accept: text/plain`)
+/// without accepting OpenMetrics: Prometheus itself asks for both and gets OpenMetrics.
+pub fn metrics<B>(state: &AppState, req: &Request<B>) -> HttpResponse {
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let plain = accept.contains("text/plain") && !accept.contains("application/openmetrics-text");
+    let mut text = state.metrics.render(state.broker.link());
+    let mut content_type = crate::metrics::OPENMETRICS;
+    if plain {
+        text = crate::metrics::prometheus_text(&text);
+        content_type = crate::metrics::PROMETHEUS_TEXT;
+    }
     let mut resp = HttpResponse::new(Body::full(Bytes::from(text)));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 

@@ -24,13 +24,15 @@ pub fn tool(name: &str) -> PathBuf {
     panic!("`{name}` is not installed: run `make tools` (or .ci/install-tools)");
 }
 
-/// Runs `cmd` in `dir` with its stdout and stderr captured together, killed if it outlasts `limit`.
-/// Returns whether it succeeded and what it printed.
+/// Runs `cmd` in `dir` with its stdout and stderr captured together, killed with everything it
+/// started (its process group) if it outlasts `limit`. Returns whether it succeeded and what it
+/// printed.
 pub async fn run_bounded(
     mut cmd: std::process::Command,
     dir: &std::path::Path,
     limit: std::time::Duration,
 ) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     let name = cmd.get_program().to_string_lossy().into_owned();
     let out_path = dir.join("command.out");
@@ -42,6 +44,7 @@ pub async fn run_bounded(
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     let deadline = std::time::Instant::now() + limit;
@@ -50,6 +53,11 @@ pub async fn run_bounded(
             break Some(status);
         }
         if std::time::Instant::now() > deadline {
+            // A wrapper (make, a shell, a test runner) would leave its own children running.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             break None;

@@ -765,6 +765,27 @@ fn parse_block(block: &str) -> (Event, bool) {
     (ev, true)
 }
 
+/// Waits until `up` holds for `child`, a server just spawned; panics with `log()` if it exits first
+/// or `within` passes.
+pub fn wait_for_start(
+    child: &mut Child,
+    what: &str,
+    within: Duration,
+    mut up: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    while !up() {
+        let exited = child.try_wait().ok().flatten();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "{what} did not start ({exited:?}):\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {

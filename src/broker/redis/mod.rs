@@ -246,14 +246,25 @@ impl Broker for RedisBroker {
                 "pubsub",
                 Some(self.requests.clone()),
             ));
+            let configured: Vec<String> = links
+                .client
+                .client_config()
+                .server
+                .hosts()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let configured = configured.join(",");
             tokio::spawn(subscriber::log_errors(
                 links.client.error_rx(),
                 "commands",
+                configured.clone(),
                 None,
             ));
             tokio::spawn(subscriber::log_errors(
                 links.subscriber.error_rx(),
                 "pubsub",
+                configured,
                 Some(links.probe.clone()),
             ));
             tokio::spawn(subscriber::manage_subscriptions(

@@ -216,6 +216,7 @@ pub async fn watch_reconnects(
 pub async fn log_errors(
     mut rx: broadcast::Receiver<(FredError, Option<fred::types::config::Server>)>,
     link: &'static str,
+    configured: String,
     probe: Option<Arc<Probe>>,
 ) {
     loop {
@@ -224,8 +225,9 @@ pub async fn log_errors(
                 if let Some(probe) = &probe {
                     probe.forget();
                 }
-                let server = server.map(|s| s.to_string()).unwrap_or_default();
-                tracing::warn!(%error, %server, link, "Redis connection error");
+                // fred names no server for a connection that never got up: name the configured one.
+                let server = server.map_or_else(|| configured.clone(), |s| s.to_string());
+                tracing::warn!(%error, %server, link, hint = "is REDIS_URL right?", "Redis connection error");
             }
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => break,
@@ -236,8 +238,10 @@ pub async fn log_errors(
 /// The one place SUBSCRIBE and UNSUBSCRIBE are sent from. Requests that queued up while a command
 /// was in flight are folded into one batch; within a batch a later request wins, so an
 /// unsubscribe followed by a subscribe of the same channel leaves it subscribed. `wanted` is the
-/// truth about what this instance wants, `live` what Redis confirmed on the current connection;
-/// after a reconnect all of `wanted` is subscribed again, between the sink's suspend and resume.
+/// truth about what this instance wants; `unconfirmed` the part of it Redis has not confirmed on
+/// the current connection (usually empty: a second set of every channel name would cost each idle
+/// stream 80 bytes). After a reconnect all of `wanted` is subscribed again, between the sink's
+/// suspend and resume.
 pub async fn manage_subscriptions(
     subscriber: SubscriberClient,
     requests: mpsc::UnboundedSender<SubRequest>,
@@ -246,7 +250,7 @@ pub async fn manage_subscriptions(
     probe: Arc<Probe>,
 ) {
     let mut wanted: HashSet<String> = HashSet::new();
-    let mut live: HashSet<String> = HashSet::new();
+    let mut unconfirmed: HashSet<String> = HashSet::new();
     // A re-sync is owed to the sink once the subscriptions are all live again.
     let mut suspended = false;
     // Before the first connection nothing was subscribed, so nothing can have been missed.
@@ -269,8 +273,10 @@ pub async fn manage_subscriptions(
                 SubRequest::Subscribe(channels, tx) => {
                     for ch in &channels {
                         to_unsub.remove(ch);
-                        wanted.insert(ch.clone());
-                        if !live.contains(ch) && pending.insert(ch.clone()) {
+                        if wanted.insert(ch.clone()) {
+                            unconfirmed.insert(ch.clone());
+                        }
+                        if unconfirmed.contains(ch) && pending.insert(ch.clone()) {
                             to_sub.push(ch.clone());
                         }
                     }
@@ -278,11 +284,14 @@ pub async fn manage_subscriptions(
                 }
                 SubRequest::Unsubscribe(channels) => {
                     for ch in channels {
-                        wanted.remove(&ch);
+                        if !wanted.remove(&ch) {
+                            continue;
+                        }
                         if pending.remove(&ch) {
                             to_sub.retain(|c| c != &ch);
                         }
-                        if live.remove(&ch) {
+                        // Only a confirmed channel is subscribed on this connection.
+                        if !unconfirmed.remove(&ch) {
                             to_unsub.insert(ch);
                         }
                     }
@@ -298,7 +307,7 @@ pub async fn manage_subscriptions(
                 suspended = true;
             }
             first_connection = false;
-            live.clear();
+            unconfirmed = wanted.clone();
             to_unsub.clear();
             to_sub = wanted.iter().cloned().collect();
             if !to_sub.is_empty() {
@@ -328,7 +337,14 @@ pub async fn manage_subscriptions(
         // the subscriptions are live: only then may a stream be told it is connected.
         if !sent.is_empty() {
             match subscriber.ping::<Value>(None).await {
-                Ok(_) => live.extend(sent.into_iter().filter(|c| wanted.contains(c))),
+                Ok(_) => {
+                    for ch in &sent {
+                        unconfirmed.remove(ch);
+                    }
+                    if unconfirmed.is_empty() {
+                        unconfirmed = HashSet::new(); // give back what a re-subscription took
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "subscriber did not confirm SUBSCRIBE");
                     outcome = Err(unavailable(error));
@@ -336,7 +352,8 @@ pub async fn manage_subscriptions(
             }
         }
         for (channels, tx) in waiters {
-            let result = if channels.iter().all(|c| live.contains(c)) {
+            let live = |c: &String| wanted.contains(c) && !unconfirmed.contains(c);
+            let result = if channels.iter().all(live) {
                 Ok(())
             } else {
                 Err(outcome
@@ -347,7 +364,7 @@ pub async fn manage_subscriptions(
             let _ = tx.send(result);
         }
         if suspended {
-            if wanted.iter().all(|c| live.contains(c)) {
+            if unconfirmed.is_empty() {
                 suspended = false;
                 sink.clone().resume();
             } else if subscriber.is_connected() {
