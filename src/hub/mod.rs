@@ -40,6 +40,8 @@ use crate::metrics::{AppReasonLabel, KindLabel, Metrics, ReasonLabel, close_reas
 use crate::registry::Registry;
 use crate::sse::{self, Event, PayloadKind};
 
+type PositionAnswer = tokio::sync::oneshot::Sender<Result<EventId, BrokerError>>;
+
 /// What a new stream is, before it joins the hub.
 pub struct NewConn {
     pub app: String,
@@ -114,6 +116,9 @@ pub struct Hub {
     writers: Writers,
     replays: Arc<Replays>,
     resync: Mutex<resync::Pending>,
+    /// Streams waiting for a read of their application's position, by application (see
+    /// [`Hub::position`]); an entry exists while its read runs.
+    position_reads: Mutex<HashMap<Arc<str>, Vec<PositionAnswer>>>,
 }
 
 /// Why a stream could not join.
@@ -187,6 +192,7 @@ impl Hub {
             config,
             writers: Writers::per_core(),
             resync: Mutex::default(),
+            position_reads: Mutex::default(),
         }
     }
 
@@ -273,23 +279,56 @@ impl Hub {
 
     /// Where this instance stands in `app`'s history: known while its channels are subscribed,
     /// else read from the broker (after the subscription is live, so nothing later is missed).
-    async fn position(&self, app: &Arc<str>) -> Result<EventId, AttachError> {
-        let seen = {
-            let state = self.lock();
-            let known = state.positions.get(app);
-            if let Some(delivered) = known.and_then(|p| p.delivered) {
-                return Ok(delivered);
-            }
-            known.and_then(|p| p.seen)
+    async fn position(self: &Arc<Self>, app: &Arc<str>) -> Result<EventId, AttachError> {
+        let known = |hub: &Hub| {
+            let state = hub.lock();
+            let p = state.positions.get(app);
+            (p.and_then(|p| p.delivered), p.and_then(|p| p.seen))
         };
-        let position = self.broker.position(app, seen).await?;
-        self.count_epoch(app, position);
-        let mut state = self.lock();
-        let known = state.positions.entry(app.clone()).or_default();
-        let delivered = EventId::advance(known.delivered, position.id());
-        known.delivered = Some(delivered);
-        known.saw(delivered);
-        Ok(delivered)
+        let (delivered, seen) = known(self);
+        if let Some(delivered) = delivered {
+            return Ok(delivered);
+        }
+        // One read per application at a time: when its streams all come back at once (a deploy),
+        // the first read answers the thousands that asked while it ran.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut reads = self
+                .position_reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let waiting = reads.entry(app.clone()).or_default();
+            waiting.push(tx);
+            waiting.len() == 1
+        };
+        if first {
+            // Its own task: the stream that started it may give up (its client leaves) while
+            // others wait for the same read.
+            let (hub, app) = (self.clone(), app.clone());
+            tokio::spawn(async move {
+                let read = hub.broker.position(&app, seen).await.map(|position| {
+                    hub.count_epoch(&app, position);
+                    let mut state = hub.lock();
+                    let known = state.positions.entry(app.clone()).or_default();
+                    let delivered = EventId::advance(known.delivered, position.id());
+                    known.delivered = Some(delivered);
+                    known.saw(delivered);
+                    delivered
+                });
+                let waiting = hub
+                    .position_reads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&app)
+                    .unwrap_or_default();
+                for tx in waiting {
+                    let _ = tx.send(read.clone());
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(BrokerError::Unavailable("position read abandoned".into())))
+            .map_err(AttachError::Broker)
     }
 
     /// Counts (and logs) a history that started afresh.
