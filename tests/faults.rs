@@ -69,7 +69,7 @@ async fn redis_restart(scenario: &str, persistent: bool) {
     tokio::time::sleep(secs(0.5)).await;
     redis.kill();
     tokio::time::sleep(secs(1.0)).await;
-    tokio::task::block_in_place(|| redis.start_again());
+    tokio::task::block_in_place(|| redis.restart());
     tokio::time::sleep(secs(7.0)).await;
 
     let verdict = end(scenario, started, load, fleet).await;
@@ -200,7 +200,7 @@ async fn sigterm_while_redis_is_down_exits_in_bounded_time() {
 
     // Redis and a gateway come back: what was acknowledged before Redis went away reaches every
     // stream (an event acknowledged in Redis's last moment may only be in history by then).
-    tokio::task::block_in_place(|| redis.start_again());
+    tokio::task::block_in_place(|| redis.restart());
     let _back = Gateway::builder()
         .redis(&redis)
         .port(port)

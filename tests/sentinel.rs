@@ -63,7 +63,7 @@ async fn through(scenario: &str, fault: Fault) {
     }
     let new = set.wait_new_primary(old).await;
     if let Fault::KillPrimary = fault {
-        tokio::task::block_in_place(|| set.primary.start_again());
+        tokio::task::block_in_place(|| set.primary.restart());
     }
     let since_failover = load.ledger().acked();
     let gw = &gateways[0];

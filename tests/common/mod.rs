@@ -96,7 +96,7 @@ impl RedisServer {
     }
 
     /// A server that writes every command to an append-only file (fsync on each) in a directory of
-    /// its own, so a kill -9 and `start_again` bring back everything it acknowledged.
+    /// its own, so a kill -9 and `restart` bring back everything it acknowledged.
     pub fn start_persistent() -> RedisServer {
         RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
@@ -141,18 +141,11 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server on the same port again: empty, or from the files it wrote (an
-    /// append-only file, a snapshot).
+    /// Starts the server on the same port again (killing it first if it still runs): empty, or
+    /// from the files it wrote (an append-only file, a snapshot).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
-    }
-
-    /// Starts a killed server again on the same port, with the same arguments.
-    pub fn start_again(&mut self) {
-        if self.child.is_none() {
-            self.spawn();
-        }
     }
 
     pub async fn client(&self) -> fred::clients::Client {
