@@ -20,7 +20,7 @@ use crate::history::{self, Backlog, EventId, ResetReason};
 use crate::sse;
 
 /// Most users asked for in one history read (a few milliseconds of Redis time).
-const BATCH: usize = 256;
+pub(super) const BATCH: usize = 256;
 
 /// What one resuming stream is to be sent.
 #[derive(Debug, Clone)]

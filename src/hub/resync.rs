@@ -19,15 +19,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::replay::{self, Replay};
+use super::replay::{self, BATCH, Replay};
 use super::{Hold, Hub};
 use crate::broker::BrokerError;
 use crate::history::EventId;
 use crate::hub::stream::Conn;
 use crate::metrics::close_reason;
 
-/// Users asked for in one history read, as for resuming streams.
-const BATCH: usize = 256;
 /// Pause between attempts at a read that failed (the command link may come back after the
 /// subscriber link).
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
