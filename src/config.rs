@@ -75,12 +75,17 @@ pub struct Config {
     pub client_queue: usize,
     /// Bytes a stream may have queued before it counts as too slow and is cut off.
     pub client_queue_bytes: usize,
-    /// Streams this instance accepts (0: no limit). Beyond: 200 with a `retry:` hint, closed.
+    /// Streams this instance accepts (0: as many as the open-file limit allows, less
+    /// `fd_reserve`). Beyond: 200 with a `retry:` hint, closed.
     pub max_connections: usize,
+    /// Descriptors kept free of streams, for accepting, `/health`, the broker and refusals.
+    pub fd_reserve: u64,
     /// Streams one application may hold across the cluster (0: no limit).
     pub max_app_connections: u64,
     /// Streams one user may hold across the cluster (0: no limit). Beyond: 429.
     pub max_user_connections: u64,
+    /// Request rates per token, user and application (per instance).
+    pub rates: crate::rate::Rates,
     /// History kept per stream for replay.
     pub retention: crate::broker::Retention,
     /// When a durable publish counts as acknowledged.
@@ -303,8 +308,39 @@ impl Config {
             client_queue: parse_or("CLIENT_QUEUE", get("CLIENT_QUEUE"), 1024)?,
             client_queue_bytes: parse_or("CLIENT_QUEUE_BYTES", get("CLIENT_QUEUE_BYTES"), 4 << 20)?,
             max_connections: parse_or("MAX_CONNECTIONS", get("MAX_CONNECTIONS"), 0)?,
-            max_app_connections: parse_or("MAX_APP_CONNECTIONS", get("MAX_APP_CONNECTIONS"), 0)?,
-            max_user_connections: parse_or("MAX_USER_CONNECTIONS", get("MAX_USER_CONNECTIONS"), 0)?,
+            fd_reserve: parse_or("FD_RESERVE", get("FD_RESERVE"), 256)?,
+            max_app_connections: parse_or(
+                "MAX_APP_CONNECTIONS",
+                get("MAX_APP_CONNECTIONS"),
+                100_000,
+            )?,
+            max_user_connections: parse_or(
+                "MAX_USER_CONNECTIONS",
+                get("MAX_USER_CONNECTIONS"),
+                32,
+            )?,
+            rates: {
+                use crate::rate::Rate;
+                let rate = |name: &'static str, default: f64| -> Result<Rate, ConfigError> {
+                    let r: f64 = parse_or(name, get(name), default)?;
+                    if !(r.is_finite() && r >= 0.0) {
+                        return Err(invalid(
+                            name,
+                            "must be a number of requests per second, 0 for none".into(),
+                        ));
+                    }
+                    Ok(Rate(r))
+                };
+                crate::rate::Rates {
+                    connect_token: rate("RATE_CONNECT_TOKEN", 5.0)?,
+                    connect_user: rate("RATE_CONNECT_USER", 10.0)?,
+                    connect_app: rate("RATE_CONNECT_APP", 0.0)?,
+                    resume_user: rate("RATE_RESUME_USER", 5.0)?,
+                    resume_app: rate("RATE_RESUME_APP", 0.0)?,
+                    publish_token: rate("RATE_PUBLISH_TOKEN", 0.0)?,
+                    publish_app: rate("RATE_PUBLISH_APP", 0.0)?,
+                }
+            },
             retention: crate::broker::Retention {
                 max_len: parse_or("HISTORY_MAXLEN", get("HISTORY_MAXLEN"), 1000)?,
                 ttl_secs: positive("HISTORY_TTL", get("HISTORY_TTL"), secs(3600))?

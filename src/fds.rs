@@ -60,6 +60,41 @@ pub fn prepare() -> Fds {
     Fds::default()
 }
 
+/// The soft open-file limit in force, if it is finite.
+#[cfg(unix)]
+pub fn open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on 64-bit Linux, not everywhere
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+pub fn open_files_limit() -> Option<u64> {
+    None
+}
+
+/// Most streams an instance holds: `configured` (0: no cap of its own), and in any case
+/// `reserve` descriptors short of the open-file limit, so that accepting, `/health`, the broker's
+/// reconnects and refusals with a `retry:` keep working when streams have taken the rest.
+pub fn stream_cap(configured: usize, limit: Option<u64>, reserve: u64) -> usize {
+    let by_files = limit.map_or(usize::MAX, |l| {
+        usize::try_from(l.saturating_sub(reserve))
+            .unwrap_or(usize::MAX)
+            .max(1)
+    });
+    match configured {
+        0 => by_files,
+        n => n.min(by_files),
+    }
+}
+
 /// Grows the file table to `slots` by duplicating a descriptor onto the last slot and closing it
 /// again: the table never shrinks. Returns the slots reserved (0 if it could not be done).
 #[cfg(unix)]
@@ -106,6 +141,20 @@ mod tests {
         // Equal where the hard limit is finite; an unlimited hard limit cannot be reached.
         assert!(fds.limit > 0 && fds.limit <= fds.hard_limit, "{fds:?}");
         assert!(fd_table_size() >= fds.reserved);
+    }
+
+    #[test]
+    fn streams_leave_a_reserve_of_descriptors() {
+        use super::stream_cap;
+        assert_eq!(stream_cap(0, Some(1024), 256), 768);
+        assert_eq!(stream_cap(100, Some(1024), 256), 100);
+        assert_eq!(stream_cap(5000, Some(1024), 256), 768);
+        assert_eq!(stream_cap(0, None, 256), usize::MAX);
+        assert_eq!(
+            stream_cap(0, Some(10), 256),
+            1,
+            "never zero: one stream can always try"
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod metrics;
+pub mod rate;
 pub mod registry;
 pub mod shutdown;
 pub mod sse;
@@ -97,7 +98,12 @@ pub async fn run(
                 bytes: config.client_queue_bytes.max(config.max_message_bytes),
             },
             max_message_bytes: config.max_message_bytes,
-            max_connections: config.max_connections,
+            max_connections: fds::stream_cap(
+                config.max_connections,
+                fds::open_files_limit(),
+                config.fd_reserve,
+            ),
+            registry_ttl_secs: config.registry_ttl.as_secs().max(1),
             hello: Bytes::from(format!("retry: {}\n\n", config.retry_ms)),
             broker_timeout: config.subscribe_timeout,
         },
@@ -119,6 +125,7 @@ pub async fn run(
 
     let state = Arc::new(AppState {
         verifier: auth::Verifier::new(&config),
+        limiter: rate::Limiter::new(config.rates.clone()),
         hub: hub.clone(),
         broker: broker.clone(),
         metrics,

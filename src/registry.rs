@@ -26,6 +26,8 @@ enum Op {
     Put(Arc<Conn>),
     Touch(Arc<Conn>),
     Remove(Arc<Conn>),
+    /// A place admitted for a stream that never joined.
+    Release(RegistryOp),
     Flush(oneshot::Sender<()>),
 }
 
@@ -77,6 +79,16 @@ impl Registry {
         let _ = self.tx.send(Op::Remove(conn.clone()));
     }
 
+    /// Gives back the place [`crate::broker::Broker::admit`] reserved for a stream that then did
+    /// not join.
+    pub fn release(&self, app: &str, user: &str, id: &uuid::Uuid) {
+        let _ = self.tx.send(Op::Release(RegistryOp::Remove {
+            app: app.to_string(),
+            user: user.to_string(),
+            id: id.to_string(),
+        }));
+    }
+
     /// Resolves once every change queued before it has been tried.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -126,6 +138,7 @@ impl Writer {
                             id,
                         });
                     }
+                    Op::Release(op) => batch.push(op),
                     Op::Flush(tx) => flushes.push(tx),
                 }
                 if batch.len() >= BATCH {

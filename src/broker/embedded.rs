@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 
 use super::{
-    BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink, Position, RegistryOp,
-    Retention, app_channel, user_channel,
+    Admission, Admitted, BoxFuture, Broker, BrokerError, ConnectionRecord, LinkState, MessageSink,
+    Position, RegistryOp, Retention, app_channel, user_channel,
 };
 use crate::clock;
 use crate::history::{self, Backlog, Epoch, EventId, ResetReason};
 
-/// app -> (user, connection id) -> entry
-type Entries = HashMap<String, BTreeMap<(String, String), Arc<ConnectionRecord>>>;
+/// app -> (user, connection id) -> entry; `None` while the stream is admitted but not yet written
+/// (the reservation that [`Broker::admit`] makes).
+type Entries = HashMap<String, BTreeMap<(String, String), Option<Arc<ConnectionRecord>>>>;
 
 pub struct EmbeddedBroker {
     sink: OnceLock<Arc<dyn MessageSink>>,
@@ -284,18 +285,24 @@ impl Broker for EmbeddedBroker {
         Box::pin(async move { Ok(position) })
     }
 
-    fn registry_count<'a>(
-        &'a self,
-        app: &'a str,
-        user: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<u64, BrokerError>> {
-        let n = lock(&self.registry).get(app).map_or(0, |entries| {
-            entries
-                .keys()
-                .filter(|(u, _)| user.is_none_or(|want| want == u))
-                .count()
-        });
-        Box::pin(async move { Ok(n as u64) })
+    fn admit<'a>(&'a self, a: Admission<'a>) -> BoxFuture<'a, Result<Admitted, BrokerError>> {
+        // Counted and reserved under one lock, as the Redis function does in one call.
+        let mut reg = lock(&self.registry);
+        let entries = reg.entry(a.app.to_string()).or_default();
+        let users = entries.keys().filter(|(u, _)| u == a.user).count() as u64;
+        let total = entries.len() as u64;
+        let answer = if a.max_user > 0 && users >= a.max_user {
+            Admitted::UserFull(users)
+        } else if a.max_app > 0 && total >= a.max_app {
+            Admitted::AppFull(total)
+        } else {
+            entries.insert((a.user.to_string(), a.conn.to_string()), None);
+            Admitted::Yes
+        };
+        if entries.is_empty() {
+            reg.remove(a.app);
+        }
+        Box::pin(async move { Ok(answer) })
     }
 
     fn registry_apply(
@@ -311,7 +318,7 @@ impl Broker for EmbeddedBroker {
                 RegistryOp::Put(rec) => {
                     reg.entry(rec.application.id.clone())
                         .or_default()
-                        .insert((rec.user.id.clone(), rec.id.clone()), rec);
+                        .insert((rec.user.id.clone(), rec.id.clone()), Some(rec));
                 }
                 RegistryOp::Touch { app, user, id } => {
                     if !reg
@@ -346,7 +353,7 @@ impl Broker for EmbeddedBroker {
                 entries
                     .iter()
                     .filter(|((u, _), _)| user.is_none_or(|want| want == u))
-                    .map(|(_, rec)| rec.as_ref().clone())
+                    .filter_map(|(_, rec)| rec.as_deref().cloned())
                     .collect()
             })
             .unwrap_or_default();

@@ -130,6 +130,31 @@ pub enum RegistryOp {
     },
 }
 
+/// A new stream asking for a place under the cluster-wide caps (0: no cap).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    pub app: &'a str,
+    pub user: &'a str,
+    /// The stream's connection id: its registry entry is the reservation.
+    pub conn: &'a str,
+    pub max_app: u64,
+    pub max_user: u64,
+    /// How long the reservation lives unless the registry keeps it alive.
+    pub ttl_secs: u64,
+}
+
+/// The broker's answer to an [`Admission`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// A place is reserved: the registry entry exists (in the indexes) until it is removed or
+    /// expires.
+    Yes,
+    /// The user already has this many live streams, at least the cap.
+    UserFull(u64),
+    /// The application already has this many live streams, at least the cap.
+    AppFull(u64),
+}
+
 /// Where a channel's messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic<'a> {
@@ -214,12 +239,13 @@ pub trait Broker: Send + Sync + 'static {
         seen: Option<EventId>,
     ) -> BoxFuture<'a, Result<Position, BrokerError>>;
 
-    /// Live registry entries of an application, or of one of its users, across the cluster.
-    fn registry_count<'a>(
+    /// Checks the caps and reserves a place in one atomic step, so that no burst of connects
+    /// on any number of instances gets past a cap. The place is released with the registry
+    /// entry ([`RegistryOp::Remove`]), or expires with it.
+    fn admit<'a>(
         &'a self,
-        app: &'a str,
-        user: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<u64, BrokerError>>;
+        admission: Admission<'a>,
+    ) -> BoxFuture<'a, Result<Admitted, BrokerError>>;
 
     /// Applies registry changes in order, each entry living `ttl_secs` unless rewritten. Returns
     /// the connection ids of touched entries that no longer exist (lost with a Redis restart,

@@ -41,6 +41,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
+    pub limiter: crate::rate::Limiter,
 }
 
 pub type HttpResponse = Response<Body>;

@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 use super::{AppState, Body, HttpResponse, error, json_bytes, json_response, unauthorized};
 use crate::auth::{self, Identity};
 use crate::broker::{BrokerError, ConnectionRecord, app_channel, user_channel};
-use crate::hub::{AttachError, NewConn};
+use crate::hub::{AttachError, Caps, NewConn};
 use crate::metrics::{AppReasonLabel, OutcomeLabel};
+use crate::rate::{Action, Scope};
 use crate::sse::clean_field;
 
 /// Most users one batch publish may name.
@@ -30,12 +31,47 @@ pub enum Route {
 }
 
 fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<Identity, Box<HttpResponse>> {
+    authenticate_token(state, req).map(|(identity, _)| identity)
+}
+
+/// The caller's identity, and the token it came with (rates are also counted per token).
+fn authenticate_token<B>(
+    state: &AppState,
+    req: &Request<B>,
+) -> Result<(Identity, String), Box<HttpResponse>> {
     auth::extract_token(req.headers(), req.uri().query())
-        .and_then(|token| state.verifier.verify(&token))
+        .and_then(|token| Ok((state.verifier.verify(&token)?, token)))
         .map_err(|e| {
             log_auth_failure(e, req.uri().path());
             Box::new(unauthorized(&state.metrics, e))
         })
+}
+
+/// Counts `action` against the caller's rates; over one, a 429 with `Retry-After`.
+fn check_rate(
+    state: &AppState,
+    action: Action,
+    who: &[(Scope, &str)],
+    app: &str,
+) -> Result<(), Box<HttpResponse>> {
+    let limited = match state.limiter.check(action, who) {
+        Ok(()) => return Ok(()),
+        Err(limited) => limited,
+    };
+    count_limit(state, app, limited.label());
+    let retry = limited.retry_after_secs();
+    let mut resp = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &format!(
+            "too many requests ({}): try again in {retry} s",
+            limited.label()
+        ),
+    );
+    if let Ok(v) = HeaderValue::from_str(&retry.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Err(Box::new(resp))
 }
 
 /// Refused tokens are the first thing to look for when clients cannot connect, so they are logged
@@ -106,19 +142,41 @@ pub fn metrics<B>(state: &AppState, req: &Request<B>) -> HttpResponse {
 }
 
 pub async fn sse<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> HttpResponse {
-    let identity = match authenticate(state, &req) {
-        Ok(id) => id,
+    let (identity, token) = match authenticate_token(state, &req) {
+        Ok(caller) => caller,
         Err(resp) => return *resp,
     };
     if let Err(resp) = check_origin(state, &req, &identity.app) {
         return *resp;
     }
-    if let Err(resp) = check_limits(state, &identity).await {
+    let last_event_id = last_event_id(&req);
+    let user_key = format!("{}/{}", identity.app, identity.user);
+    let app = identity.app.as_str();
+    let mut rated = check_rate(
+        state,
+        Action::Connect,
+        &[
+            (Scope::Token, &token),
+            (Scope::User, &user_key),
+            (Scope::App, app),
+        ],
+        app,
+    );
+    if rated.is_ok() && last_event_id.is_some() {
+        rated = check_rate(
+            state,
+            Action::Resume,
+            &[(Scope::User, &user_key), (Scope::App, app)],
+            app,
+        );
+    }
+    if let Err(resp) = rated {
         return *resp;
     }
     let user_agent = header_text(&req, header::USER_AGENT, 256).unwrap_or_default();
     let new = NewConn {
-        last_event_id: last_event_id(&req),
+        caps: caps(state, &identity.app),
+        last_event_id,
         app: identity.app,
         user: identity.user,
         exp: identity.exp,
@@ -128,14 +186,7 @@ pub async fn sse<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> Http
     let (app, user) = (new.app.clone(), new.user.clone());
     let lease = match state.hub.attach(new).await {
         Ok(lease) => lease,
-        Err(e) => {
-            let limit = matches!(e, AttachError::InstanceFull);
-            if limit {
-                count_limit(state, &app, "instance");
-            }
-            tracing::warn!(%app, %user, error = %e, "stream refused, client told to retry");
-            return retry_later(state, &e.to_string(), limit);
-        }
+        Err(e) => return refused(state, &app, &user, &e),
     };
     let conn = lease.conn().clone();
     tracing::info!(app = %conn.app, user = %conn.user, conn = %conn.id, remote = %peer, "stream opened");
@@ -206,63 +257,45 @@ fn check_origin<B>(state: &AppState, req: &Request<B>, app: &str) -> Result<(), 
     )))
 }
 
-/// Cluster-wide caps, read from the registry. A user over their cap gets a 429 (more tabs will
-/// not help, so the client must not retry blindly); an application over its cap is shed with a
-/// long `retry:`, since room comes back as its other streams end.
-async fn check_limits(state: &AppState, identity: &Identity) -> Result<(), Box<HttpResponse>> {
-    let tenant = state.config.tenants.get(&identity.app);
-    let max_app = tenant
-        .and_then(|t| t.max_connections)
-        .unwrap_or(state.config.max_app_connections);
-    let max_user = tenant
-        .and_then(|t| t.max_user_connections)
-        .unwrap_or(state.config.max_user_connections);
-    if max_app == 0 && max_user == 0 {
-        return Ok(());
+/// The cluster-wide caps of an application's streams: its tenant's own, else the defaults.
+fn caps(state: &AppState, app: &str) -> Caps {
+    let tenant = state.config.tenants.get(app);
+    Caps {
+        app: tenant
+            .and_then(|t| t.max_connections)
+            .unwrap_or(state.config.max_app_connections),
+        user: tenant
+            .and_then(|t| t.max_user_connections)
+            .unwrap_or(state.config.max_user_connections),
     }
-    let broker = &state.broker;
-    let (app_count, user_count) = tokio::join!(
-        async {
-            if max_app == 0 {
-                return Ok(0);
-            }
-            broker.registry_count(&identity.app, None).await
-        },
-        async {
-            if max_user == 0 {
-                return Ok(0);
-            }
-            broker
-                .registry_count(&identity.app, Some(&identity.user))
-                .await
-        }
-    );
-    let (app_count, user_count) = match (app_count, user_count) {
-        (Ok(a), Ok(u)) => (a, u),
-        (Err(e), _) | (_, Err(e)) => {
-            return Err(Box::new(retry_later(state, &e.to_string(), false)));
+}
+
+/// A stream the hub would not take. A user over their cap gets a 429 (more tabs will not help, so
+/// the client must not retry blindly); a full application or instance is shed with a long
+/// `retry:`, since room comes back as other streams end; anything else is a short `retry:`.
+fn refused(state: &AppState, app: &str, user: &str, e: &AttachError) -> HttpResponse {
+    let limit = match e {
+        AttachError::UserFull { .. } => "user",
+        AttachError::AppFull { .. } => "application",
+        AttachError::InstanceFull => "instance",
+        _ => {
+            tracing::warn!(%app, %user, error = %e, "stream refused, client told to retry");
+            return retry_later(state, &e.to_string(), false);
         }
     };
-    if max_user > 0 && user_count >= max_user {
-        count_limit(state, &identity.app, "user");
+    count_limit(state, app, limit);
+    tracing::info!(%app, %user, error = %e, "stream refused: over a limit");
+    if let AttachError::UserFull { .. } = e {
         let mut resp = error(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_connections",
-            &format!("this user already has {user_count} streams open (limit {max_user})"),
+            &e.to_string(),
         );
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
-        return Err(Box::new(resp));
+        return resp;
     }
-    if max_app > 0 && app_count >= max_app {
-        count_limit(state, &identity.app, "application");
-        return Err(Box::new(retry_later(
-            state,
-            "this application holds its maximum number of streams",
-            true,
-        )));
-    }
-    Ok(())
+    retry_later(state, &e.to_string(), true)
 }
 
 /// A 200 stream that only says "come back later" and ends: any other status would make a native
@@ -328,8 +361,8 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let identity = match authenticate(state, &req) {
-        Ok(id) => id,
+    let (identity, token) = match authenticate_token(state, &req) {
+        Ok(caller) => caller,
         Err(resp) => return *resp,
     };
     let outcome = |o: &'static str| {
@@ -349,6 +382,16 @@ where
             "publisher_role_required",
             "publishing needs a token with \"sse_role\": \"publisher\"",
         );
+    }
+    let app = identity.app.as_str();
+    if let Err(resp) = check_rate(
+        state,
+        Action::Publish,
+        &[(Scope::Token, &token), (Scope::App, app)],
+        app,
+    ) {
+        outcome("rate_limited");
+        return *resp;
     }
     let limit = state.config.max_publish_body_bytes;
     let body = match read_body(req.into_body(), limit).await {
@@ -396,7 +439,6 @@ where
             ),
         );
     }
-    let app = identity.app.as_str();
     let mut subscribers = 0;
     let mut ids = Vec::new();
     for (done, target) in plan.targets.iter().enumerate() {

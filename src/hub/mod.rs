@@ -32,7 +32,8 @@ use self::replay::{Replay, Replays};
 pub use self::stream::{Conn, Hold, Outbox, Push, QueueLimits, Wire};
 use self::writers::Writers;
 use crate::broker::{
-    Broker, BrokerError, MessageSink, Position, Topic, app_channel, parse_channel, user_channel,
+    Admission, Admitted, Broker, BrokerError, MessageSink, Position, Topic, app_channel,
+    parse_channel, user_channel,
 };
 use crate::clock;
 use crate::history::EventId;
@@ -51,6 +52,15 @@ pub struct NewConn {
     pub user_agent: String,
     /// The last event id the client saw (`Last-Event-ID` or `?last_event_id=`): replay from there.
     pub last_event_id: Option<String>,
+    /// The cluster-wide caps that apply to it.
+    pub caps: Caps,
+}
+
+/// Most live streams across the cluster, per application and per user (0: no cap).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub app: u64,
+    pub user: u64,
 }
 
 #[derive(Default)]
@@ -102,8 +112,10 @@ pub struct HubConfig {
     pub max_connections: usize,
     /// The first bytes of every stream.
     pub hello: Bytes,
-    /// Longest wait for the broker when a stream joins (subscription, history).
+    /// Longest wait for the broker when a stream joins (admission, subscription, history).
     pub broker_timeout: Duration,
+    /// How long a registry entry (and so an admitted place) lives unless kept alive.
+    pub registry_ttl_secs: u64,
 }
 
 pub struct Hub {
@@ -128,6 +140,10 @@ pub enum AttachError {
     ShuttingDown,
     #[error("this instance holds its maximum number of streams")]
     InstanceFull,
+    #[error("this user already has {count} streams open (limit {limit})")]
+    UserFull { count: u64, limit: u64 },
+    #[error("this application holds its maximum number of streams ({limit})")]
+    AppFull { limit: u64 },
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("the broker did not answer in time")]
@@ -203,7 +219,15 @@ impl Hub {
     /// Adds a stream, returning once its subscriptions are live and, when it resumes from an id,
     /// once what it missed is queued ahead of live events. On error the stream is already gone.
     pub async fn attach(self: &Arc<Self>, new: NewConn) -> Result<Lease, AttachError> {
-        let lease = self.insert(&new)?;
+        let id = uuid::Uuid::new_v4();
+        self.admit(&new, id).await?;
+        let lease = match self.insert(id, &new) {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.registry.release(&new.app, &new.user, &id);
+                return Err(e);
+            }
+        };
         let channels = vec![user_channel(&new.app, &new.user), app_channel(&new.app)];
         let timeout = self.config.broker_timeout;
         let caught_up = async {
@@ -235,14 +259,53 @@ impl Hub {
         Err(error)
     }
 
-    fn insert(self: &Arc<Self>, new: &NewConn) -> Result<Lease, AttachError> {
-        let mut state = self.lock();
+    /// Whether this instance takes one more stream.
+    fn room(&self, state: &State) -> Result<(), AttachError> {
         if state.closed {
             return Err(AttachError::ShuttingDown);
         }
         if self.config.max_connections > 0 && state.len >= self.config.max_connections {
             return Err(AttachError::InstanceFull);
         }
+        Ok(())
+    }
+
+    /// Reserves the stream's place under the cluster-wide caps, in one atomic broker step (a
+    /// burst of connects on any number of instances never gets past a cap). The instance's own
+    /// room is checked first, so that a full instance costs the broker nothing.
+    async fn admit(&self, new: &NewConn, id: uuid::Uuid) -> Result<(), AttachError> {
+        self.room(&self.lock())?;
+        if new.caps == Caps::default() {
+            return Ok(());
+        }
+        let conn = id.to_string();
+        let admission = Admission {
+            app: &new.app,
+            user: &new.user,
+            conn: &conn,
+            max_app: new.caps.app,
+            max_user: new.caps.user,
+            ttl_secs: self.config.registry_ttl_secs,
+        };
+        let admitted =
+            tokio::time::timeout(self.config.broker_timeout, self.broker.admit(admission))
+                .await
+                .map_err(|_| AttachError::Timeout)??;
+        match admitted {
+            Admitted::Yes => Ok(()),
+            Admitted::UserFull(count) => Err(AttachError::UserFull {
+                count,
+                limit: new.caps.user,
+            }),
+            Admitted::AppFull(_) => Err(AttachError::AppFull {
+                limit: new.caps.app,
+            }),
+        }
+    }
+
+    fn insert(self: &Arc<Self>, id: uuid::Uuid, new: &NewConn) -> Result<Lease, AttachError> {
+        let mut state = self.lock();
+        self.room(&state)?;
         let app: Arc<str> = match state.apps.get_key_value(new.app.as_str()) {
             Some((k, _)) => k.clone(),
             None => Arc::from(new.app.as_str()),
@@ -253,6 +316,7 @@ impl Hub {
             None => Arc::from(new.user.as_str()),
         };
         let conn = Arc::new(Conn::new(
+            id,
             new,
             (app, user.clone()),
             self.next_key.fetch_add(1, Ordering::Relaxed),
@@ -455,10 +519,9 @@ impl Hub {
                 self.broker.unsubscribe(unsubscribe);
             }
             // Also under the lock, so that no heartbeat touch of this stream is queued after this
-            // delete (a touch that finds the entry gone would write it again).
-            if reason != close_reason::BROKER_UNAVAILABLE {
-                self.registry.remove(conn);
-            }
+            // delete (a touch that finds the entry gone would write it again). Always: a stream
+            // that never joined still holds the place its admission reserved.
+            self.registry.remove(conn);
         }
         let label = Metrics::app(&conn.app);
         self.metrics.connections.get_or_create(&label).dec();

@@ -164,6 +164,7 @@ impl Conn {
     /// The stream `new` asked for, with its application and user ids shared with the hub's maps,
     /// its key there, its limits and its first bytes (the `retry:` hint).
     pub(super) fn new(
+        id: uuid::Uuid,
         new: &NewConn,
         (app, user): (Arc<str>, Arc<str>),
         key: u64,
@@ -173,7 +174,7 @@ impl Conn {
         let mut out = Outbox::default();
         out.queue(hello);
         Conn {
-            id: uuid::Uuid::new_v4(),
+            id,
             app,
             user,
             created_at: clock::unix_secs(),
@@ -475,9 +476,17 @@ mod tests {
             remote_addr: "127.0.0.1:1".parse().unwrap(),
             user_agent: String::new(),
             last_event_id: None,
+            caps: crate::hub::Caps::default(),
         };
         let ids = ("a".into(), "u".into());
-        let c = Conn::new(&new, ids, 1, QueueLimits { events, bytes }, Bytes::new());
+        let c = Conn::new(
+            uuid::Uuid::new_v4(),
+            &new,
+            ids,
+            1,
+            QueueLimits { events, bytes },
+            Bytes::new(),
+        );
         c.catch_up(Vec::new(), None);
         assert_eq!(next(&c), Poll::Ready(Some(Bytes::new())), "the hello");
         c

@@ -353,6 +353,7 @@ pub struct Gateway {
 pub struct GatewayBuilder {
     env: HashMap<String, String>,
     port: Option<u16>,
+    open_files: Option<u64>,
 }
 
 impl GatewayBuilder {
@@ -363,6 +364,12 @@ impl GatewayBuilder {
 
     pub fn redis(self, r: &RedisServer) -> Self {
         self.env("REDIS_URL", &r.url())
+    }
+
+    /// Runs the process with this open-file limit (soft and hard).
+    pub fn open_files(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
+        self
     }
 
     /// Listens on `port` rather than a free one: to start a process where a stopped one listened.
@@ -383,7 +390,15 @@ impl GatewayBuilder {
         let dir = TempDir::new();
         let log = dir.path.join("gateway.log");
         let instance = format!("gw-{port}");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
+        let bin = env!("CARGO_BIN_EXE_sse-gateway");
+        let mut cmd = match self.open_files {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("/bin/sh");
+                sh.args(["-c", &format!("ulimit -n {n} && exec \"$0\""), bin]);
+                sh
+            }
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .current_dir(&dir.path)
@@ -417,6 +432,7 @@ impl Gateway {
         GatewayBuilder {
             env: HashMap::new(),
             port: None,
+            open_files: None,
         }
     }
 

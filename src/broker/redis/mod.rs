@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use self::functions::library;
 use self::subscriber::{Probe, SubRequest};
 use super::{
-    BoxFuture, Broker, BrokerError, ConnectionRecord, Durability, LinkState, MessageSink, Position,
-    RegistryOp, Retention,
+    Admission, Admitted, BoxFuture, Broker, BrokerError, ConnectionRecord, Durability, LinkState,
+    MessageSink, Position, RegistryOp, Retention,
 };
 use crate::history::{Backlog, EventId};
 use crate::metrics::Metrics;
@@ -388,12 +388,11 @@ impl Broker for RedisBroker {
         Box::pin(self.links.position(app, seen))
     }
 
-    fn registry_count<'a>(
+    fn admit<'a>(
         &'a self,
-        app: &'a str,
-        user: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<u64, BrokerError>> {
-        Box::pin(self.links.registry_count(app, user))
+        admission: Admission<'a>,
+    ) -> BoxFuture<'a, Result<Admitted, BrokerError>> {
+        Box::pin(self.links.admit(admission))
     }
 
     fn registry_apply(

@@ -10,7 +10,7 @@ use fred::interfaces::{HashesInterface, SortedSetsInterface};
 use fred::types::Value;
 
 use super::{Links, unavailable};
-use crate::broker::{BrokerError, ConnectionRecord, IdRef, RegistryOp};
+use crate::broker::{Admission, Admitted, BrokerError, ConnectionRecord, IdRef, RegistryOp};
 use crate::clock;
 
 fn conn_key(app: &str, user: &str, id: &str) -> String {
@@ -26,16 +26,26 @@ fn index(app: &str, user: Option<&str>) -> String {
 }
 
 impl Links {
-    pub(super) async fn registry_count(
-        &self,
-        app: &str,
-        user: Option<&str>,
-    ) -> Result<u64, BrokerError> {
-        self.commands_up()?;
-        self.client
-            .zcount(index(app, user), clock::unix_secs_f64(), f64::INFINITY)
-            .await
-            .map_err(unavailable)
+    pub(super) async fn admit(&self, a: Admission<'_>) -> Result<Admitted, BrokerError> {
+        let args: Vec<Value> = vec![
+            a.ttl_secs.to_string().into(),
+            a.app.into(),
+            a.user.into(),
+            a.conn.into(),
+            a.max_app.to_string().into(),
+            a.max_user.to_string().into(),
+        ];
+        let bad = || BrokerError::Command("unexpected answer from sse_admit".into());
+        let Value::Array(items) = self.fcall("sse_admit", args).await? else {
+            return Err(bad());
+        };
+        let count = || items.get(1).and_then(|v| v.as_u64()).ok_or_else(bad);
+        match items.first().and_then(|v| v.as_string()).as_deref() {
+            Some("ok") => Ok(Admitted::Yes),
+            Some("user") => Ok(Admitted::UserFull(count()?)),
+            Some("app") => Ok(Admitted::AppFull(count()?)),
+            _ => Err(bad()),
+        }
     }
 
     pub(super) async fn registry_apply(

@@ -42,6 +42,12 @@
 -- Keys: {app}:client:{user}:{conn} (hash), {app}:connections and {app}:connections:{user}
 -- (sorted sets scored by expiry time; their own expiry is only ever pushed out).
 --
+-- Admission (used by the gateway before a stream's 200): the caps, checked and reserved at once.
+--   FCALL sse_admit 0 <ttl> <app> <user> <conn> <max per app> <max per user>   (0: no cap)
+--   -> { "ok" } | { "user", <live streams> } | { "app", <live streams> }
+--   "ok" enters <conn> in both indexes (the registry's own entry, written in full later), so
+--   that no burst of connects, on any number of instances, gets past a cap.
+--
 -- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams,
 -- entry ids "<ms>-<seq>"), each stream with a <stream>:trimmed key: every id up to it may be
 -- missing from the stream (trimmed, aged out, or lost when the stream expired and was re-created).
@@ -313,6 +319,13 @@ local function sse_probe(keys, args)
   return redis.call('PUBLISH', args[1], args[2] or '')
 end
 
+-- Pushes an index's expiry out, never in: indexes are shared by every instance, so an instance
+-- with a shorter TTL cannot expire the others' entries (NX for a fresh key, GT after).
+local function extend(index, ttl)
+  redis.call('EXPIRE', index, ttl, 'NX')
+  redis.call('EXPIRE', index, ttl, 'GT')
+end
+
 local REGISTRY_FIELDS = { put = 7, touch = 3, remove = 3 }
 
 local function sse_registry(keys, args)
@@ -356,16 +369,42 @@ local function sse_registry(keys, args)
     end
     i = i + n + 1
   end
-  -- Indexes are shared by every instance: their expiry is only pushed out (NX for a fresh key,
-  -- GT after), so an instance with a shorter TTL cannot expire the others' entries.
-  for index in pairs(indexes) do
-    redis.call('EXPIRE', index, ttl, 'NX')
-    redis.call('EXPIRE', index, ttl, 'GT')
-  end
+  for index in pairs(indexes) do extend(index, ttl) end
   return missing
 end
 
+local function sse_admit(keys, args)
+  local ttl, app, user, conn = tonumber(args[1]), args[2], args[3], args[4]
+  local max_app, max_user = tonumber(args[5]), tonumber(args[6])
+  if not ttl or ttl < 1 or not max_app or not max_user then
+    return redis.error_reply('sse_admit: invalid ttl or cap')
+  end
+  if not valid_id(app) or not valid_id(user) or not valid_id(conn) then
+    return redis.error_reply('sse_admit: invalid application, user or connection id')
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local app_index, user_index = app .. ':connections', app .. ':connections:' .. user
+  -- Entries of instances that died stay until their score passes: counted out, and pruned.
+  redis.call('ZREMRANGEBYSCORE', app_index, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', user_index, '-inf', now)
+  if max_user > 0 then
+    local n = redis.call('ZCARD', user_index)
+    if n >= max_user then return { 'user', n } end
+  end
+  if max_app > 0 then
+    local n = redis.call('ZCARD', app_index)
+    if n >= max_app then return { 'app', n } end
+  end
+  redis.call('ZADD', app_index, now + ttl, user .. ':' .. conn)
+  redis.call('ZADD', user_index, now + ttl, conn)
+  extend(app_index, ttl)
+  extend(user_index, ttl)
+  return { 'ok' }
+end
+
 redis.register_function('sse_publish', sse_publish)
+redis.register_function('sse_admit', sse_admit)
 redis.register_function('sse_registry', sse_registry)
 redis.register_function('sse_position', sse_position)
 redis.register_function('sse_probe', sse_probe)

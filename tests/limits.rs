@@ -1,0 +1,256 @@
+//! Limits that hold against hostile clients and greedy tenants: caps that no burst gets past, on
+//! one instance or across several; a reserve of descriptors that keeps an instance answering when
+//! one token opens streams until it cannot; and request rates, each refused with a 429 and
+//! `Retry-After`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+/// Streams with every rate off, so that only the caps decide.
+fn no_rates(b: GatewayBuilder) -> GatewayBuilder {
+    b.env("RATE_CONNECT_TOKEN", "0")
+        .env("RATE_CONNECT_USER", "0")
+        .env("RATE_RESUME_USER", "0")
+}
+
+/// What a burst of connects got: the streams admitted (kept open), and how many of the rest were
+/// refused with a 429 and with a `retry:` stream.
+struct Burst {
+    admitted: Vec<SseClient>,
+    too_many: usize,
+    shed: usize,
+    /// 503: the instance held all the sockets it could.
+    busy: usize,
+}
+
+/// Sends every request at once, alternating between the gateways.
+async fn burst(
+    gateways: &[&Gateway],
+    app: &str,
+    users: impl Fn(usize) -> String,
+    n: usize,
+) -> Burst {
+    let requests = (0..n).map(|i| {
+        let gw = gateways[i % gateways.len()];
+        let req = http()
+            .get(gw.url("/sse"))
+            .bearer_auth(user_token(app, &users(i)));
+        async move { SseClient::try_open(req).await }
+    });
+    let mut out = Burst {
+        admitted: Vec::new(),
+        too_many: 0,
+        shed: 0,
+        busy: 0,
+    };
+    for c in join_all(requests).await {
+        let mut c = c.expect("every request is answered");
+        match c.status {
+            200 if c.headers.contains_key("x-connection-id") => out.admitted.push(c),
+            200 => {
+                c.until_end(Duration::from_secs(5)).await;
+                assert!(c.raw.starts_with("retry: "), "{:?}", c.raw);
+                out.shed += 1;
+            }
+            429 => out.too_many += 1,
+            503 => out.busy += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_burst_of_connects_never_gets_past_a_cap_across_instances() {
+    let redis = RedisServer::start();
+    let builder = || {
+        no_rates(Gateway::builder())
+            .redis(&redis)
+            .env("MAX_USER_CONNECTIONS", "5")
+            .env("MAX_APP_CONNECTIONS", "50")
+    };
+    let (a, b) = (builder().start().await, builder().start().await);
+
+    // 500 at once by one user, half on each instance: exactly five streams.
+    let alice = burst(&[&a, &b], "shop", |_| "alice".into(), 500).await;
+    assert_eq!(
+        (alice.admitted.len(), alice.too_many, alice.shed),
+        (5, 495, 0)
+    );
+    // 500 at once by 500 users of one application: exactly fifty.
+    let crowd = burst(&[&a, &b], "blog", |i| format!("u{i}"), 500).await;
+    assert_eq!(
+        (crowd.admitted.len(), crowd.too_many, crowd.shed),
+        (50, 0, 450)
+    );
+    // The registry lists exactly the admitted streams: refused ones left no entry behind.
+    let listed = http()
+        .get(a.url("/connections/blog"))
+        .bearer_auth(operator_token("blog"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let entries: usize = listed
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|u| u.as_object().unwrap().len())
+        .sum();
+    assert_eq!(entries, 50, "{listed}");
+
+    // Places come back as streams end.
+    drop(alice);
+    eventually(
+        Duration::from_secs(5),
+        "alice's places released",
+        || async {
+            let c = SseClient::try_open(
+                http()
+                    .get(b.url("/sse"))
+                    .bearer_auth(user_token("shop", "alice")),
+            )
+            .await
+            .unwrap();
+            c.status == 200 && c.headers.contains_key("x-connection-id")
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn caps_hold_against_a_burst_on_the_embedded_broker_too() {
+    let gw = no_rates(Gateway::builder())
+        .env("MAX_USER_CONNECTIONS", "5")
+        .env("MAX_APP_CONNECTIONS", "50")
+        .start()
+        .await;
+    let alice = burst(&[&gw], "shop", |_| "alice".into(), 300).await;
+    assert_eq!((alice.admitted.len(), alice.too_many), (5, 295));
+    let crowd = burst(&[&gw], "blog", |i| format!("u{i}"), 300).await;
+    assert_eq!((crowd.admitted.len(), crowd.shed), (50, 250));
+}
+
+#[tokio::test]
+async fn one_token_cannot_take_every_descriptor() {
+    // 200 open files, 80 kept in reserve: at most 120 streams, and the instance still answers.
+    let gw = no_rates(Gateway::builder())
+        .open_files(200)
+        .env("FD_RESERVE", "80")
+        .env("MAX_USER_CONNECTIONS", "0")
+        .start()
+        .await;
+    let hog = burst(&[&gw], "shop", |_| "mallory".into(), 300).await;
+    assert!(
+        (110..=120).contains(&hog.admitted.len()),
+        "streams stop short of the descriptors: {}",
+        hog.admitted.len()
+    );
+    assert_eq!(hog.admitted.len() + hog.shed + hog.busy, 300);
+    for _ in 0..20 {
+        let health = http().get(gw.url("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+    // Another user is answered (told to come back), not left hanging on a full accept queue.
+    let mut other = SseClient::open(
+        http()
+            .get(gw.url("/sse"))
+            .bearer_auth(user_token("blog", "bob")),
+    )
+    .await;
+    other.until_end(Duration::from_secs(5)).await;
+    assert!(other.raw.starts_with("retry: "), "{:?}", other.raw);
+    assert!(!gw.logs().contains("accept failed"), "{}", gw.logs());
+    // Room comes back as the hog's streams end.
+    drop(hog);
+    eventually(Duration::from_secs(5), "room for bob", || async {
+        let c = SseClient::try_open(
+            http()
+                .get(gw.url("/sse"))
+                .bearer_auth(user_token("blog", "bob")),
+        )
+        .await
+        .unwrap();
+        c.headers.contains_key("x-connection-id")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn by_default_one_token_gets_a_few_streams_and_everyone_else_is_served() {
+    let gw = Gateway::embedded().await;
+    let hog = burst(&[&gw], "shop", |_| "mallory".into(), 100).await;
+    assert!(
+        hog.admitted.len() <= 10,
+        "the token's connect rate (5/s, bursts of 10): {}",
+        hog.admitted.len()
+    );
+    assert_eq!(hog.admitted.len() + hog.too_many, 100);
+    let health = http().get(gw.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    gw.connect("shop", "bob").await;
+}
+
+#[tokio::test]
+async fn connects_resumes_and_publishes_have_rates() {
+    let gw = Gateway::builder()
+        .env("RATE_CONNECT_USER", "2")
+        .env("RATE_RESUME_USER", "1")
+        .env("RATE_PUBLISH_TOKEN", "3")
+        .start()
+        .await;
+    let open = |user: &'static str, last: Option<&'static str>| {
+        let mut req = http()
+            .get(gw.url("/sse"))
+            .bearer_auth(user_token("shop", user));
+        if let Some(last) = last {
+            req = req.header("last-event-id", last);
+        }
+        async move { SseClient::open(req).await }
+    };
+    // Connects: a burst of two seconds' worth (4 at 2/s), then 429 with Retry-After.
+    let mut kept = Vec::new();
+    for _ in 0..4 {
+        let c = open("alice", None).await;
+        assert_eq!(c.status, 200);
+        kept.push(c);
+    }
+    let refused = open("alice", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(
+        gw.metric("sse_limit_rejections_total{app=\"shop\",reason=\"connect_user_rate\"}")
+            .await,
+        Some(1.0)
+    );
+    // Resumes (history reads) have their own, lower rate: 2 at once, then 429.
+    for _ in 0..2 {
+        assert_eq!(open("carol", Some("1-0-a")).await.status, 200);
+    }
+    assert_eq!(open("carol", Some("1-0-a")).await.status, 429);
+    // Publishes, per token: 6 at once at 3/s, then 429.
+    for n in 0..6 {
+        let r = gw.publish("shop", json!({"user": "x", "data": n})).await;
+        assert_eq!(r.status(), 200, "{n}");
+    }
+    let r = gw
+        .publish("shop", json!({"user": "x", "data": "late"}))
+        .await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "rate_limited");
+    // A second later, the rates have room again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(open("alice", None).await.status, 200);
+    let r = gw
+        .publish("shop", json!({"user": "x", "data": "again"}))
+        .await;
+    assert_eq!(r.status(), 200);
+}
