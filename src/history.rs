@@ -211,14 +211,15 @@ pub enum Backlog {
 }
 
 /// Puts `id` into a published JSON object envelope, last, so that it wins over any `id` the
-/// publisher put there. `None` if the payload is not a JSON object text.
+/// publisher put there, with `"durable":true`, the mark of an id of history. `None` if the payload
+/// is not a JSON object text.
 pub fn stamp(envelope: &[u8], id: EventId) -> Option<Bytes> {
     let text = std::str::from_utf8(envelope).ok()?.trim();
     let body = text.strip_prefix('{')?.strip_suffix('}')?;
     let stamped = if body.trim().is_empty() {
-        format!("{{\"id\":\"{id}\"}}")
+        format!("{{\"id\":\"{id}\",\"durable\":true}}")
     } else {
-        format!("{{{body},\"id\":\"{id}\"}}")
+        format!("{{{body},\"id\":\"{id}\",\"durable\":true}}")
     };
     Some(Bytes::from(stamped))
 }
@@ -330,12 +331,15 @@ mod tests {
         let id = id(5, 1, 0);
         assert_eq!(
             &stamp(br#"{"type":"t","data":1}"#, id).unwrap()[..],
-            br#"{"type":"t","data":1,"id":"5-1-0"}"#
+            br#"{"type":"t","data":1,"id":"5-1-0","durable":true}"#
         );
-        assert_eq!(&stamp(b" { } ", id).unwrap()[..], br#"{"id":"5-1-0"}"#);
+        assert_eq!(
+            &stamp(b" { } ", id).unwrap()[..],
+            br#"{"id":"5-1-0","durable":true}"#
+        );
         assert_eq!(
             &stamp(br#"{"id":"mine"}"#, id).unwrap()[..],
-            br#"{"id":"mine","id":"5-1-0"}"#
+            br#"{"id":"mine","id":"5-1-0","durable":true}"#
         );
         assert_eq!(stamp(b"[1]", id), None);
         assert_eq!(stamp(b"plain", id), None);

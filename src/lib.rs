@@ -75,6 +75,7 @@ pub async fn run(
             Arc::new(broker::redis::RedisBroker::new(
                 url,
                 config.retention,
+                config.max_message_bytes,
                 config.durability,
                 &config.instance_id,
                 metrics.clone(),

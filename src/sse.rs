@@ -31,6 +31,58 @@ pub enum PayloadKind {
     Envelope,
     /// Anything else, delivered as a `message` event with the payload as its data.
     Raw,
+    /// JSON nested deeper than [`MAX_DEPTH`]: not delivered (no publish path accepts it).
+    TooDeep,
+}
+
+/// Deepest nesting of a published payload: the JSON parser's own limit, which the Redis library
+/// (`sse_gateway.lua`) checks too, so that every publish path accepts the same envelopes.
+pub const MAX_DEPTH: usize = 127;
+/// Bytes a durable publish adds to an envelope (its id and the durable mark), kept free under
+/// `MAX_MESSAGE_BYTES` by every publish path.
+pub const STAMP_ROOM: usize = 64;
+
+/// Why an envelope is refused by a publish path that keeps history.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("message larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("payload must be a JSON object")]
+    NotAnObject,
+    #[error("payload nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+    #[error("\"type\" must be a string")]
+    BadType,
+    #[error("\"retry\" must be a whole number of milliseconds")]
+    BadRetry,
+}
+
+/// The checks every publish path shares (`POST /publish`, `FCALL sse_publish`, and the embedded
+/// broker; the Redis library mirrors them): a JSON object that fits `max_bytes` once stamped with
+/// an id, nested at most [`MAX_DEPTH`] deep, with a string `type` and a whole `retry` if any.
+pub fn check_envelope(payload: &[u8], max_bytes: usize) -> Result<(), EnvelopeError> {
+    if payload.len() + STAMP_ROOM > max_bytes {
+        return Err(EnvelopeError::TooLarge(max_bytes));
+    }
+    let map = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(EnvelopeError::NotAnObject),
+        Err(e) if too_deep(&e) => return Err(EnvelopeError::TooDeep),
+        Err(_) => return Err(EnvelopeError::NotAnObject),
+    };
+    if !matches!(map.get("type"), None | Some(Value::Null | Value::String(_))) {
+        return Err(EnvelopeError::BadType);
+    }
+    if !matches!(map.get("retry"), None | Some(Value::Null))
+        && map.get("retry").and_then(Value::as_u64).is_none()
+    {
+        return Err(EnvelopeError::BadRetry);
+    }
+    Ok(())
+}
+
+fn too_deep(e: &serde_json::Error) -> bool {
+    e.to_string().starts_with("recursion limit exceeded")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +91,9 @@ pub struct Parsed {
     pub kind: PayloadKind,
     /// True when `id` or `type` held characters that could have injected SSE lines, or were too long.
     pub sanitised: bool,
+    /// The envelope carries `"durable": true`: its id is one of history (only the durable publish
+    /// paths write the mark), not a publisher's own.
+    pub durable: bool,
 }
 
 impl Event {
@@ -122,23 +177,26 @@ pub fn clean_field(value: &str) -> (String, bool) {
 /// (each may be absent or null). Other keys are ignored, as the original did. `data` is written as
 /// compact JSON (`null` when absent). Anything else is delivered whole as a `message` event.
 pub fn parse_payload(payload: &[u8]) -> Parsed {
-    if let Some(parsed) = parse_envelope(payload) {
-        return parsed;
-    }
+    let kind = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(map)) => match parse_envelope(map) {
+            Some(parsed) => return parsed,
+            None => PayloadKind::Raw,
+        },
+        Err(e) if too_deep(&e) => PayloadKind::TooDeep,
+        _ => PayloadKind::Raw,
+    };
     Parsed {
         event: Event {
             data: String::from_utf8_lossy(payload).into_owned(),
             ..Event::default()
         },
-        kind: PayloadKind::Raw,
+        kind,
         sanitised: false,
+        durable: false,
     }
 }
 
-fn parse_envelope(payload: &[u8]) -> Option<Parsed> {
-    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(payload) else {
-        return None;
-    };
+fn parse_envelope(mut map: serde_json::Map<String, Value>) -> Option<Parsed> {
     if !["id", "type", "data"].iter().any(|k| map.contains_key(*k)) {
         return None;
     }
@@ -157,6 +215,7 @@ fn parse_envelope(payload: &[u8]) -> Option<Parsed> {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_u64()?),
     };
+    let durable = map.get("durable") == Some(&Value::Bool(true));
     let data = map.remove("data").unwrap_or(Value::Null).to_string();
 
     let mut sanitised = false;
@@ -179,12 +238,36 @@ fn parse_envelope(payload: &[u8]) -> Option<Parsed> {
         },
         kind: PayloadKind::Envelope,
         sanitised,
+        durable,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelopes_are_checked_as_the_redis_library_checks_them() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let ok = |p: &str| check_envelope(p.as_bytes(), 4096);
+        assert_eq!(ok(r#"{"type":"t","data":1,"retry":5}"#), Ok(()));
+        assert_eq!(ok(&format!(r#"{{"data":{}}}"#, nested(MAX_DEPTH - 1))), Ok(()));
+        assert_eq!(
+            ok(&format!(r#"{{"data":{}}}"#, nested(MAX_DEPTH))),
+            Err(EnvelopeError::TooDeep)
+        );
+        assert_eq!(ok("[1]"), Err(EnvelopeError::NotAnObject));
+        assert_eq!(ok("nope"), Err(EnvelopeError::NotAnObject));
+        assert_eq!(ok(r#"{"type":1}"#), Err(EnvelopeError::BadType));
+        assert_eq!(ok(r#"{"retry":-1}"#), Err(EnvelopeError::BadRetry));
+        let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(4096 - STAMP_ROOM));
+        assert_eq!(ok(&big), Err(EnvelopeError::TooLarge(4096)));
+        // Live delivery drops what is too deep for any publish path, and marks durable events.
+        let deep = format!(r#"{{"data":{}}}"#, nested(MAX_DEPTH));
+        assert_eq!(parse_payload(deep.as_bytes()).kind, PayloadKind::TooDeep);
+        assert!(parse_payload(br#"{"id":"1-0-a","durable":true}"#).durable);
+        assert!(!parse_payload(br#"{"id":"1-0-a"}"#).durable);
+    }
 
     fn wire(payload: &str) -> String {
         String::from_utf8(parse_payload(payload.as_bytes()).event.encode().to_vec()).unwrap()

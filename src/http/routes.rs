@@ -427,17 +427,21 @@ where
             return error(StatusCode::BAD_REQUEST, code, &message);
         }
     };
-    // Room for the id a durable publish adds.
-    if plan.envelope.len() + 48 > state.config.max_message_bytes {
-        outcome("too_large");
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "message_too_large",
-            &format!(
-                "the encoded message is larger than {} bytes",
-                state.config.max_message_bytes
-            ),
-        );
+    // The checks every publish path shares (the Redis library makes the same ones).
+    match crate::sse::check_envelope(&plan.envelope, state.config.max_message_bytes) {
+        Ok(()) => {}
+        Err(e @ crate::sse::EnvelopeError::TooLarge(_)) => {
+            outcome("too_large");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                &e.to_string(),
+            );
+        }
+        Err(e) => {
+            outcome("bad_request");
+            return error(StatusCode::BAD_REQUEST, "invalid_envelope", &e.to_string());
+        }
     }
     let mut subscribers = 0;
     let mut ids = Vec::new();

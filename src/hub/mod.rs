@@ -746,6 +746,18 @@ impl Hub {
         let kind = match parsed.kind {
             PayloadKind::Envelope => "envelope",
             PayloadKind::Raw => "raw",
+            PayloadKind::TooDeep => {
+                self.metrics
+                    .messages_dropped
+                    .get_or_create(&ReasonLabel { reason: "too_deep" })
+                    .inc();
+                tracing::warn!(
+                    channel,
+                    depth = sse::MAX_DEPTH,
+                    "message not delivered: JSON nested deeper than any publish path accepts"
+                );
+                return;
+            }
         };
         self.metrics
             .broker_messages
@@ -758,7 +770,12 @@ impl Hub {
                 "published id/type held control characters or was too long; sanitised"
             );
         }
-        let id: Option<EventId> = parsed.event.id.as_deref().and_then(|s| s.parse().ok());
+        // Only an event of history has an id of history: a fire-and-forget publish may carry any
+        // id of its own, which must never move a stream's position.
+        let id: Option<EventId> = parsed
+            .durable
+            .then(|| parsed.event.id.as_deref().and_then(|s| s.parse().ok()))
+            .flatten();
         let bytes = parsed.event.encode();
         if self.offer_to(offer, &topic, &bytes, id) > 0
             && let Some(id) = id

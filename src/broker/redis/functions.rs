@@ -16,10 +16,11 @@ use crate::history::{Backlog, EventId, ResetReason};
 const LIBRARY: &str = include_str!("sse_gateway.lua");
 
 /// The library with this deployment's history settings filled in.
-pub fn library(retention: Retention) -> String {
+pub fn library(retention: Retention, max_message_bytes: usize) -> String {
     LIBRARY
         .replace("__MAXLEN__", &retention.max_len.to_string())
         .replace("__TTL__", &retention.ttl_secs.to_string())
+        .replace("__MAX_BYTES__", &max_message_bytes.to_string())
 }
 
 impl Links {

@@ -76,6 +76,7 @@ impl RedisBroker {
     pub fn new(
         url: &str,
         retention: Retention,
+        max_message_bytes: usize,
         durability: Durability,
         instance: &str,
         metrics: Arc<Metrics>,
@@ -131,7 +132,7 @@ impl RedisBroker {
                 durable,
                 durability,
                 metrics,
-                library: library(retention),
+                library: library(retention, max_message_bytes),
                 functions: AtomicBool::new(false),
                 probe: Arc::new(Probe::new(instance)),
             }),

@@ -9,7 +9,9 @@
 --   -> { "<event id>", <subscribers that received it> }
 -- Event ids are "<ms>-<seq>-<epoch>": the epoch names one unbroken history of the application and
 -- is drawn afresh when that history may have lost events (see sse_position).
--- <payload> is the envelope JSON object {"type":..,"data":..}; the event id is added to it.
+-- <payload> is the envelope JSON object {"type":..,"data":..}, checked as every publish path
+-- checks it (a JSON object, at most MAX_MESSAGE_BYTES, nested at most 127 deep, a string "type");
+-- the event id and "durable":true are added to it.
 --
 -- Replay (used by the gateway):
 --   FCALL_RO sse_backlog 0 <app> <last event id> <user>...
@@ -55,6 +57,8 @@
 
 local MAXLEN = __MAXLEN__   -- entries kept per stream
 local TTL = __TTL__         -- seconds an entry is kept
+local MAX_BYTES = __MAX_BYTES__  -- largest message delivered (MAX_MESSAGE_BYTES)
+local MAX_DEPTH = 127       -- deepest nesting of an envelope (as the gateway's JSON parser)
 
 local function valid_id(s)
   return type(s) == 'string' and #s >= 1 and #s <= 128 and not string.find(s, '[^%w%._~@%+=%-]')
@@ -148,13 +152,47 @@ local function trim(stream, min_ms)
   redis.call('EXPIRE', stream .. ':trimmed', TTL)
 end
 
+-- Whether a decoded JSON value nests no deeper than `left` levels.
+local function shallow(v, left)
+  if type(v) ~= 'table' then return true end
+  if left == 0 then return false end
+  for _, item in pairs(v) do
+    if not shallow(item, left - 1) then return false end
+  end
+  return true
+end
+
+-- The checks every publish path shares (the gateway's `sse::check_envelope`): a JSON object no
+-- larger than MAX_BYTES once stamped, no deeper than MAX_DEPTH, with a string "type" and a
+-- whole-number "retry" if any. Returns an error message, or nil.
+local function invalid_envelope(payload)
+  if type(payload) ~= 'string' then return 'missing payload' end
+  -- Room for the id and the durable mark the stamp adds.
+  if #payload + 64 > MAX_BYTES then return 'message larger than ' .. MAX_BYTES .. ' bytes' end
+  local ok, value = pcall(cjson.decode, payload)
+  if not ok and string.find(tostring(value), 'nested', 1, true) then
+    return 'payload nested deeper than ' .. MAX_DEPTH
+  end
+  if not ok or type(value) ~= 'table' or not string.match(payload, '^%s*{') then
+    return 'payload must be a JSON object'
+  end
+  if not shallow(value, MAX_DEPTH) then return 'payload nested deeper than ' .. MAX_DEPTH end
+  local t, retry = value['type'], value['retry']
+  if t ~= nil and t ~= cjson.null and type(t) ~= 'string' then return '"type" must be a string' end
+  if retry ~= nil and retry ~= cjson.null
+    and (type(retry) ~= 'number' or retry < 0 or retry ~= math.floor(retry)) then
+    return '"retry" must be a whole number of milliseconds'
+  end
+  return nil
+end
+
 local function sse_publish(keys, args)
   local app, user, payload = args[1], args[2], args[3]
   if not valid_id(app) then return redis.error_reply('sse_publish: invalid application id') end
   if user ~= '' and not valid_id(user) then return redis.error_reply('sse_publish: invalid user id') end
-  if type(payload) ~= 'string' then return redis.error_reply('sse_publish: missing payload') end
+  local invalid = invalid_envelope(payload)
+  if invalid then return redis.error_reply('sse_publish: ' .. invalid) end
   local body = string.match(payload, '^%s*{(.*)}%s*$')
-  if not body then return redis.error_reply('sse_publish: payload must be a JSON object') end
 
   local ms = now_ms()
   local last = current(app)
@@ -169,12 +207,13 @@ local function sse_publish(keys, args)
   local sid = fmt(id)
   redis.call('SET', app .. ':history:last', sid)
 
+  -- The id last, so that it wins over any "id" the publisher put in; "durable" marks an event of
+  -- history, so that only this path's ids are taken for durable ones.
   local message
   if string.match(body, '^%s*$') then
-    message = '{"id":"' .. sid .. '"}'
+    message = '{"id":"' .. sid .. '","durable":true}'
   else
-    -- Last, so that it wins over any "id" the publisher put in.
-    message = '{' .. body .. ',"id":"' .. sid .. '"}'
+    message = '{' .. body .. ',"id":"' .. sid .. '","durable":true}'
   end
 
   local stream, channel
