@@ -251,7 +251,10 @@ mod tests {
         let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
         let ok = |p: &str| check_envelope(p.as_bytes(), 4096);
         assert_eq!(ok(r#"{"type":"t","data":1,"retry":5}"#), Ok(()));
-        assert_eq!(ok(&format!(r#"{{"data":{}}}"#, nested(MAX_DEPTH - 1))), Ok(()));
+        assert_eq!(
+            ok(&format!(r#"{{"data":{}}}"#, nested(MAX_DEPTH - 1))),
+            Ok(())
+        );
         assert_eq!(
             ok(&format!(r#"{{"data":{}}}"#, nested(MAX_DEPTH))),
             Err(EnvelopeError::TooDeep)

@@ -254,3 +254,110 @@ async fn connects_resumes_and_publishes_have_rates() {
         .await;
     assert_eq!(r.status(), 200);
 }
+
+/// Fills `app`'s broadcast history with `n` events of `size` bytes through the Redis function;
+/// returns their ids.
+async fn fill_history(redis: &RedisServer, app: &str, n: usize, size: usize) -> Vec<String> {
+    use fred::interfaces::ClientLike;
+    let r = redis.client().await;
+    let pipe = r.pipeline();
+    let payload = json!({"type": "bulk", "data": "x".repeat(size)}).to_string();
+    for _ in 0..n {
+        let _: () = pipe
+            .custom(
+                fred::cmd!("FCALL"),
+                vec!["sse_publish", "0", app, "", payload.as_str()],
+            )
+            .await
+            .unwrap();
+    }
+    let answers: Vec<Vec<fred::types::Value>> = pipe.all().await.unwrap();
+    answers.iter().map(|a| a[0].as_string().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn streams_resuming_from_far_back_are_served_page_by_page_as_they_read() {
+    let redis = RedisServer::start();
+    let gw = no_rates(Gateway::builder())
+        .redis(&redis)
+        .env("CLIENT_QUEUE_BYTES", "262144")
+        .env("MAX_USER_CONNECTIONS", "0")
+        .start()
+        .await;
+    // 1,000 broadcasts of 4 KB: 4 MB that each stream resuming from the first one missed.
+    let ids = fill_history(&redis, "shop", 1000, 4000).await;
+    let first = ids[0].clone();
+    // 100 streams resume from far back (each from its own id: no read is shared) and never read.
+    let mut idle = Vec::new();
+    for (i, from) in ids.iter().take(100).enumerate() {
+        // A small receive buffer, so that the kernel does not take what the gateway must hold.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket
+            .connect(([127, 0, 0, 1], gw.port).into())
+            .await
+            .unwrap();
+        let token = user_token("shop", &format!("idle{i}"));
+        let req = format!(
+            "GET /sse HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nlast-event-id: {from}\r\n\r\n"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    // Until every stream has what it will get: the history reads stop.
+    let mut reads = 0.0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = gw.metric("sse_replay_reads_total").await.unwrap_or(0.0);
+        if now >= 100.0 && now == reads {
+            break;
+        }
+        reads = now;
+    }
+    // A client that does not read gets no further pages: the reads stop at about one per
+    // stream once its socket is full (the memory bound itself is the hub's own unit test).
+    assert!(
+        reads < 400.0,
+        "history reads stop when sockets stop draining: {reads}"
+    );
+    drop(idle);
+
+    // A stream that reads gets all of it, page by page, then what is published live, in order.
+    let mut reader = gw.resume("shop", "reader", &first).await;
+    let mut got = Vec::new();
+    while got.len() < 999 {
+        let ev = reader.next().await;
+        if ev.event == "bulk" {
+            got.push(ev.id.unwrap());
+        }
+    }
+    let live = gw
+        .publish(
+            "shop",
+            json!({"broadcast": true, "type": "live", "data": 1}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ev = reader.next().await;
+    assert_eq!(
+        (ev.event.as_str(), ev.id.as_deref()),
+        ("live", Some(live.as_str()))
+    );
+    assert_eq!(got, ids[1..], "all of it, in order, once each");
+    let mut sorted = got.clone();
+    sorted.sort_by_key(|id| {
+        let mut p = id.split('-');
+        let ms: u64 = p.next().unwrap().parse().unwrap();
+        let seq: u64 = p.next().unwrap().parse().unwrap();
+        (ms, seq)
+    });
+    sorted.dedup();
+    assert_eq!(sorted, got, "in order, once each");
+}

@@ -158,8 +158,17 @@ impl History {
         }
     }
 
-    /// What `users` of `app` missed after `from`, with the Redis function `sse_backlog`'s rules.
-    pub fn backlog(&self, app: &str, from: &str, users: &[String], now_ms: u64) -> Backlog {
+    /// What `users` of `app` missed after `from`, with the Redis function `sse_backlog`'s rules
+    /// (at most `page` entries of each history, when not 0).
+    pub fn backlog(
+        &self,
+        app: &str,
+        from: &str,
+        users: &[String],
+        now_ms: u64,
+        page: usize,
+    ) -> Backlog {
+        let page = if page == 0 { usize::MAX } else { page };
         let entry = self.apps.get(app);
         let current = entry.and_then(|e| e.last);
         let reset = |reason| Backlog::Reset { current, reason };
@@ -190,6 +199,7 @@ impl History {
                     s.entries
                         .iter()
                         .filter(|(id, _)| *id > after)
+                        .take(page)
                         .cloned()
                         .collect(),
                 ),
@@ -270,8 +280,10 @@ impl Broker for EmbeddedBroker {
         app: &'a str,
         last_event_id: &'a str,
         users: &'a [String],
+        page: usize,
     ) -> BoxFuture<'a, Result<Backlog, BrokerError>> {
-        let backlog = lock(&self.history).backlog(app, last_event_id, users, clock::unix_ms());
+        let backlog =
+            lock(&self.history).backlog(app, last_event_id, users, clock::unix_ms(), page);
         Box::pin(async move { Ok(backlog) })
     }
 
@@ -397,7 +409,7 @@ mod tests {
 
     /// The ids `user` gets replayed after `from` (or the reset), as a stream would see them.
     fn since(h: &History, app: &str, user: &str, from: &str, now_ms: u64) -> Vec<String> {
-        match h.backlog(app, from, &[user.to_string()], now_ms) {
+        match h.backlog(app, from, &[user.to_string()], now_ms, 0) {
             Backlog::Events {
                 broadcasts, users, ..
             } => match users.into_iter().next().flatten() {
@@ -536,7 +548,7 @@ mod tests {
             current,
             broadcasts,
             users: per_user,
-        } = h.backlog("app", &start.to_string(), &users, T0 + 10)
+        } = h.backlog("app", &start.to_string(), &users, T0 + 10, 0)
         else {
             panic!("expected events");
         };
@@ -554,7 +566,7 @@ mod tests {
         h.append("app", Some("u1"), b"{}", T0 + 2).unwrap();
         let Backlog::Events {
             users: per_user, ..
-        } = h.backlog("app", &start.to_string(), &users, T0 + 10)
+        } = h.backlog("app", &start.to_string(), &users, T0 + 10, 0)
         else {
             panic!("expected events");
         };

@@ -222,12 +222,14 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(EventId, u64), BrokerError>>;
 
     /// The durable events `users` of `app` missed after `last_event_id`: the application's
-    /// broadcasts once, and each user's own, or why that cannot be known.
+    /// broadcasts once, and each user's own, or why that cannot be known. With a `page` (not 0),
+    /// at most that many of each history: a full list may go on.
     fn since<'a>(
         &'a self,
         app: &'a str,
         last_event_id: &'a str,
         users: &'a [String],
+        page: usize,
     ) -> BoxFuture<'a, Result<Backlog, BrokerError>>;
 
     /// Where `app`'s history stands, starting one when there is none. `seen` is the newest id this

@@ -201,7 +201,11 @@ impl Hub {
         Hub {
             state: Mutex::new(State::default()),
             next_key: AtomicU64::new(1),
-            replays: Arc::new(Replays::new(broker.clone(), metrics.replay_reads.clone())),
+            replays: Arc::new(Replays::new(
+                broker.clone(),
+                replay::page_size(config.queue),
+                metrics.replay_reads.clone(),
+            )),
             broker,
             registry,
             metrics,
@@ -233,21 +237,29 @@ impl Hub {
         let caught_up = async {
             self.broker.subscribe(channels).await?;
             let start = self.position(&lease.conn.app).await?;
-            let (replay, after) = match &new.last_event_id {
-                None => (Vec::new(), Some(start)),
+            let (replay, after, more) = match &new.last_event_id {
+                None => (Vec::new(), Some(start), false),
                 Some(last) => self.replay(&lease.conn, last).await,
             };
-            if !lease.conn.catch_up(replay, after) {
+            let open = if more {
+                lease.conn.catch_up_page(replay, after)
+            } else {
+                lease.conn.catch_up(replay, after)
+            };
+            if !open {
                 // Ended while joining (the subscriber link was lost meanwhile): the client
                 // retries, and resumes by id.
                 return Err(AttachError::Broker(BrokerError::Unavailable(
                     "the broker link was lost while the stream joined".into(),
                 )));
             }
-            Ok::<(), AttachError>(())
+            Ok::<_, AttachError>(more.then_some(after))
         };
         let error = match tokio::time::timeout(timeout, caught_up).await {
-            Ok(Ok(())) => {
+            Ok(Ok(paging)) => {
+                if let Some(after) = paging {
+                    tokio::spawn(self.clone().page_on(lease.conn.clone(), after));
+                }
                 self.registry.put(&lease.conn);
                 return Ok(lease);
             }
@@ -257,6 +269,31 @@ impl Hub {
         // Dropping the lease removes the stream again, counted under this reason.
         lease.conn.finish(close_reason::BROKER_UNAVAILABLE, None);
         Err(error)
+    }
+
+    /// Sends the rest of a long catch-up page by page, each read once the previous one has gone
+    /// to the socket: a resuming stream never holds more than a page and its held live events
+    /// (within its queue limits, or it is cut off and resumes later from where it got to), and a
+    /// client that does not read costs no further history reads.
+    async fn page_on(self: Arc<Self>, conn: Arc<Conn>, mut after: Option<EventId>) {
+        loop {
+            if !std::future::poll_fn(|cx| conn.poll_drained(cx)).await {
+                return; // the stream ended
+            }
+            let Some(from) = after else {
+                conn.catch_up(Vec::new(), None);
+                return;
+            };
+            let (events, next, more) = self.replay(&conn, &from.to_string()).await;
+            if !more {
+                conn.catch_up(events, next);
+                return;
+            }
+            if !conn.catch_up_page(events, next) {
+                return;
+            }
+            after = next;
+        }
     }
 
     /// Whether this instance takes one more stream.
@@ -425,14 +462,38 @@ impl Hub {
         }
     }
 
-    /// What a stream resuming after `last` must see first, and the id it then stands at.
+    /// What a stream resuming after `last` must see first (a page of it: at most half its byte
+    /// budget), the id it then stands at, and whether history goes on after that.
     async fn replay(
         &self,
         conn: &Conn,
         last: &str,
-    ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>) {
-        let replay = self.replays.replay(&conn.app, &conn.user, last).await;
-        self.replayed(conn, replay, last)
+    ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>, bool) {
+        let mut replay = self.replays.replay(&conn.app, &conn.user, last).await;
+        if let Ok(Replay::Events {
+            events,
+            after,
+            more,
+        }) = &mut replay
+        {
+            let budget = self.config.queue.bytes / 2;
+            let mut bytes = 0;
+            let fits = events
+                .iter()
+                .position(|(_, b)| {
+                    bytes += b.len();
+                    bytes > budget
+                })
+                .map_or(events.len(), |n| n.max(1));
+            if fits < events.len() {
+                events.truncate(fits);
+                *after = events.last().map(|(id, _)| *id).or(*after);
+                *more = true;
+            }
+        }
+        let more = matches!(replay, Ok(Replay::Events { more: true, .. }));
+        let (events, after) = self.replayed(conn, replay, last);
+        (events, after, more)
     }
 
     /// A history read's part for `conn`, as events to queue (ids kept, to skip what the stream
@@ -456,7 +517,7 @@ impl Hub {
             }
         };
         match replay {
-            Replay::Events { events, after } => {
+            Replay::Events { events, after, .. } => {
                 self.metrics
                     .replayed_events
                     .get_or_create(&label)
@@ -789,5 +850,91 @@ impl Hub {
                 .get_or_create(&Metrics::app(app))
                 .observe(late_ms as f64 / 1000.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Retention;
+    use crate::broker::embedded::EmbeddedBroker;
+
+    #[tokio::test]
+    async fn a_long_catch_up_is_held_a_page_at_a_time() {
+        let broker = Arc::new(EmbeddedBroker::new(Retention {
+            max_len: 1000,
+            ttl_secs: 3600,
+        }));
+        let metrics = Arc::new(Metrics::new());
+        let (registry, _writer) = Registry::new(
+            broker.clone(),
+            "i",
+            Duration::from_secs(60),
+            metrics.clone(),
+        );
+        let limits = QueueLimits {
+            events: 1024,
+            bytes: 256 << 10,
+        };
+        let hub = Arc::new(Hub::new(
+            broker.clone(),
+            registry,
+            metrics,
+            HubConfig {
+                queue: limits,
+                max_message_bytes: 1 << 20,
+                max_connections: 0,
+                hello: Bytes::new(),
+                broker_timeout: Duration::from_secs(5),
+                registry_ttl_secs: 60,
+            },
+        ));
+        broker.start(hub.clone()).await.unwrap();
+        // 4 MB of history the stream missed: 1,000 broadcasts of 4 KB.
+        let envelope = Bytes::from(format!(r#"{{"data":"{}"}}"#, "x".repeat(4000)));
+        let mut ids = Vec::new();
+        for _ in 0..1000 {
+            let (id, _) = broker
+                .publish_durable("a", None, envelope.clone())
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        let lease = hub
+            .attach(NewConn {
+                app: "a".into(),
+                user: "u".into(),
+                exp: u64::MAX,
+                remote_addr: "127.0.0.1:1".parse().unwrap(),
+                user_agent: String::new(),
+                last_event_id: Some(ids[0].to_string()),
+                caps: Caps::default(),
+            })
+            .await
+            .unwrap();
+        let conn = lease.conn().clone();
+        // Nothing reads: the stream holds one page (half its budget, plus one event), not 4 MB.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let bound = limits.bytes / 2 + 4200;
+        assert!(conn.queued_bytes() <= bound, "{}", conn.queued_bytes());
+        // Read by a response body: the pages come as the outbox empties, all of it, in order,
+        // and never more than a page waits.
+        let mut got = Vec::new();
+        while got.len() < 999 {
+            assert!(conn.queued_bytes() <= bound, "{}", conn.queued_bytes());
+            let next = tokio::time::timeout(
+                Duration::from_secs(5),
+                std::future::poll_fn(|cx| conn.poll_next(cx)),
+            )
+            .await
+            .expect("the next page comes")
+            .expect("open");
+            let text = String::from_utf8_lossy(&next).to_string();
+            if let Some(id) = text.strip_prefix("id: ") {
+                got.push(id.lines().next().unwrap_or_default().to_string());
+            }
+        }
+        let want: Vec<String> = ids[1..].iter().map(|id| id.to_string()).collect();
+        assert_eq!(got, want);
     }
 }

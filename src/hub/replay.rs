@@ -22,13 +22,24 @@ use crate::sse;
 /// Most users asked for in one history read (a few milliseconds of Redis time).
 pub(super) const BATCH: usize = 256;
 
+/// Entries of each history read per page: what half a stream's queue holds of events of 4 KB
+/// (reads are sized before the events are seen; larger ones are cut to the byte budget when
+/// queued), at least 8 and at most [`BATCH`].
+pub(super) fn page_size(limits: super::QueueLimits) -> usize {
+    (limits.bytes / 2 / 4096)
+        .min(limits.events / 2)
+        .clamp(8, BATCH)
+}
+
 /// What one resuming stream is to be sent.
 #[derive(Debug, Clone)]
 pub enum Replay {
-    /// The encoded events it missed, in order with their ids, and the id they bring it to.
+    /// The encoded events it missed, in order with their ids, and the id they bring it to;
+    /// `more` when this is a page and history goes on after `after`.
     Events {
         events: Vec<(EventId, Bytes)>,
         after: Option<EventId>,
+        more: bool,
     },
     /// Its gap cannot be filled.
     Reset {
@@ -47,6 +58,8 @@ type Waiting = HashMap<Key, Vec<(Arc<str>, Answer)>>;
 /// task runs.
 pub struct Replays {
     broker: Arc<dyn Broker>,
+    /// Most entries read of each history per read (a page); 0 reads everything.
+    page: usize,
     waiting: Mutex<Waiting>,
     /// History reads made, for the metrics.
     reads: prometheus_client::metrics::counter::Counter,
@@ -55,10 +68,12 @@ pub struct Replays {
 impl Replays {
     pub fn new(
         broker: Arc<dyn Broker>,
+        page: usize,
         reads: prometheus_client::metrics::counter::Counter,
     ) -> Replays {
         Replays {
             broker,
+            page,
             waiting: Mutex::default(),
             reads,
         }
@@ -113,25 +128,34 @@ impl Replays {
             };
             let users: Vec<String> = batch.iter().map(|(u, _)| u.to_string()).collect();
             self.reads.inc();
-            let backlog = self.broker.since(&key.0, &key.1, &users).await;
-            answer(batch, backlog, &key.1);
+            let backlog = self.broker.since(&key.0, &key.1, &users, self.page).await;
+            answer(batch, backlog, &key.1, self.page);
         }
     }
 }
 
 /// Hands each waiting stream its part of a read.
-fn answer(batch: Vec<(Arc<str>, Answer)>, backlog: Result<Backlog, BrokerError>, last: &str) {
-    let parts = split(backlog, last, batch.len());
+fn answer(
+    batch: Vec<(Arc<str>, Answer)>,
+    backlog: Result<Backlog, BrokerError>,
+    last: &str,
+    page: usize,
+) {
+    let parts = split(backlog, last, batch.len(), page);
     for ((_, tx), part) in batch.into_iter().zip(parts) {
         let _ = tx.send(part);
     }
 }
 
 /// Each of `users` users' part of one history read from `last`, in the order they were asked for.
+/// A read of `page` entries per history (0: all of it) may stop short: a list that came back full
+/// may go on, so each part ends where the first full list it merges ends (everything up to there
+/// is known), and says there is more.
 pub fn split(
     backlog: Result<Backlog, BrokerError>,
     last: &str,
     users: usize,
+    page: usize,
 ) -> Vec<Result<Replay, BrokerError>> {
     let (current, broadcasts, own) = match backlog {
         Err(e) => return vec![Err(e); users],
@@ -146,6 +170,15 @@ pub fn split(
             users,
         }) => (current, broadcasts, users),
     };
+    // The newest id of a list that may go on past it.
+    let end = |list: &[(EventId, Bytes)]| {
+        if page > 0 && list.len() >= page {
+            list.last().map(|(id, _)| *id)
+        } else {
+            None
+        }
+    };
+    let shared_end = end(&broadcasts);
     let shared = encode(broadcasts);
     let from = last.parse::<EventId>().ok().or(current);
     own.into_iter()
@@ -156,9 +189,20 @@ pub fn split(
                     reason: ResetReason::TooOld,
                 },
                 Some(own) => {
-                    let events = history::merge(encode(own), shared.clone());
+                    let cut = match (end(&own), shared_end) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let mut events = history::merge(encode(own), shared.clone());
+                    if let Some(cut) = cut {
+                        events.retain(|(id, _)| *id <= cut);
+                    }
                     let after = events.iter().map(|(id, _)| Some(*id)).fold(from, Ord::max);
-                    Replay::Events { events, after }
+                    Replay::Events {
+                        events,
+                        after,
+                        more: cut.is_some(),
+                    }
                 }
             })
         })

@@ -183,7 +183,7 @@ impl Hub {
                 (Some(_), Some(_)) => {
                     self.metrics.replay_reads.inc();
                     match self
-                        .with_retries(generation, || self.broker.since(&app.app, &last, &names))
+                        .with_retries(generation, || self.broker.since(&app.app, &last, &names, 0))
                         .await
                     {
                         None => return,
@@ -191,7 +191,7 @@ impl Hub {
                     }
                 }
             };
-            for (user, part) in chunk.iter().zip(replay::split(read, &last, chunk.len())) {
+            for (user, part) in chunk.iter().zip(replay::split(read, &last, chunk.len(), 0)) {
                 parts.insert(user.clone(), part);
             }
         }

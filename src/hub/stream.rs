@@ -123,6 +123,9 @@ struct Queue {
     blocked: bool,
     /// A deliverer has promised to [`Conn::flush`] this stream: others need not.
     scheduled: bool,
+    /// While history is sent page by page: who waits for the outbox to empty, to read the next
+    /// page (boxed: idle streams carry 8 bytes for it, not 16).
+    drain: Option<Box<Waker>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +195,7 @@ impl Conn {
                 wire: None,
                 blocked: false,
                 scheduled: false,
+                drain: None,
             }),
         }
     }
@@ -253,7 +257,7 @@ impl Conn {
             return;
         };
         match wire.write(&mut q.out) {
-            Ok(true) if q.state == QueueState::Open => {}
+            Ok(true) if q.state == QueueState::Open => drained(&q.out, &mut q.drain),
             Ok(true) => wake(guard), // closing: the task ends the stream
             Ok(false) => {
                 q.blocked = true;
@@ -303,7 +307,7 @@ impl Conn {
             }
             if !q.out.is_empty() {
                 match wire.write(&mut q.out) {
-                    Ok(true) => {}
+                    Ok(true) => drained(&q.out, &mut q.drain),
                     Ok(false) => {
                         q.blocked = true;
                         continue;
@@ -335,6 +339,59 @@ impl Conn {
             (QueueState::Open, Some(_)) => Hold::Joining,
             _ => Hold::Gone,
         }
+    }
+
+    /// Queues one page of a catch-up that goes on: `replay`, except what the stream already has,
+    /// bringing it to `after`. Live events stay held until [`Conn::catch_up`] ends the catch-up.
+    /// Returns whether the stream is still open.
+    pub(super) fn catch_up_page(
+        &self,
+        replay: Vec<(Option<EventId>, Bytes)>,
+        after: Option<EventId>,
+    ) -> bool {
+        let mut q = self.lock();
+        if q.state != QueueState::Open {
+            return false;
+        }
+        for (id, b) in replay {
+            match (id, q.floor) {
+                (Some(id), Some(f)) if f.covers(&id) => {}
+                _ => q.out.push(b),
+            }
+        }
+        if let Some(after) = after {
+            q.floor = Some(EventId::advance(q.floor, after));
+        }
+        if q.wire.is_some() && !q.blocked && !q.scheduled {
+            q.scheduled = true;
+            drop(q);
+            self.flush();
+        } else {
+            wake(q);
+        }
+        true
+    }
+
+    /// Bytes waiting: queued, and held back during a catch-up.
+    #[cfg(test)]
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.lock().out.bytes
+    }
+
+    /// Ready once the outbox has gone to the socket (`true`), or the stream is over (`false`):
+    /// the next page of a catch-up is read only then, so that a stream holds one page at most.
+    pub(super) fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut q = self.lock();
+        if q.state != QueueState::Open {
+            return Poll::Ready(false);
+        }
+        if q.out.is_empty() {
+            return Poll::Ready(true);
+        }
+        if !q.drain.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.drain = Some(Box::new(cx.waker().clone()));
+        }
+        Poll::Pending
     }
 
     /// Ends a catch-up: queues `replay` (past the limits: it is bounded by history) except what the
@@ -403,6 +460,8 @@ impl Conn {
             return Poll::Ready(None);
         }
         if let Some(b) = q.out.pop() {
+            let q = &mut *q;
+            drained(&q.out, &mut q.drain);
             return Poll::Ready(Some(b));
         }
         if matches!(q.state, QueueState::Closing(_)) {
@@ -456,8 +515,22 @@ impl Queue {
 
 fn wake(mut q: MutexGuard<'_, Queue>) {
     let waker = q.waker.take();
+    // Whatever changed (the stream ending, say), a pager waiting for the outbox looks again.
+    let drain = q.drain.take();
     drop(q);
     if let Some(w) = waker {
+        w.wake();
+    }
+    if let Some(w) = drain {
+        w.wake();
+    }
+}
+
+/// Wakes the pager waiting for the outbox to empty, if it now is.
+fn drained(out: &Outbox, drain: &mut Option<Box<Waker>>) {
+    if out.is_empty()
+        && let Some(w) = drain.take()
+    {
         w.wake();
     }
 }

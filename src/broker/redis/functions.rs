@@ -125,9 +125,13 @@ impl Links {
         app: &str,
         last_event_id: &str,
         users: &[String],
+        page: usize,
     ) -> Result<Backlog, BrokerError> {
-        let mut args: Vec<Value> = Vec::with_capacity(2 + users.len());
+        let mut args: Vec<Value> = Vec::with_capacity(3 + users.len());
         args.extend([app.into(), last_event_id.into()]);
+        if page > 0 {
+            args.push(format!("#{page}").into());
+        }
         args.extend(users.iter().map(|u| Value::from(u.as_str())));
         parse_backlog(self.fcall("sse_backlog", args).await?, users.len())
     }

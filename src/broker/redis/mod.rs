@@ -377,8 +377,9 @@ impl Broker for RedisBroker {
         app: &'a str,
         last_event_id: &'a str,
         users: &'a [String],
+        page: usize,
     ) -> BoxFuture<'a, Result<Backlog, BrokerError>> {
-        Box::pin(self.links.backlog(app, last_event_id, users))
+        Box::pin(self.links.backlog(app, last_event_id, users, page))
     }
 
     fn position<'a>(

@@ -14,10 +14,11 @@
 -- the event id and "durable":true are added to it.
 --
 -- Replay (used by the gateway):
---   FCALL_RO sse_backlog 0 <app> <last event id> <user>...
+--   FCALL_RO sse_backlog 0 <app> <last event id> [#<page size>] <user>...
 --   -> { "ok", <newest id or "">, { <id>, <message>, ... }, <user's own>... }
 --        the application's broadcasts after the id (once, for every user), then for each user
---        their own events after the id as { <id>, <message>, ... }, or "too_old"
+--        their own events after the id as { <id>, <message>, ... }, or "too_old"; with a page
+--        size, at most that many entries of each (a full list may go on: read again from the end)
 --   -> { "reset", <newest id or "">, <reason> }     nobody's gap can be filled:
 --        too_old | unknown_id | history_lost (the id's epoch is not the current one)
 --   FCALL_RO sse_since 0 <app> <user> <last event id>    (one user, merged; earlier gateways use it)
@@ -242,13 +243,16 @@ end
 -- The entries of `stream` after `after`, or nil when the stream cannot tell: trimmed past the id,
 -- or gone (expired) while the id is older than what is kept. (Written since `after`, a stream
 -- would still exist: so if it does not, nothing was written to it since.)
-local function entries_after(stream, after, oldest_kept)
+local function entries_after(stream, after, oldest_kept, limit)
   if redis.call('EXISTS', stream) == 0 then
     if after[1] < oldest_kept then return nil end
     return {}
   end
   local deleted = max_deleted(stream)
   if deleted and cmp(after, deleted) < 0 then return nil end
+  if limit then
+    return redis.call('XRANGE', stream, '(' .. fmt_plain(after), '+', 'COUNT', limit)
+  end
   return redis.call('XRANGE', stream, '(' .. fmt_plain(after), '+')
 end
 
@@ -311,22 +315,29 @@ end
 local function sse_backlog(keys, args)
   local app, from = args[1], args[2]
   if not valid_id(app) then return redis.error_reply('sse_backlog: invalid application id') end
-  for i = 3, #args do
+  -- An optional "#<n>" (never a user id) reads a page: at most n entries of each stream.
+  local first, limit = 3, nil
+  if type(args[3]) == 'string' and string.sub(args[3], 1, 1) == '#' then
+    limit = tonumber(string.sub(args[3], 2))
+    if not limit or limit < 1 then return redis.error_reply('sse_backlog: invalid page size') end
+    first = 4
+  end
+  for i = first, #args do
     if not valid_id(args[i]) then return redis.error_reply('sse_backlog: invalid user id') end
   end
   local newest, after, current = resume_point(app, from)
   if not newest then return after end
   local out = { 'ok', newest, {} }
   if current then
-    for i = 3, #args do out[#out + 1] = {} end
+    for i = first, #args do out[#out + 1] = {} end
     return out
   end
   local oldest_kept = now_ms() - TTL * 1000
-  local broadcasts = entries_after(app .. ':history:app', after, oldest_kept)
+  local broadcasts = entries_after(app .. ':history:app', after, oldest_kept, limit)
   if not broadcasts then return { 'reset', newest, 'too_old' } end
   out[3] = flat(broadcasts, after[3])
-  for i = 3, #args do
-    local mine = entries_after(app .. ':history:user:' .. args[i], after, oldest_kept)
+  for i = first, #args do
+    local mine = entries_after(app .. ':history:user:' .. args[i], after, oldest_kept, limit)
     out[#out + 1] = mine and flat(mine, after[3]) or 'too_old'
   end
   return out
