@@ -368,34 +368,41 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// How to make a secret; every refusal and warning ends with it.
 const MAKE_ONE: &str = "make one with `openssl rand -hex 32`";
 
-/// Every secret that opens tokens (the global one, each tenant's current and previous one) must be
-/// long and not the example's. Production refuses the first weak one (one line, naming where it is
-/// but never its value); debug mode accepts them all and returns one warning each.
+/// Every secret that opens tokens (the global one, each tenant's current and previous one) should be
+/// long and not the example's. Production refuses the first weak current secret (one line, naming
+/// where it is but never its value); debug mode accepts them, with one warning each. A weak
+/// `previous_secret` is only warned about in production too: it is on its way out (until its
+/// cut-off), and refusing it would make rotating away from a weak secret impossible without a cut.
 fn weak_secrets(
     mode: Mode,
     global: Option<&Secret>,
     tenants_name: &'static str,
     tenants: &HashMap<String, Tenant>,
 ) -> Result<Vec<String>, ConfigError> {
-    let mut found: Vec<(&'static str, String, &Secret)> = Vec::new();
+    // (variable, what it is in the message, the secret, whether it is being rotated out)
+    let mut found: Vec<(&'static str, String, &Secret, bool)> = Vec::new();
     if let Some(s) = global {
-        found.push(("JWT_SECRET", "it".into(), s));
+        found.push(("JWT_SECRET", "it".into(), s, false));
     }
     let mut apps: Vec<&String> = tenants.keys().collect();
     apps.sort();
     for app in apps {
         let t = &tenants[app];
-        for (field, secret) in [
-            ("secret", &t.secret),
-            ("previous_secret", &t.previous_secret),
-        ] {
-            if let Some(s) = secret {
-                found.push((tenants_name, format!("application {app:?}'s {field}"), s));
-            }
+        if let Some(s) = &t.secret {
+            found.push((
+                tenants_name,
+                format!("application {app:?}'s secret"),
+                s,
+                false,
+            ));
+        }
+        if let Some(s) = &t.previous_secret {
+            let what = format!("application {app:?}'s previous_secret");
+            found.push((tenants_name, what, s, true));
         }
     }
     let mut warnings = Vec::new();
-    for (name, what, secret) in found {
+    for (name, what, secret, outgoing) in found {
         let problem = if secret.expose() == EXAMPLE_SECRET.as_bytes() {
             format!("{what} is .env.example's public placeholder")
         } else if secret.expose().len() < MIN_SECRET_BYTES {
@@ -406,14 +413,17 @@ fn weak_secrets(
         } else {
             continue;
         };
-        match mode {
-            Mode::Production => {
+        match (mode, outgoing) {
+            (Mode::Production, false) => {
                 return Err(invalid(
                     name,
                     format!("{problem}; production refuses it: {MAKE_ONE}"),
                 ));
             }
-            Mode::Debug => warnings.push(format!(
+            (Mode::Production, true) => warnings.push(format!(
+                "{name}: {problem}; accepted until its previous_secret_until only: {MAKE_ONE}"
+            )),
+            (Mode::Debug, _) => warnings.push(format!(
                 "{name}: {problem}; accepted in debug mode only, production refuses it: {MAKE_ONE}"
             )),
         }
@@ -624,20 +634,28 @@ mod tests {
             assert!(!err.contains('\n'), "one line: {err}");
             assert!(!err.contains(secret), "never echo the secret: {err}");
         }
-        // A tenant's secrets too, current and previous.
-        for tenants in [
-            r#"{"shop": {"secret": "short"}}"#,
+        // A tenant's secret too.
+        let err = parse_exactly(&[("TENANTS", r#"{"shop": {"secret": "short"}}"#)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TENANTS") && err.contains("shop") && err.contains("openssl"),
+            "{err}"
+        );
+        // A weak previous secret is on its way out: a warning, so that rotating away from it
+        // needs no cut.
+        let c = parse_exactly(&[(
+            "TENANTS",
             r#"{"shop": {"secret": "0123456789abcdef0123456789abcdef",
                 "previous_secret": "old", "previous_secret_until": 1}}"#,
-        ] {
-            let err = parse_exactly(&[("TENANTS", tenants)])
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("TENANTS") && err.contains("shop") && err.contains("openssl"),
-                "{err}"
-            );
-        }
+        )])
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("previous_secret") && c.warnings[0].contains("openssl"),
+            "{:?}",
+            c.warnings
+        );
         // Debug mode starts, with one warning per weak secret.
         let c = parse(&[
             ("JWT_SECRET", EXAMPLE_SECRET),
