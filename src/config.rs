@@ -52,8 +52,8 @@ pub struct Config {
     /// The operator listener (`OPERATOR_ADDR`): `/metrics`, `/health` and `/ready`, kept off the
     /// public port because the metrics name every application. `None`: `OPERATOR_ADDR=off`.
     pub operator_listen: Option<SocketAddr>,
-    /// What is unsafe but tolerated in debug mode (a weak secret); `main` logs each once logging
-    /// is up. Production refuses the same settings instead.
+    /// What is unsafe but tolerated: weak secrets in debug mode (production refuses them), a weak
+    /// `previous_secret` in either mode. `main` logs each once logging is up.
     pub warnings: Vec<String>,
     pub broker: BrokerConfig,
     /// Identifies this process in registry entries; unique per running instance.
