@@ -14,6 +14,8 @@ COMPOSE ?= docker compose -f docker/docker-compose.yml --env-file .env
 
 env: .env
 
+# On 127.0.0.1:8080, metrics on 127.0.0.1:9180: the gateway's own defaults are loopback (APP_HOST=0.0.0.0
+# make run for every interface).
 run: .env
 	cargo run --bin sse-gateway
 

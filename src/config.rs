@@ -47,7 +47,14 @@ pub enum CorsOrigins {
 pub struct Config {
     pub app_name: String,
     pub mode: Mode,
+    /// The public listener: streams, publishing, listing, `/health` and `/ready`.
     pub listen: SocketAddr,
+    /// The operator listener (`OPERATOR_ADDR`): `/metrics`, `/health` and `/ready`, kept off the
+    /// public port because the metrics name every application. `None`: `OPERATOR_ADDR=off`.
+    pub operator_listen: Option<SocketAddr>,
+    /// What is unsafe but tolerated: weak secrets in debug mode (production refuses them), a weak
+    /// `previous_secret` in either mode. `main` logs each once logging is up.
+    pub warnings: Vec<String>,
     pub broker: BrokerConfig,
     /// Identifies this process in registry entries; unique per running instance.
     pub instance_id: String,
@@ -156,7 +163,13 @@ impl Config {
     /// As [`Config::for_tests`], with tenants given as inline JSON.
     #[cfg(test)]
     pub fn for_tests_with(secret: &str, tenants: Option<&str>) -> Config {
-        let mut vars: HashMap<&str, &str> = [("JWT_SECRET", secret), ("APP_PORT", "0")].into();
+        // Debug mode: unit tests use short secrets, which production refuses.
+        let mut vars: HashMap<&str, &str> = [
+            ("JWT_SECRET", secret),
+            ("APP_PORT", "0"),
+            ("APP_MODE", "debug"),
+        ]
+        .into();
         if let Some(t) = tenants {
             vars.insert("TENANTS", t);
         }
@@ -184,7 +197,19 @@ impl Config {
             }
         };
         let port: u16 = parse_or("APP_PORT", get("APP_PORT"), 8080)?;
-        let host: IpAddr = parse_or("APP_HOST", get("APP_HOST"), IpAddr::from([0, 0, 0, 0]))?;
+        // Loopback unless told otherwise: a gateway started by hand is not on the network by
+        // accident. Containers set APP_HOST=0.0.0.0 (docker/Dockerfile, the compose file).
+        let host: IpAddr = parse_or("APP_HOST", get("APP_HOST"), IpAddr::from([127, 0, 0, 1]))?;
+        let operator_listen = match get("OPERATOR_ADDR") {
+            Some(v) if v.eq_ignore_ascii_case("off") => None,
+            Some(v) => Some(v.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "OPERATOR_ADDR",
+                    format!("{v:?}: {e} (expected host:port, like 127.0.0.1:9180, or off)"),
+                )
+            })?),
+            None => Some(DEFAULT_OPERATOR_ADDR),
+        };
 
         let broker = match (get("REDIS_URL"), get("REDIS_HOST")) {
             (Some(url), _) => {
@@ -216,11 +241,12 @@ impl Config {
             (None, None) => BrokerConfig::Embedded,
         };
 
-        let tenants = tenants(get("TENANTS"), get("TENANTS_FILE"))?;
+        let (tenants_name, tenants) = tenants(get("TENANTS"), get("TENANTS_FILE"))?;
         let jwt_secret = get("JWT_SECRET").map(Secret);
         if jwt_secret.is_none() && tenants.values().all(|t| t.secret.is_none()) {
             return Err(ConfigError::Missing("JWT_SECRET"));
         }
+        let warnings = weak_secrets(mode, jwt_secret.as_ref(), tenants_name, &tenants)?;
         let jwt_algorithms = match get("JWT_ALGORITHMS") {
             None => vec![Algorithm::HS256],
             Some(list) => list
@@ -286,6 +312,8 @@ impl Config {
             app_name,
             mode,
             listen: SocketAddr::new(host, port),
+            operator_listen,
+            warnings,
             broker,
             instance_id,
             jwt_secret,
@@ -359,13 +387,94 @@ impl Config {
     }
 }
 
-/// Reads the tenants from inline JSON or a file (not both), and checks them.
+/// The operator listener's address unless `OPERATOR_ADDR` says otherwise: loopback, so that only
+/// this host (a local Prometheus or agent, an SSH tunnel) reaches it. 9180, not Prometheus' own 9090,
+/// which is often taken on the same host.
+pub const DEFAULT_OPERATOR_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9180);
+
+/// `.env.example`'s placeholder `JWT_SECRET`: public, so production refuses it whatever its length
+/// (a unit test keeps the two equal).
+pub const EXAMPLE_SECRET: &str = "change-me-to-a-long-random-secret";
+
+/// Shortest secret production accepts: 256 bits, the size of HS256's hash. Shorter ones (and
+/// anything a person typed) fall to an offline guess from a single token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// How to make a secret; every refusal and warning ends with it.
+const MAKE_ONE: &str = "make one with `openssl rand -hex 32`";
+
+/// Every secret that opens tokens (the global one, each tenant's current and previous one) should be
+/// long and not the example's. Production refuses the first weak current secret (one line, naming
+/// where it is but never its value); debug mode accepts them, with one warning each. A weak
+/// `previous_secret` is only warned about in production too: it is on its way out (until its
+/// cut-off), and refusing it would make rotating away from a weak secret impossible without a cut.
+fn weak_secrets(
+    mode: Mode,
+    global: Option<&Secret>,
+    tenants_name: &'static str,
+    tenants: &HashMap<String, Tenant>,
+) -> Result<Vec<String>, ConfigError> {
+    // (variable, what it is in the message, the secret, whether it is being rotated out)
+    let mut found: Vec<(&'static str, String, &Secret, bool)> = Vec::new();
+    if let Some(s) = global {
+        found.push(("JWT_SECRET", "it".into(), s, false));
+    }
+    let mut apps: Vec<&String> = tenants.keys().collect();
+    apps.sort();
+    for app in apps {
+        let t = &tenants[app];
+        if let Some(s) = &t.secret {
+            found.push((
+                tenants_name,
+                format!("application {app:?}'s secret"),
+                s,
+                false,
+            ));
+        }
+        if let Some(s) = &t.previous_secret {
+            let what = format!("application {app:?}'s previous_secret");
+            found.push((tenants_name, what, s, true));
+        }
+    }
+    let mut warnings = Vec::new();
+    for (name, what, secret, outgoing) in found {
+        let problem = if secret.expose() == EXAMPLE_SECRET.as_bytes() {
+            format!("{what} is .env.example's public placeholder")
+        } else if secret.expose().len() < MIN_SECRET_BYTES {
+            format!(
+                "{what} is {} bytes long, under {MIN_SECRET_BYTES}",
+                secret.expose().len()
+            )
+        } else {
+            continue;
+        };
+        match (mode, outgoing) {
+            (Mode::Production, false) => {
+                return Err(invalid(
+                    name,
+                    format!("{problem}; production refuses it: {MAKE_ONE}"),
+                ));
+            }
+            (Mode::Production, true) => warnings.push(format!(
+                "{name}: {problem}; accepted until its previous_secret_until only: {MAKE_ONE}"
+            )),
+            (Mode::Debug, _) => warnings.push(format!(
+                "{name}: {problem}; accepted in debug mode only, production refuses it: {MAKE_ONE}"
+            )),
+        }
+    }
+    Ok(warnings)
+}
+
+/// Reads the tenants from inline JSON or a file (not both), and checks them. Returns the name of
+/// the variable they came from, for error messages.
 fn tenants(
     inline: Option<String>,
     file: Option<String>,
-) -> Result<HashMap<String, Tenant>, ConfigError> {
+) -> Result<(&'static str, HashMap<String, Tenant>), ConfigError> {
     let (name, text) = match (inline, file) {
-        (None, None) => return Ok(HashMap::new()),
+        (None, None) => return Ok(("TENANTS", HashMap::new())),
         (Some(_), Some(_)) => {
             return Err(invalid(
                 "TENANTS",
@@ -413,7 +522,7 @@ fn tenants(
             return Err(invalid(name, format!("application {app:?} {p}")));
         }
     }
-    Ok(tenants)
+    Ok((name, tenants))
 }
 
 fn secs(n: u64) -> Duration {
@@ -482,13 +591,23 @@ fn duration_or(
 mod tests {
     use super::*;
 
+    /// Debug mode unless `pairs` say otherwise: most tests use short secrets.
     fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = pairs
+        let mut map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        map.entry("APP_MODE".into()).or_insert("debug".into());
         Config::from_lookup(|k| map.get(k).cloned())
     }
+
+    /// As the process sees it: nothing set but what `pairs` set.
+    fn parse_exactly(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<&str, &str> = pairs.iter().copied().collect();
+        Config::from_lookup(|k| map.get(k).map(|v| v.to_string()))
+    }
+
+    const LONG: &str = "0123456789abcdef0123456789abcdef";
 
     #[test]
     fn secret_is_required_and_never_printed() {
@@ -498,14 +617,95 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_embedded_port_8080_hs256() {
-        let c = parse(&[("JWT_SECRET", "s")]).unwrap();
+    fn defaults_are_embedded_loopback_8080_hs256_production() {
+        let c = parse_exactly(&[("JWT_SECRET", LONG)]).unwrap();
         assert_eq!(c.broker, BrokerConfig::Embedded);
-        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.operator_listen, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.jwt_algorithms, vec![Algorithm::HS256]);
         assert_eq!(c.ping_interval, secs(30));
         assert_eq!(c.cors, CorsOrigins::Any);
         assert_eq!(c.mode, Mode::Production);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn operator_listener_is_configurable_or_off() {
+        let at = |v: &str| parse(&[("JWT_SECRET", "s"), ("OPERATOR_ADDR", v)]);
+        assert_eq!(
+            at("0.0.0.0:9090").unwrap().operator_listen,
+            Some("0.0.0.0:9090".parse().unwrap())
+        );
+        assert_eq!(
+            at("[::1]:9180").unwrap().operator_listen,
+            Some("[::1]:9180".parse().unwrap())
+        );
+        assert_eq!(at("off").unwrap().operator_listen, None);
+        for bad in ["9180", "localhost:9180", "127.0.0.1"] {
+            let err = at(bad).unwrap_err().to_string();
+            assert!(err.contains("OPERATOR_ADDR"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_example_secret_is_the_one_in_env_example() {
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example"))
+            .expect(".env.example");
+        let secret = example
+            .lines()
+            .find_map(|l| l.strip_prefix("JWT_SECRET="))
+            .expect("JWT_SECRET in .env.example");
+        assert_eq!(secret, EXAMPLE_SECRET);
+    }
+
+    #[test]
+    fn production_refuses_weak_secrets_with_one_line_saying_how_to_make_one() {
+        let weak = [EXAMPLE_SECRET, "hunter2-but-only-26-bytes!", "zq"];
+        for secret in weak {
+            let err = parse_exactly(&[("JWT_SECRET", secret)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("JWT_SECRET"), "{err}");
+            assert!(err.contains("openssl rand -hex 32"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            assert!(!err.contains(secret), "never echo the secret: {err}");
+        }
+        // A tenant's secret too.
+        let err = parse_exactly(&[("TENANTS", r#"{"shop": {"secret": "short"}}"#)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TENANTS") && err.contains("shop") && err.contains("openssl"),
+            "{err}"
+        );
+        // A weak previous secret is on its way out: a warning, so that rotating away from it
+        // needs no cut.
+        let c = parse_exactly(&[(
+            "TENANTS",
+            r#"{"shop": {"secret": "0123456789abcdef0123456789abcdef",
+                "previous_secret": "old", "previous_secret_until": 1}}"#,
+        )])
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("previous_secret") && c.warnings[0].contains("openssl"),
+            "{:?}",
+            c.warnings
+        );
+        // Debug mode starts, with one warning per weak secret.
+        let c = parse(&[
+            ("JWT_SECRET", EXAMPLE_SECRET),
+            ("TENANTS", r#"{"shop": {"secret": "short"}}"#),
+        ])
+        .unwrap();
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(
+            c.warnings
+                .iter()
+                .all(|w| w.contains("openssl rand -hex 32"))
+        );
+        // 32 bytes pass.
+        assert!(parse_exactly(&[("JWT_SECRET", LONG)]).is_ok());
     }
 
     #[test]

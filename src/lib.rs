@@ -4,7 +4,7 @@
 //!
 //! Protocol and I/O at the edges, a small core in the middle:
 //!
-//! - [`http`]: the hyper server, routes, CORS and JSON errors (edge).
+//! - [`http`]: the hyper server, routes, CORS and JSON errors, and the operator listener (edge).
 //! - [`sse`]: the `text/event-stream` wire encoding of published payloads (edge).
 //! - [`broker`]: the [`broker::Broker`] trait, with the Redis implementation (all fred use: the
 //!   functions library, the subscriber and its probe, the registry's keys) and the embedded
@@ -55,12 +55,24 @@ pub enum StartError {
     Broker(#[from] broker::BrokerError),
 }
 
-/// Runs the gateway on `listener` until `shutdown` resolves, then drains gracefully.
+/// The sockets the gateway serves, bound by the caller (`main` names a taken address itself).
+pub struct Listeners {
+    /// Streams, publishing, listing, `/health` and `/ready` (`APP_HOST`, `APP_PORT`).
+    pub public: TcpListener,
+    /// `/metrics`, `/health` and `/ready` for operators (`OPERATOR_ADDR`); `None` when it is `off`.
+    pub operator: Option<TcpListener>,
+}
+
+/// Runs the gateway on `listeners` until `shutdown` resolves, then drains gracefully.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let Listeners {
+        public: listener,
+        operator,
+    } = listeners;
     let metrics = Arc::new(Metrics::new());
     let broker: Arc<dyn Broker> = match &config.broker {
         BrokerConfig::Embedded => {
@@ -132,6 +144,12 @@ pub async fn run(
         metrics,
         config,
     });
+    if let Some(operator) = operator {
+        if let Ok(addr) = operator.local_addr() {
+            tracing::info!(%addr, "operator listener: /metrics, /health and /ready");
+        }
+        tokio::spawn(http::operator::serve(operator, state.clone(), stop.clone()));
+    }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, instance = %state.config.instance_id, app_name = %state.config.app_name,
             "ready to accept connections");

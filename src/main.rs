@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         }
     };
     sse_gateway::logging::init(config.mode);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     // Also before the runtime: growing the file table is only free while there is one thread.
     let fds = sse_gateway::fds::prepare();
     tracing::info!(
@@ -40,7 +43,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listener = match sse_gateway::http::server::listen(config.listen) {
+        let public = match sse_gateway::http::server::listen(config.listen) {
             Ok(l) => l,
             Err(e) => {
                 // The usual cause on a first run: another program (or gateway) has the port.
@@ -53,7 +56,22 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match sse_gateway::run(config, listener, sse_gateway::shutdown::signal()).await {
+        let operator = match config.operator_listen {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    // A second gateway on the same host needs an operator address of its own too.
+                    eprintln!(
+                        "cannot listen on {addr} (the operator listener): {e} \
+                         (set OPERATOR_ADDR to another address, or to off)"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        let listeners = sse_gateway::Listeners { public, operator };
+        match sse_gateway::run(config, listeners, sse_gateway::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{e}");

@@ -439,20 +439,28 @@ fn nginx_conf_is_tuned_for_sse() {
         "proxy_read_timeout {read_timeout}s: streams idle between 30 s pings (or longer ones) \
          would be cut"
     );
-    // Metrics only from inside the nginx container.
-    let metrics = server.location(&["=", "/metrics"]);
-    let rules: Vec<String> = metrics
-        .block
-        .iter()
-        .filter(|d| d.name == "allow" || d.name == "deny")
-        .map(|d| format!("{} {}", d.name, d.args.join(" ")))
-        .collect();
-    assert_eq!(rules, ["allow 127.0.0.1", "deny all"]);
     // The other routes go to the gateway too.
     assert_eq!(
         server.location(&["/"]).value("proxy_pass"),
         "http://sse_gateway"
     );
+    // Only ever to the gateways' public port: the operator listener (/metrics, 9180) is not for
+    // the outside, and no location singles /metrics out.
+    for d in main.walk() {
+        assert!(
+            d.name != "proxy_pass" || d.args == ["http://sse_gateway"],
+            "proxy_pass {:?}: only the upstream of public ports",
+            d.args
+        );
+        assert!(
+            !d.args
+                .iter()
+                .any(|a| a.contains("9180") || a.contains("metrics")),
+            "{} {:?}: the operator listener must not be reachable through nginx",
+            d.name,
+            d.args
+        );
+    }
 
     // Tokens ride in `?access_token=`: no log format may contain the query string or the Referer,
     // and every access log uses such a format (nginx's default `combined` logs $request).
@@ -542,8 +550,9 @@ async fn events_stream_through_nginx_without_delay() {
         .expect("nginx-health");
     assert_eq!(r.status(), 200);
 
+    // The metrics name every application: never through the public entry point.
     let r = c.get(nginx.url("/metrics")).send().await.expect("metrics");
-    assert_eq!(r.status(), 200, "/metrics from 127.0.0.1");
+    assert_eq!(r.status(), 404, "/metrics through nginx");
 
     // A browser's way in: the token in the query string. Ask for gzip: the stream must not get it.
     let token = user_token("shop", "alice");
@@ -883,6 +892,16 @@ fn compose_file_resolves_to_the_intended_stack() {
     );
     assert_eq!(env["REDIS_URL"], "redis://redis:6379");
     assert_eq!(env["APP_PORT"], "8080");
+    // The operator listener on the container's interfaces, reachable from the operator network
+    // only (no published port, nginx not on that network).
+    assert_eq!(env["OPERATOR_ADDR"], "0.0.0.0:9180");
+    let operator_net = "operator";
+    assert!(
+        gw["networks"].get(operator_net).is_some(),
+        "{}",
+        gw["networks"]
+    );
+    assert_eq!(model["networks"][operator_net]["internal"], true);
     assert_eq!(
         example["APP_MODE"], "debug",
         "the example is for `make run`"
@@ -910,7 +929,8 @@ fn compose_file_resolves_to_the_intended_stack() {
         "stop_grace_period {grace}s must outlast SHUTDOWN_TIMEOUT (10 s)"
     );
 
-    // The port agrees across the files: compose's APP_PORT, nginx's upstream, the image's EXPOSE.
+    // The port agrees across the files: compose's APP_PORT, nginx's upstream, the image's EXPOSE
+    // (only that one: `docker run -P` publishes every EXPOSEd port, the operator's would be too).
     let expose: Vec<String> = dockerfile()
         .into_iter()
         .filter(|(k, _)| k == "EXPOSE")
@@ -981,6 +1001,16 @@ fn compose_file_resolves_to_the_intended_stack() {
         nginx["networks"].get(backend.as_str()).is_none(),
         "nginx must not reach Redis"
     );
+    assert!(
+        nginx["networks"].get(operator_net).is_none()
+            && redis["networks"].get(operator_net).is_none(),
+        "only scrapers join the operator network"
+    );
+    for (name, service) in services.as_object().expect("services") {
+        for port in service["ports"].as_array().into_iter().flatten() {
+            assert_ne!(port["target"], 9180, "{name} publishes the operator port");
+        }
+    }
 }
 
 /// Without an image registry (or with a private mirror), the base images, the published address and

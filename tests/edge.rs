@@ -250,9 +250,102 @@ async fn gateway_with_traffic() -> (Gateway, SseClient) {
 }
 
 #[tokio::test]
+async fn metrics_are_not_on_the_public_port() {
+    let (gw, _s) = gateway_with_traffic().await;
+    let c = http();
+    // Not with a token either: no token of one application may read the others' numbers.
+    for req in [
+        c.get(gw.url("/metrics")),
+        c.get(gw.url("/metrics"))
+            .header("accept", "text/plain")
+            .bearer_auth(operator_token("shop")),
+        c.request(reqwest::Method::OPTIONS, gw.url("/metrics"))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "GET"),
+    ] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        let body = r.text().await.unwrap();
+        assert!(body.contains("not_found"), "{body}");
+        assert!(!body.contains("sse_"), "{body}");
+    }
+    let r = c.head(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // HTTP/2 goes through the same routes.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // They are on the operator listener.
+    let r = c.get(gw.operator_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn the_operator_listener_serves_metrics_health_and_ready_only() {
+    let (gw, _s) = gateway_with_traffic().await;
+    let c = http();
+    let r = c.get(gw.operator_url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), r#"{"status":"ok"}"#);
+    let r = c.get(gw.operator_url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["broker"], "embedded");
+    let r = c.head(gw.operator_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("openmetrics-text")
+    );
+    // Nothing of the public API: no stream, publish or listing, whatever the token.
+    for (path, token) in [
+        ("/sse", user_token("shop", "alice")),
+        ("/connections/shop", operator_token("shop")),
+        ("/publish", publisher_token("shop")),
+        ("/", String::new()),
+        ("/metrics/", String::new()),
+    ] {
+        let r = c
+            .get(gw.operator_url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_found");
+    }
+    let r = c.post(gw.operator_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, HEAD, OPTIONS");
+    let r = c
+        .request(reqwest::Method::OPTIONS, gw.operator_url("/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["allow"], "GET, HEAD, OPTIONS");
+    let addr = format!("127.0.0.1:{}", gw.operator_port);
+    assert!(
+        gw.logs()
+            .lines()
+            .any(|l| l.contains("operator listener") && l.contains(&addr)),
+        "the start-up log names the operator address:\n{}",
+        gw.logs()
+    );
+}
+
+#[tokio::test]
 async fn metrics_are_prometheus_text_labelled_by_app_only() {
     let (gw, _s) = gateway_with_traffic().await;
-    let r = http().get(gw.url("/metrics")).send().await.unwrap();
+    let r = http()
+        .get(gw.operator_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert!(
         r.headers()["content-type"]
             .to_str()
@@ -303,7 +396,7 @@ async fn metrics_in_prometheus_text_when_asked() {
     let (gw, _s) = gateway_with_traffic().await;
 
     let get = |accept: &'static str| {
-        let url = gw.url("/metrics");
+        let url = gw.operator_url("/metrics");
         async move {
             let r = http()
                 .get(url)

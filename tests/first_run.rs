@@ -1,7 +1,8 @@
 //! What a newcomer meets in the first hour, from the README and docs: the messages that tell what
 //! went wrong (a taken port, an unreachable Redis, a token signed with another secret), auth
-//! failures in the log, `sse-token`'s command line, and the Makefile's `.env`, secret and Compose
-//! checks. (`/metrics` in the format promtool reads is in tests/edge.rs.)
+//! failures in the log, `sse-token`'s command line, the Makefile's `.env`, secret and Compose
+//! checks, and the safe defaults: production refuses a weak secret, `make run` listens on loopback
+//! only. (`/metrics` and the operator listener are in tests/edge.rs.)
 
 mod common;
 
@@ -108,6 +109,158 @@ async fn a_taken_port_suggests_app_port() {
         logs.contains(&format!("cannot listen on 127.0.0.1:{port}"))
             && logs.contains("set APP_PORT to another port"),
         "{logs}"
+    );
+}
+
+/// `JWT_SECRET` of .env.example: public, refused in production.
+fn example_secret() -> String {
+    std::fs::read_to_string(repo().join(".env.example"))
+        .expect(".env.example")
+        .lines()
+        .find_map(|l| l.strip_prefix("JWT_SECRET="))
+        .expect("JWT_SECRET in .env.example")
+        .to_string()
+}
+
+/// Starts the gateway in production mode with `secret`; asserts it refuses to start, with exit
+/// status 78 and one line that names JWT_SECRET and says how to make one.
+fn assert_production_refuses(secret: &str, why: &str) {
+    let mut gw = Gateway::builder()
+        .env("APP_MODE", "production")
+        .env("JWT_SECRET", secret)
+        .spawn();
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(78), "{why}");
+    let logs = gw.logs();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 1, "{why}: one line: {logs}");
+    assert!(
+        lines[0].contains("JWT_SECRET") && lines[0].contains("openssl rand -hex 32"),
+        "{why}: {logs}"
+    );
+    assert!(lines[0].contains(why), "{why}: {logs}");
+    assert!(
+        !logs.contains(secret),
+        "{why}: the secret was printed: {logs}"
+    );
+}
+
+#[test]
+fn production_refuses_the_example_secret() {
+    assert_production_refuses(&example_secret(), ".env.example's public placeholder");
+}
+
+#[test]
+fn production_refuses_a_secret_under_32_bytes() {
+    assert_production_refuses("0123456789abcdef0123456789abcde", "31 bytes long, under 32");
+}
+
+#[tokio::test]
+async fn debug_mode_warns_about_a_weak_secret_and_starts() {
+    let gw = Gateway::builder()
+        .env("APP_MODE", "debug")
+        .env("JWT_SECRET", &example_secret())
+        .start()
+        .await;
+    let logs = gw.logs();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("openssl rand -hex 32"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {logs}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("production refuses it"),
+        "{logs}"
+    );
+    assert!(!logs.contains(&example_secret()), "{logs}");
+}
+
+/// `make run` is `cargo run` of the gateway in the directory of the `.env` make created: the same
+/// binary, in such a directory, with nothing else set, listens on loopback only, its operator
+/// listener too. (Only the port is set, so that the test does not need 8080 free.)
+#[tokio::test]
+async fn make_run_listens_on_loopback_only() {
+    let dir = make_dir();
+    assert!(make(&dir.path, &["-s", "env"], 0).status.success());
+    let out = Command::new("make")
+        .args(["-n", "-s", "run"])
+        .current_dir(&dir.path)
+        .output()
+        .expect("make -n run");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "cargo run --bin sse-gateway",
+        "nothing else set"
+    );
+    let env = std::fs::read_to_string(dir.path.join(".env")).expect(".env");
+    for var in ["APP_HOST", "OPERATOR_ADDR"] {
+        assert!(
+            !env.lines().any(|l| l.starts_with(&format!("{var}="))),
+            ".env sets {var}: {env}"
+        );
+    }
+
+    let port = free_port();
+    let log = dir.path.join("gateway.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sse-gateway"))
+        .current_dir(&dir.path)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("APP_PORT", port.to_string())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(dir.path.join("gateway.err")).expect("log"))
+        .spawn()
+        .expect("spawn gateway");
+    let read = || {
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        let err = std::fs::read_to_string(dir.path.join("gateway.err")).unwrap_or_default();
+        format!("{out}{err}")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if read().contains("ready to accept connections") {
+            break None;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not start: {}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let logs = read();
+    let _ = child.kill();
+    let _ = child.wait();
+    let operator = "127.0.0.1:9180";
+    if let Some(status) = exited {
+        // The default operator port is taken on this machine: the refusal names the default.
+        assert_eq!(status.code(), Some(1), "{logs}");
+        assert!(
+            logs.contains(&format!(
+                "cannot listen on {operator} (the operator listener)"
+            )) && logs.contains("OPERATOR_ADDR"),
+            "{logs}"
+        );
+        return;
+    }
+    let line = |what: &str| {
+        logs.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no {what:?} line: {logs}"))
+            .to_string()
+    };
+    assert!(
+        line("ready to accept connections").contains(&format!("127.0.0.1:{port}")),
+        "{logs}"
+    );
+    assert!(line("operator listener").contains(operator), "{logs}");
+    assert!(
+        !logs.contains("openssl"),
+        "no weak-secret warning with make's secret: {logs}"
     );
 }
 

@@ -121,10 +121,25 @@ fn collection_is_complete_and_its_endless_streams_are_fenced_off() {
                 .filter_map(Value::as_str)
                 .collect();
             let raw = request["url"]["raw"].as_str().unwrap_or_default();
+            // The public port, or the operator listener (metrics, health and readiness only).
+            let host = request["url"]["host"][0].as_str().unwrap_or_default();
             assert!(
-                raw.starts_with(&format!("{{{{base_url}}}}/{}", path.join("/"))),
+                host == "{{base_url}}"
+                    || host == "{{operator_url}}"
+                        && ["metrics", "health", "ready"].contains(&path.join("/").as_str()),
+                "{name}: url.host {host:?}"
+            );
+            assert!(
+                raw.starts_with(&format!("{host}/{}", path.join("/"))),
                 "{name}: url.raw {raw:?} disagrees with url.path {path:?}"
             );
+            // /metrics names every application: the public port answers 404.
+            if host == "{{base_url}}" && path == ["metrics"] {
+                assert!(
+                    tests.contains("have.status(404)"),
+                    "{name}: /metrics on the public port must be a 404"
+                );
+            }
             routes_seen.insert(format!("{method} /{}", path.join("/")));
             // An hour-long token on /sse means a stream that does not end: manual folder only.
             let bearer = request["auth"]["bearer"][0]["value"]
@@ -168,6 +183,7 @@ fn collection_is_complete_and_its_endless_streams_are_fenced_off() {
         .collect();
     for key in [
         "base_url",
+        "operator_url",
         "jwt_secret",
         "app",
         "user",
@@ -233,6 +249,10 @@ async fn collection_passes_under_newman() {
     let mut args: Vec<String> = Vec::new();
     for (k, v) in [
         ("base_url", format!("http://127.0.0.1:{}", gw.port)),
+        (
+            "operator_url",
+            format!("http://127.0.0.1:{}", gw.operator_port),
+        ),
         ("jwt_secret", SECRET.to_string()),
         ("app", APP.to_string()),
         ("user", USER.to_string()),

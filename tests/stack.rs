@@ -4,8 +4,9 @@
 //! through nginx's published port on 127.0.0.1:
 //!
 //! - a stream gets an event published with `redis-cli` inside the Redis container, and one sent with
-//!   `POST /publish`; `/connections` lists it; `make logs` shows the gateway's JSON lines; every
-//!   service reports `healthy`;
+//!   `POST /publish`; `/connections` lists it; `/metrics` is not published (404 through nginx) but a
+//!   container on the stack's operator network scrapes it from gateway:9180; `make logs` shows the
+//!   gateway's JSON lines; every service reports `healthy`;
 //! - scaled to three gateways, one publish reaches the user's streams on each replica;
 //! - `make down` drains: every stream gets its `shutdown` event, and Redis keeps no registry entry.
 //!
@@ -483,6 +484,46 @@ async fn make_up_runs_the_stack_on_a_real_engine() {
     let listed = poll_until(|| instances(&stack, &operator, "alice"), |l| !l.is_empty()).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].0, alice_id);
+
+    // No metrics through the published port: they name every application. A scraper on the
+    // stack's operator network reaches the gateway's operator listener, per-application labels
+    // and all (wget from the nginx image, in a container of its own on that network only).
+    let r = http()
+        .get(stack.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(r.status(), 404, "/metrics through nginx");
+    let scraper_image = stack
+        .env
+        .iter()
+        .find(|(k, _)| k == "NGINX_IMAGE")
+        .map_or("nginx:1.28-alpine", |(_, v)| v.as_str());
+    let network = format!("{PROJECT}_operator");
+    let scraped = stack
+        .run(
+            "scrape gateway:9180 from the operator network",
+            stack.command(
+                "docker",
+                &[
+                    "run",
+                    "--rm",
+                    "--network",
+                    &network,
+                    "--entrypoint",
+                    "wget",
+                    scraper_image,
+                    "-qO-",
+                    "http://gateway:9180/metrics",
+                ],
+            ),
+            Duration::from_secs(120),
+        )
+        .await;
+    assert!(
+        scraped.contains("sse_connections{app=\"shop\"} 1"),
+        "{scraped}"
+    );
 
     // `make logs` follows every service; the gateway's lines are JSON (production mode).
     let mut logs = stack.command("make", &["logs"]);

@@ -11,7 +11,8 @@ BIN_DIR=$CARGO_TARGET_DIR/release
 SSE_BENCH=$BIN_DIR/sse-bench
 GATEWAY=$BIN_DIR/sse-gateway
 RESULTS=${RESULTS:-$BENCH_DIR/results/$(date +%Y%m%d-%H%M%S)}
-SECRET=${BENCH_SECRET:-bench-secret-$$-$RANDOM}
+# 32 bytes or more: the gateway runs in production mode, which refuses shorter secrets.
+SECRET=${BENCH_SECRET:-bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}
 WORK=$(mktemp -d /tmp/sse-bench-run.XXXXXX)
 STARTED_PIDS=()
 
@@ -93,14 +94,17 @@ start_redis() {
   wait_port "$REDIS_PORT"
 }
 
-# start_gateway PORT [REDIS_URL]: sets GATEWAY_PID. Pings on (PING_INTERVAL, default 30 s), logs at
+# start_gateway PORT [REDIS_URL]: sets GATEWAY_PID, and OPERATOR_PORT (its /metrics; a free port
+# each, since several gateways run side by side). Pings on (PING_INTERVAL, default 30 s), logs at
 # warn so per-stream log lines do not cost the server CPU during the measurement.
 start_gateway() {
   local port=$1 redis=${2:-}
   [ -x "$GATEWAY" ] || die "$GATEWAY not built"
+  OPERATOR_PORT=$(free_port)
   (
     ulimit -n "$(ulimit -Hn)"
     export APP_HOST=127.0.0.1 APP_PORT="$port" JWT_SECRET="$SECRET" APP_MODE=production \
+      OPERATOR_ADDR="127.0.0.1:$OPERATOR_PORT" \
       PING_INTERVAL="${PING_INTERVAL:-30}" RUST_LOG="${GATEWAY_LOG:-warn}"
     if [ -n "$redis" ]; then export REDIS_URL="$redis"; else unset REDIS_URL REDIS_HOST; fi
     exec "$GATEWAY"

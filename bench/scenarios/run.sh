@@ -366,7 +366,7 @@ scenario_resync() {
       printf 'FCALL sse_publish 0 app0 "" "{\\"type\\":\\"during\\",\\"data\\":%d}"\n' "$i"
     done | redis-cli -p "$rport" >/dev/null
     for ((i = 0; i < 300; i++)); do
-      metrics=$(curl -s "http://127.0.0.1:$port/metrics" || true)
+      metrics=$(curl -s "http://127.0.0.1:$OPERATOR_PORT/metrics" || true)
       grep -q '^sse_resyncs_total [1-9]' <<<"$metrics" && break
       sleep 0.2
     done

@@ -5,16 +5,19 @@
 //! | `/` | GET, HEAD | 301 to `/health` (as the original) |
 //! | `/health` | GET, HEAD | liveness, `{"status":"ok"}` |
 //! | `/ready` | GET, HEAD | readiness: 200 when the broker links are up, else 503 |
-//! | `/metrics` | GET, HEAD | Prometheus / OpenMetrics text |
 //! | `/sse` | GET | the event stream |
 //! | `/publish` | POST | publish over HTTP (publisher tokens) |
 //! | `/connections/{app}[/{user}]` | GET | cluster-wide connection listing |
 //!
 //! Every route answers OPTIONS (CORS preflight); a known path with another method is a 405 with
 //! `Allow`; anything else a 404. Errors are `{"error": "<code>", "message": "..."}`.
+//!
+//! `/metrics` is not among them: it names every application, so it is served only by the operator
+//! listener ([`operator`], with `/health` and `/ready`), on an address of its own.
 
 mod body;
 mod cors;
+pub mod operator;
 mod raw;
 mod routes;
 pub mod server;
@@ -74,7 +77,6 @@ where
         "/" => (GET, Route::Root),
         "/health" => (GET, Route::Health),
         "/ready" => (GET, Route::Ready),
-        "/metrics" => (GET, Route::Metrics),
         "/sse" => (&[Method::GET], Route::Sse),
         "/publish" => (&[Method::POST], Route::Publish),
         p => match connections_path(p) {
@@ -103,9 +105,8 @@ where
                 .insert(header::LOCATION, HeaderValue::from_static("/health"));
             resp
         }
-        Route::Health => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        Route::Health => health(),
         Route::Ready => ready(state),
-        Route::Metrics => metrics(state, &req),
         Route::Sse => sse(state, peer, req).await,
         Route::Publish => publish(state, req).await,
         Route::Connections { app, user } => connections(state, &req, &app, user.as_deref()).await,
@@ -152,6 +153,11 @@ fn allow_header(methods: &[Method]) -> HeaderValue {
         .chain(std::iter::once("OPTIONS"))
         .collect();
     HeaderValue::from_str(&list.join(", ")).unwrap_or(HeaderValue::from_static("GET"))
+}
+
+/// Liveness: the process serves HTTP. The same on both listeners.
+fn health() -> HttpResponse {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> HttpResponse {

@@ -24,7 +24,6 @@ pub enum Route {
     Root,
     Health,
     Ready,
-    Metrics,
     Sse,
     Publish,
     Connections { app: String, user: Option<String> },

@@ -19,7 +19,8 @@ use futures_util::{Stream, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-pub const SECRET: &str = "integration-test-secret-5c1f";
+/// 32 bytes or more: production mode refuses shorter secrets.
+pub const SECRET: &str = "integration-test-secret-5c1f-8d2e4a7b";
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
@@ -341,9 +342,12 @@ impl Drop for RedisServer {
     }
 }
 
-/// The real gateway binary, on a free port; SIGKILLed when dropped.
+/// The real gateway binary, on a free port (and its operator listener on another); SIGKILLed when
+/// dropped.
 pub struct Gateway {
     pub port: u16,
+    /// The operator listener's port (`/metrics`, `/health`, `/ready`), on 127.0.0.1.
+    pub operator_port: u16,
     pub instance: String,
     child: Option<Child>,
     log: PathBuf,
@@ -387,6 +391,16 @@ impl GatewayBuilder {
     /// Starts the process without waiting for it to be healthy.
     pub fn spawn(self) -> Gateway {
         let port = self.port.unwrap_or_else(free_port);
+        // The default operator address is one fixed port: parallel gateways need one each.
+        let operator_addr = self
+            .env
+            .get("OPERATOR_ADDR")
+            .cloned()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let operator_port = operator_addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0);
         let dir = TempDir::new();
         let log = dir.path.join("gateway.log");
         let instance = format!("gw-{port}");
@@ -404,6 +418,7 @@ impl GatewayBuilder {
             .current_dir(&dir.path)
             .env("APP_HOST", "127.0.0.1")
             .env("APP_PORT", port.to_string())
+            .env("OPERATOR_ADDR", &operator_addr)
             .env("JWT_SECRET", SECRET)
             .env("APP_MODE", "debug")
             .env("INSTANCE_ID", &instance);
@@ -419,6 +434,7 @@ impl GatewayBuilder {
             .expect("spawn gateway");
         Gateway {
             port,
+            operator_port,
             instance,
             child: Some(child),
             log,
@@ -446,6 +462,11 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// A URL on the operator listener: `/metrics` is only there.
+    pub fn operator_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.operator_port, path)
     }
 
     pub async fn wait_healthy(&self) {
@@ -539,10 +560,11 @@ impl Gateway {
         c
     }
 
-    /// Scrapes `/metrics` and returns the value of the first sample whose line starts with `prefix`.
+    /// Scrapes `/metrics` (on the operator listener) and returns the value of the first sample whose
+    /// line starts with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
         let text = http()
-            .get(self.url("/metrics"))
+            .get(self.operator_url("/metrics"))
             .send()
             .await
             .ok()?
