@@ -65,17 +65,14 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let tasks = TaskTracker::new();
-    // Half the descriptor reserve is for sockets that are not streams (yet): requests in flight,
-    // `/health`, refusals. Past that, a connection gets a 503 at once and is closed; a quarter
-    // short of the limit, accepting pauses (the kernel's backlog holds the rest) until sockets
-    // close. So a burst of connects never runs the process out of descriptors, and the last
-    // quarter stays for the broker's links, logs and the runtime.
-    let (busy_at, pause_at) =
-        crate::fds::open_files_limit().map_or((usize::MAX, usize::MAX), |limit| {
-            let below = |n: u64| usize::try_from(limit.saturating_sub(n)).unwrap_or(usize::MAX);
-            let reserve = state.config.fd_reserve;
-            (below(reserve / 2), below(reserve / 4))
-        });
+    // A quarter of the descriptor reserve short of the limit, accepting pauses until sockets
+    // close: the kernel's backlog holds the connects meanwhile (they are served late, not
+    // refused), and the last quarter stays for the broker's links, logs and the runtime, so that
+    // `accept` never fails with EMFILE. Streams stop well before (the whole reserve short), so
+    // this only happens when a burst of connects arrives at a full instance.
+    let pause_at = crate::fds::open_files_limit().map_or(usize::MAX, |limit| {
+        usize::try_from(limit.saturating_sub(state.config.fd_reserve / 4)).unwrap_or(usize::MAX)
+    });
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
@@ -99,10 +96,6 @@ pub async fn serve(
             _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        if tasks.len() >= busy_at {
-            tasks.spawn(overloaded(stream));
-            continue;
-        }
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         tasks.spawn(connection(
             stream,
@@ -114,35 +107,6 @@ pub async fn serve(
     }
     tasks.close();
     Connections { graceful, tasks }
-}
-
-/// The answer when the instance holds all the sockets it can: short, without reading the request.
-async fn overloaded(mut stream: TcpStream) {
-    use tokio::io::AsyncWriteExt;
-    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n\
-        content-type: application/json\r\ncontent-length: 70\r\nconnection: close\r\n\r\n\
-        {\"error\":\"overloaded\",\"message\":\"this instance is out of connections\"}";
-    use tokio::io::AsyncReadExt;
-    let answer = async {
-        // The request head first (a little, briefly): an answer before the request confuses
-        // clients, and closing with unread bytes would reset the connection.
-        let mut buf = [0u8; 4096];
-        let mut tail = [0u8; 4];
-        for _ in 0..4 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            let seen: Vec<u8> = tail.iter().chain(&buf[..n]).copied().collect();
-            if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-            tail.copy_from_slice(&seen[seen.len() - 4..]);
-        }
-        stream.write_all(BUSY).await?;
-        stream.shutdown().await
-    };
-    let _ = tokio::time::timeout(Duration::from_millis(500), answer).await;
 }
 
 async fn connection(
