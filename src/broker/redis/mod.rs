@@ -60,6 +60,8 @@ struct Links {
     /// The library is loaded on the node commands go to (as far as this instance knows).
     functions: AtomicBool,
     probe: Arc<Probe>,
+    /// Admissions waiting to be sent together.
+    admissions: registry::Admissions,
 }
 
 pub struct RedisBroker {
@@ -135,6 +137,7 @@ impl RedisBroker {
                 library: library(retention, max_message_bytes),
                 functions: AtomicBool::new(false),
                 probe: Arc::new(Probe::new(instance)),
+                admissions: registry::Admissions::default(),
             }),
             requests,
             request_rx: std::sync::Mutex::new(Some(request_rx)),
@@ -394,7 +397,7 @@ impl Broker for RedisBroker {
         &'a self,
         admission: Admission<'a>,
     ) -> BoxFuture<'a, Result<Admitted, BrokerError>> {
-        Box::pin(self.links.admit(admission))
+        Box::pin(registry::admit(&self.links, admission))
     }
 
     fn registry_apply(

@@ -4,7 +4,9 @@
 //!   entries' expiry times, so listing never scans the keyspace and dead instances' entries age out.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
 
 use fred::interfaces::{HashesInterface, SortedSetsInterface};
 use fred::types::Value;
@@ -12,6 +14,84 @@ use fred::types::Value;
 use super::{Links, unavailable};
 use crate::broker::{Admission, Admitted, BrokerError, ConnectionRecord, IdRef, RegistryOp};
 use crate::clock;
+
+/// Most admissions in one call.
+const ADMIT_BATCH: usize = 256;
+
+/// An admission waiting for its batch.
+pub(super) struct Pending {
+    app: String,
+    user: String,
+    conn: String,
+    max_app: u64,
+    max_user: u64,
+    ttl_secs: u64,
+    answer: oneshot::Sender<Result<Admitted, BrokerError>>,
+}
+
+/// Admissions waiting for a call; `running` while a task sends them.
+#[derive(Default)]
+pub(super) struct Admissions {
+    waiting: Mutex<(Vec<Pending>, bool)>,
+}
+
+impl Admissions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Pending>, bool)> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reserves `a`'s place: queued with the admissions that arrive while a call is in flight, and
+/// sent with them in the next one.
+pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitted, BrokerError> {
+    links.commands_up()?;
+    let (tx, rx) = oneshot::channel();
+    let start = {
+        let mut waiting = links.admissions.lock();
+        waiting.0.push(Pending {
+            app: a.app.to_string(),
+            user: a.user.to_string(),
+            conn: a.conn.to_string(),
+            max_app: a.max_app,
+            max_user: a.max_user,
+            ttl_secs: a.ttl_secs,
+            answer: tx,
+        });
+        !std::mem::replace(&mut waiting.1, true)
+    };
+    if start {
+        // Its own task: the stream that started it may give up while others wait.
+        let links = links.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<Pending> = {
+                    let mut waiting = links.admissions.lock();
+                    if waiting.0.is_empty() {
+                        waiting.1 = false;
+                        return;
+                    }
+                    let n = waiting.0.len().min(ADMIT_BATCH);
+                    waiting.0.drain(..n).collect()
+                };
+                let answers = links.admit_batch(&batch).await;
+                match answers {
+                    Ok(answers) => {
+                        for (p, answer) in batch.into_iter().zip(answers) {
+                            let _ = p.answer.send(Ok(answer));
+                        }
+                    }
+                    Err(e) => {
+                        for p in batch {
+                            let _ = p.answer.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+    }
+    rx.await
+        .unwrap_or_else(|_| Err(BrokerError::Unavailable("admission abandoned".into())))
+}
 
 fn conn_key(app: &str, user: &str, id: &str) -> String {
     format!("{app}:client:{user}:{id}")
@@ -26,26 +106,43 @@ fn index(app: &str, user: Option<&str>) -> String {
 }
 
 impl Links {
-    pub(super) async fn admit(&self, a: Admission<'_>) -> Result<Admitted, BrokerError> {
-        let args: Vec<Value> = vec![
-            a.ttl_secs.to_string().into(),
-            a.app.into(),
-            a.user.into(),
-            a.conn.into(),
-            a.max_app.to_string().into(),
-            a.max_user.to_string().into(),
-        ];
+    /// One call for a batch of admissions (in order, each atomic): a connect storm costs a few
+    /// function calls instead of one per stream.
+    async fn admit_batch(&self, batch: &[Pending]) -> Result<Vec<Admitted>, BrokerError> {
+        let ttl = batch.first().map_or(1, |p| p.ttl_secs);
+        let mut args: Vec<Value> = Vec::with_capacity(1 + batch.len() * 5);
+        args.push(ttl.to_string().into());
+        for p in batch {
+            args.extend([
+                p.app.as_str().into(),
+                p.user.as_str().into(),
+                p.conn.as_str().into(),
+                p.max_app.to_string().into(),
+                p.max_user.to_string().into(),
+            ]);
+        }
         let bad = || BrokerError::Command("unexpected answer from sse_admit".into());
-        let Value::Array(items) = self.fcall("sse_admit", args).await? else {
+        let Value::Array(answers) = self.fcall("sse_admit", args).await? else {
             return Err(bad());
         };
-        let count = || items.get(1).and_then(|v| v.as_u64()).ok_or_else(bad);
-        match items.first().and_then(|v| v.as_string()).as_deref() {
-            Some("ok") => Ok(Admitted::Yes),
-            Some("user") => Ok(Admitted::UserFull(count()?)),
-            Some("app") => Ok(Admitted::AppFull(count()?)),
-            _ => Err(bad()),
+        if answers.len() != batch.len() {
+            return Err(bad());
         }
+        answers
+            .into_iter()
+            .map(|answer| {
+                let Value::Array(items) = answer else {
+                    return Err(bad());
+                };
+                let count = || items.get(1).and_then(|v| v.as_u64()).ok_or_else(bad);
+                match items.first().and_then(|v| v.as_string()).as_deref() {
+                    Some("ok") => Ok(Admitted::Yes),
+                    Some("user") => Ok(Admitted::UserFull(count()?)),
+                    Some("app") => Ok(Admitted::AppFull(count()?)),
+                    _ => Err(bad()),
+                }
+            })
+            .collect()
     }
 
     pub(super) async fn registry_apply(

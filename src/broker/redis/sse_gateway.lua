@@ -46,8 +46,8 @@
 -- (sorted sets scored by expiry time; their own expiry is only ever pushed out).
 --
 -- Admission (used by the gateway before a stream's 200): the caps, checked and reserved at once.
---   FCALL sse_admit 0 <ttl> <app> <user> <conn> <max per app> <max per user>   (0: no cap)
---   -> { "ok" } | { "user", <live streams> } | { "app", <live streams> }
+--   FCALL sse_admit 0 <ttl> { <app> <user> <conn> <max per app> <max per user> }...  (0: no cap)
+--   -> one answer per admission, in order: { "ok" } | { "user", <live streams> } | { "app", <n> }
 --   "ok" enters <conn> in both indexes (the registry's own entry, written in full later), so
 --   that no burst of connects, on any number of instances, gets past a cap.
 --
@@ -423,17 +423,10 @@ local function sse_registry(keys, args)
   return missing
 end
 
-local function sse_admit(keys, args)
-  local ttl, app, user, conn = tonumber(args[1]), args[2], args[3], args[4]
-  local max_app, max_user = tonumber(args[5]), tonumber(args[6])
-  if not ttl or ttl < 1 or not max_app or not max_user then
-    return redis.error_reply('sse_admit: invalid ttl or cap')
-  end
-  if not valid_id(app) or not valid_id(user) or not valid_id(conn) then
-    return redis.error_reply('sse_admit: invalid application, user or connection id')
-  end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ADMIT_FIELDS = 5
+
+-- One admission: { "ok" } | { "user", n } | { "app", n } (see the header).
+local function admit_one(ttl, now, app, user, conn, max_app, max_user)
   local app_index, user_index = app .. ':connections', app .. ':connections:' .. user
   -- Entries of instances that died stay until their score passes: counted out, and pruned.
   redis.call('ZREMRANGEBYSCORE', app_index, '-inf', now)
@@ -451,6 +444,25 @@ local function sse_admit(keys, args)
   extend(app_index, ttl)
   extend(user_index, ttl)
   return { 'ok' }
+end
+
+local function sse_admit(keys, args)
+  local ttl = tonumber(args[1])
+  if not ttl or ttl < 1 or (#args - 1) % ADMIT_FIELDS ~= 0 then
+    return redis.error_reply('sse_admit: invalid ttl or admission list')
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local answers = {}
+  for i = 2, #args, ADMIT_FIELDS do
+    local app, user, conn = args[i], args[i + 1], args[i + 2]
+    local max_app, max_user = tonumber(args[i + 3]), tonumber(args[i + 4])
+    if not valid_id(app) or not valid_id(user) or not valid_id(conn) or not max_app or not max_user then
+      return redis.error_reply('sse_admit: invalid application, user, connection id or cap')
+    end
+    answers[#answers + 1] = admit_one(ttl, now, app, user, conn, max_app, max_user)
+  end
+  return answers
 end
 
 redis.register_function('sse_publish', sse_publish)
