@@ -18,6 +18,7 @@ mod cors;
 mod raw;
 mod routes;
 pub mod server;
+mod strict;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +69,10 @@ where
 {
     use routes::*;
     const GET: &[Method] = &[Method::GET, Method::HEAD];
+    // Before routing: a request whose host or framing is in doubt gets no answer but this one.
+    if let Err(refusal) = strict::check(req.version(), req.headers()) {
+        return refused(refusal);
+    }
     let path = req.uri().path().to_string();
     let (allowed, route): (&[Method], Route) = match path.as_str() {
         "/" => (GET, Route::Root),
@@ -169,6 +174,11 @@ pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> HttpResponse {
 
 pub fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     json_response(status, &json!({"error": code, "message": message}))
+}
+
+/// The 400 for a request head that breaks the rules of [`strict`].
+fn refused(refusal: strict::Refusal) -> HttpResponse {
+    error(StatusCode::BAD_REQUEST, refusal.code, refusal.message)
 }
 
 /// The 401 for a refused token: `WWW-Authenticate: Bearer error="invalid_token"` for every reason
