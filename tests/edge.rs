@@ -660,3 +660,119 @@ async fn a_missing_or_repeated_host_is_a_json_400_on_both_paths() {
         200
     );
 }
+
+/// Reads from `s` until the response head and the stream's `retry:` hint have arrived.
+async fn read_stream_start(s: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("retry:") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("stream start in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Writes `junk` in 64 KiB pieces until `total` bytes went, a write fails (the gateway closed the
+/// stream) or a write waits longer than a second (nobody reads); returns the bytes written.
+async fn send_junk(s: &mut tokio::net::TcpStream, total: usize) -> usize {
+    let piece = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        match tokio::time::timeout(Duration::from_secs(1), s.write(&piece)).await {
+            Ok(Ok(n)) if n > 0 => sent += n,
+            _ => break,
+        }
+    }
+    sent
+}
+
+/// An event stream is one-way: bytes a client sends on an open raw `/sse` stream end it at once,
+/// for next to no CPU, and the other streams go on. (Before, they were read 64 bytes at a time
+/// for as long as the client sent them.)
+#[tokio::test]
+async fn junk_on_an_open_stream_ends_it_and_costs_nothing() {
+    let gw = Gateway::embedded().await;
+    let mut bob = gw.connect("shop", "bob").await;
+    let mut junk = raw_sse_request(gw.port, "shop", "alice", None).await;
+    let head = read_stream_start(&mut junk).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let gw_ref = &gw;
+    let open = poll_until(
+        move || gw_ref.metric("sse_active_clients"),
+        |n| *n == Some(2.0),
+    )
+    .await;
+    assert_eq!(open, Some(2.0));
+
+    let cpu = gw.cpu_seconds();
+    const JUNK: usize = 256 << 20;
+    let sent = send_junk(&mut junk, JUNK).await;
+    let used = gw.cpu_seconds() - cpu;
+    assert!(sent < JUNK, "the gateway kept taking junk: {sent} bytes");
+    assert!(
+        used < 0.5,
+        "{sent} bytes of junk cost {used:.2} s of gateway CPU"
+    );
+    // The stream is over: the socket reads its end (or a reset), not events.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), junk.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the stream was not ended");
+    let open = poll_until(
+        move || gw_ref.metric("sse_active_clients"),
+        |n| *n == Some(1.0),
+    )
+    .await;
+    assert_eq!(open, Some(1.0), "only bob's stream is left");
+
+    // Everyone else is served as before.
+    gw.publish("shop", json!({"user": "bob", "type": "still", "data": 1}))
+        .await;
+    assert_eq!(bob.next().await.event, "still");
+    assert_eq!(
+        http().get(gw.url("/health")).send().await.unwrap().status(),
+        200
+    );
+}
+
+/// A stream that hyper serves (here an HTTP/1.0 request) stops reading what its client sends: the
+/// junk fills the socket buffers and then waits, costing no CPU, while events still flow.
+#[tokio::test]
+async fn junk_on_a_stream_served_by_hyper_is_never_read() {
+    let gw = Gateway::embedded().await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.0\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token("shop", "alice")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_stream_start(&mut s).await;
+    assert!(head.contains(" 200 "), "{head}");
+
+    let cpu = gw.cpu_seconds();
+    let sent = send_junk(&mut s, 256 << 20).await;
+    let used = gw.cpu_seconds() - cpu;
+    assert!(sent < 64 << 20, "hyper kept reading: {sent} bytes");
+    assert!(
+        used < 0.5,
+        "{sent} bytes of junk cost {used:.2} s of gateway CPU"
+    );
+
+    gw.publish("shop", json!({"user": "alice", "type": "after", "data": 1}))
+        .await;
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while !got.contains("event: after") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the event in time")
+            .expect("read");
+        assert!(n > 0, "stream closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}

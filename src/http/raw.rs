@@ -8,7 +8,8 @@
 //! authentication, limits, CORS and errors), then writes chunked events straight from the stream's
 //! hub queue. Everything else (other routes, HTTP/2, requests with a body) goes to hyper, with the
 //! bytes read so far replayed in front of the socket by [`Rewind`].
-
+//!
+//! A stream is one-way: the first byte a client sends on it ends it (see [`Chunked`]).
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -232,25 +233,26 @@ impl Wire for Chunked {
         self.socket.poll_write_ready(cx)
     }
 
+    /// An event stream is one-way: whatever the client sends on it (a pipelined request, junk)
+    /// ends it. Reading it would cost a syscall per few bytes for as long as the client cares to
+    /// send; ending costs one read.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut probe = [0u8; 64];
-        // Bounded, so that a client sending without end cannot hold this thread.
-        for _ in 0..16 {
+        let mut probe = [0u8; 1];
+        loop {
             match self.socket.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) => {}
             }
             match self.socket.try_read(&mut probe) {
-                Ok(0) => return Poll::Ready(()), // the client closed
-                Ok(_) => {}                      // pipelined bytes after an event stream: ignored
+                // The client closed, or sent bytes on a one-way stream.
+                Ok(_) => return Poll::Ready(()),
+                // A spurious readiness: `try_read` cleared it, so the next poll waits again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Poll::Ready(()),
             }
         }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     fn end(&mut self) {
