@@ -29,6 +29,14 @@ use serde_json::json;
 
 pub use body::Body;
 
+/// The request paths' pure parsers, for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::raw::{Parsed, parse as parse_head};
+    pub use super::routes::{PlanError, PublishPlan, Target, parse_publish};
+    pub use super::strict::{Refusal, check as check_head};
+}
+
 use crate::auth::{AuthError, Verifier};
 use crate::broker::Broker;
 use crate::config::Config;
