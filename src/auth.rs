@@ -133,7 +133,7 @@ impl Verifier {
 
     /// Verifies as of `now` (seconds), which decides whether a rotated-out secret still counts.
     pub fn verify_at(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
-        self.check_algorithm(token)?;
+        self.check_header(token)?;
         // The unverified `iss` only chooses which keys to try; the token is then verified in full,
         // and its `iss` pinned to that application.
         let claimed = unverified_issuer(token)?;
@@ -178,9 +178,14 @@ impl Verifier {
         })
     }
 
-    /// Reads `alg` ourselves so that `none` and asymmetric algorithms get their own reason
-    /// instead of a generic parse failure.
-    fn check_algorithm(&self, token: &str) -> Result<(), AuthError> {
+    /// Checks the JOSE header before anything else: three segments, an accepted `alg` (read
+    /// ourselves, so that `none` and asymmetric algorithms get their own reason instead of a
+    /// generic parse failure), no `crit`, and a header jsonwebtoken reads too. After this, a JSON
+    /// error from jsonwebtoken can only come from the claims (see [`map_jwt_error`]).
+    fn check_header(&self, token: &str) -> Result<(), AuthError> {
+        if token.split('.').count() != 3 {
+            return Err(AuthError::Malformed);
+        }
         let header = token.split('.').next().ok_or(AuthError::Malformed)?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(header)
@@ -195,21 +200,31 @@ impl Verifier {
             .algorithms
             .iter()
             .any(|a| format!("{a:?}") == alg);
-        if accepted {
-            Ok(())
-        } else {
-            Err(AuthError::UnsupportedAlgorithm)
+        if !accepted {
+            return Err(AuthError::UnsupportedAlgorithm);
         }
+        // RFC 7515 section 4.1.11: a JWS whose `crit` names an extension the recipient does not
+        // understand is invalid. This gateway understands none (and an empty or ill-typed `crit`
+        // is invalid too).
+        if header.get("crit").is_some() {
+            return Err(AuthError::Malformed);
+        }
+        jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        Ok(())
     }
 }
 
-/// The `iss` claim of a token, before any verification (`None` if absent or not a string).
+/// The `iss` claim of a token, before any verification (`None` if absent or not a string). Claims
+/// that are not a JSON object make the token malformed (RFC 7519 section 7.2).
 fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
     let payload = token.split('.').nth(1).ok_or(AuthError::Malformed)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| AuthError::Malformed)?;
     let claims: Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    let Value::Object(claims) = claims else {
+        return Err(AuthError::Malformed);
+    };
     Ok(claims
         .get("iss")
         .and_then(Value::as_str)
@@ -249,15 +264,23 @@ fn map_jwt_error(kind: &ErrorKind) -> AuthError {
         | ErrorKind::InvalidIssuer
         | ErrorKind::InvalidSubject
         | ErrorKind::InvalidAudience => AuthError::InvalidClaims,
+        // The header and the payload were read as a JSON object before (check_header,
+        // unverified_issuer), and jsonwebtoken reads the claims only once the signature matches:
+        // a JSON error here is a registered claim of the wrong shape (`"exp": {}`), which its
+        // claim check cannot recover from.
+        ErrorKind::Json(_) => AuthError::InvalidClaims,
         _ => AuthError::Malformed,
     }
 }
 
 /// Application and user ids become parts of Redis keys, channel names and URL path segments, so only
 /// `A-Z a-z 0-9 . _ ~ @ + = -` are allowed, 1 to [`MAX_ID_LEN`] bytes: no `:`, glob characters,
-/// slashes, whitespace or control characters.
+/// slashes, whitespace or control characters; and not `.` or `..`, the dot segments that URL
+/// normalisation removes from `/connections/{app}/{user}`.
 pub fn is_safe_id(s: &str) -> bool {
     !s.is_empty()
+        && s != "."
+        && s != ".."
         && s.len() <= MAX_ID_LEN
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._~@+=-".contains(&b))
@@ -439,10 +462,78 @@ mod tests {
                 token(json!({"iss":"a","sub":"u","exp":exp,"sse_role":{"x":1}})),
                 AuthError::InvalidClaims,
             ),
+            // Registered claims of the wrong shape are invalid claims, not a malformed token.
+            (
+                token(json!({"iss":"a","sub":"u","exp":{"at":exp}})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u","exp":[exp]})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","sub":"u","exp":exp,"nbf":{}})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"a","sub":{"id":"u"},"exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":["a"],"sub":"u","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            // Dot segments are not ids.
+            (
+                token(json!({"iss":"a","sub":".","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            (
+                token(json!({"iss":"..","sub":"u","exp":exp})),
+                AuthError::InvalidClaims,
+            ),
+            // A wrongly signed token with a bad claim is still a bad signature.
+            (
+                sign(
+                    Algorithm::HS256,
+                    json!({"iss":"a","sub":"u","exp":{}}),
+                    "other",
+                ),
+                AuthError::BadSignature,
+            ),
+            (
+                format!("{}.x", token(json!({"iss":"a","sub":"u","exp":exp}))),
+                AuthError::Malformed,
+            ),
         ];
         for (t, want) in cases {
             assert_eq!(v.verify(&t).unwrap_err(), want, "token {t}");
         }
+    }
+
+    #[test]
+    fn a_critical_header_parameter_is_refused() {
+        let claims = json!({"iss":"a","sub":"u","exp":now()+60}).to_string();
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"],"exp":1}"#,
+            r#"{"alg":"HS256","crit":["b64"],"b64":false}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":"x"}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+        ] {
+            let t = signed_raw(header, &claims);
+            assert_eq!(verifier().verify(&t), Err(AuthError::Malformed), "{header}");
+        }
+        // The same token without `crit` is fine; a header jsonwebtoken cannot read is malformed.
+        assert!(
+            verifier()
+                .verify(&signed_raw(r#"{"alg":"HS256"}"#, &claims))
+                .is_ok()
+        );
+        assert_eq!(
+            verifier().verify(&signed_raw(r#"{"alg":"HS256","kid":5}"#, &claims)),
+            Err(AuthError::Malformed)
+        );
     }
 
     #[test]
@@ -512,6 +603,8 @@ mod tests {
             "app-1",
             "user@example.com",
             "A.b_c~d+e=f",
+            "...",
+            ".a",
             &"x".repeat(128),
         ] {
             assert!(is_safe_id(ok), "{ok}");
@@ -526,6 +619,8 @@ mod tests {
             "a\n",
             "a\0",
             "a/b",
+            ".",
+            "..",
             "é",
             &"x".repeat(129),
         ] {

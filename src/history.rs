@@ -106,8 +106,11 @@ impl FromStr for EventId {
         else {
             return Err(NotAnEventId);
         };
+        // Canonical decimal only (no sign, no leading zero): one id, one spelling, so that an id
+        // a client sends back is exactly one the gateway wrote.
         let digits = |p: &str| {
-            (!p.is_empty() && p.len() <= 15 && p.bytes().all(|b| b.is_ascii_digit()))
+            let canonical = !p.is_empty() && p.len() <= 15 && (p == "0" || !p.starts_with('0'));
+            (canonical && p.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| p.parse::<u64>().ok())
                 .flatten()
         };
@@ -279,6 +282,9 @@ mod tests {
             &"9".repeat(65),
             &format!("{}-0-0", "9".repeat(16)),
             "1-4294967296-0",
+            "01-2-0",
+            "1-02-0",
+            "00-0-0",
         ] {
             assert_eq!(bad.parse::<EventId>(), Err(NotAnEventId), "{bad}");
         }
@@ -298,6 +304,56 @@ mod tests {
         }
         assert_eq!(Epoch(EPOCH_LIMIT as u32 - 1).to_string(), "zzzzzz");
         assert_eq!(Epoch::from_micros(EPOCH_LIMIT + 5), Epoch(5));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Every id this gateway can write: `ms` of at most 15 digits, any counter, any epoch.
+        fn any_id() -> impl Strategy<Value = EventId> {
+            (0..10u64.pow(15), any::<u32>(), 0..EPOCH_LIMIT as u32).prop_map(|(ms, seq, e)| {
+                EventId {
+                    ms,
+                    seq,
+                    epoch: Epoch(e),
+                }
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn an_id_reads_back_as_itself(id in any_id()) {
+                prop_assert_eq!(id.to_string().parse::<EventId>(), Ok(id));
+            }
+
+            #[test]
+            fn an_epoch_reads_back_as_itself(n in 0..EPOCH_LIMIT as u32) {
+                prop_assert_eq!(Epoch(n).to_string().parse::<Epoch>(), Ok(Epoch(n)));
+            }
+
+            /// Near-misses of the id syntax (leading zeros, long parts, other characters) and
+            /// arbitrary text: whatever parses is written back exactly as it was read.
+            #[test]
+            fn a_parsed_id_is_written_back_unchanged(
+                s in prop_oneof![
+                    "[0-9]{1,17}-[0-9]{1,11}-[0-9a-z]{1,7}",
+                    "[0-9+ -]{0,6}-[0-9]{0,3}-[0-9a-zA-Z]{0,3}",
+                    "\\PC{0,70}",
+                ]
+            ) {
+                if let Ok(id) = s.parse::<EventId>() {
+                    prop_assert_eq!(id.to_string(), s);
+                }
+            }
+
+            #[test]
+            fn a_parsed_epoch_is_written_back_unchanged(s in "[0-9a-zA-Z+-]{0,8}") {
+                if let Ok(e) = s.parse::<Epoch>() {
+                    prop_assert_eq!(e.to_string(), s);
+                }
+            }
+        }
     }
 
     #[test]

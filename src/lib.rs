@@ -34,6 +34,12 @@ pub mod registry;
 pub mod shutdown;
 pub mod sse;
 
+/// What the fuzz targets in `fuzz/` drive (the request paths' pure parsers); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::fuzzing::*;
+}
+
 use std::future::Future;
 use std::sync::Arc;
 

@@ -135,7 +135,65 @@ fn bad_tokens() -> Vec<(&'static str, String, &'static str)> {
             sign(&json!({"iss": "app", "sub": "x".repeat(129), "exp": exp})),
             "invalid_claims",
         ),
+        (
+            "sub is a dot segment",
+            sign(&json!({"iss": "app", "sub": ".", "exp": exp})),
+            "invalid_claims",
+        ),
+        (
+            "sub is a double dot segment",
+            sign(&json!({"iss": "app", "sub": "..", "exp": exp})),
+            "invalid_claims",
+        ),
+        (
+            "iss is a double dot segment",
+            sign(&json!({"iss": "..", "sub": "user", "exp": exp})),
+            "invalid_claims",
+        ),
+        (
+            "exp is an object",
+            sign(&json!({"iss": "app", "sub": "user", "exp": {"at": exp}})),
+            "invalid_claims",
+        ),
+        (
+            "exp is an array",
+            sign(&json!({"iss": "app", "sub": "user", "exp": [exp]})),
+            "invalid_claims",
+        ),
+        (
+            "crit names an extension (RFC 7515 section 4.1.11)",
+            with_header(
+                jsonwebtoken::Header {
+                    crit: Some(vec!["x-tenant-policy".into()]),
+                    ..jsonwebtoken::Header::new(Algorithm::HS256)
+                },
+                &ok,
+            ),
+            "malformed",
+        ),
+        (
+            "crit names a registered parameter",
+            with_header(
+                jsonwebtoken::Header {
+                    crit: Some(vec!["kid".into()]),
+                    kid: Some("k1".into()),
+                    ..jsonwebtoken::Header::new(Algorithm::HS256)
+                },
+                &ok,
+            ),
+            "malformed",
+        ),
     ]
+}
+
+/// A token signed with the gateway's secret under a header of the caller's choosing.
+fn with_header(header: jsonwebtoken::Header, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
 }
 
 async fn assert_401(resp: reqwest::Response, want: &str, case: &str) {
@@ -340,4 +398,32 @@ async fn leeway_accepts_a_just_expired_token() {
         .await
         .unwrap();
     assert_401(r, "expired", "past the leeway").await;
+}
+
+/// `.` and `..` are dot segments that URL normalisation removes from `/connections/{app}/{user}`:
+/// they are no one's id, in a token or as a publish target.
+#[tokio::test]
+async fn dot_segments_are_not_ids() {
+    let gw = Gateway::embedded().await;
+    for user in [".", ".."] {
+        let r = gw.publish("app", json!({"user": user, "data": 1})).await;
+        assert_eq!(r.status(), 400, "{user}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_user", "{user}");
+        let r = gw
+            .publish("app", json!({"users": ["ok", user], "data": 1}))
+            .await;
+        assert_eq!(r.status(), 400, "{user}");
+    }
+    // A publisher token of application ".." is refused before anything else.
+    let r = http()
+        .post(gw.url("/publish"))
+        .bearer_auth(sign(
+            &json!({"iss": "..", "sub": "backend", "exp": now() + 60, "sse_role": "publisher"}),
+        ))
+        .body(r#"{"broadcast":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_401(r, "invalid_claims", "publisher of ..").await;
 }

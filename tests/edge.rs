@@ -582,3 +582,290 @@ async fn production_logs_are_json_lines_naming_the_connection() {
         (&json!("shop"), &json!("alice"), &json!(id))
     );
 }
+
+/// A raw HTTP/1 answer: its status and its body read as JSON (`Null` when it is not JSON).
+fn status_and_json(resp: &str) -> (u16, Value) {
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Two different `Content-Length` values (RFC 9112 section 6.3) are a JSON 400 on the raw `/sse`
+/// path and through hyper; equal repeated values are accepted on both, as hyper does.
+#[tokio::test]
+async fn differing_content_lengths_are_a_json_400_on_both_paths() {
+    let gw = Gateway::embedded().await;
+    let token = user_token("shop", "alice");
+    let publisher = publisher_token("shop");
+    let body = r#"{"user":"alice","data":1}"#;
+    for (path, request) in [
+        (
+            "raw /sse",
+            format!(
+                "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Length: 0\r\nContent-Length: 5\r\n\r\n"
+            ),
+        ),
+        (
+            "hyper /publish",
+            format!(
+                "POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {publisher}\r\n\
+                 Content-Length: {}\r\nContent-Length: 4\r\n\r\n{body}",
+                body.len()
+            ),
+        ),
+        (
+            "hyper /health",
+            "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 0\r\n\r\n"
+                .into(),
+        ),
+        (
+            "a list in one line",
+            "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 0\r\n\r\n".into(),
+        ),
+    ] {
+        let resp = raw_request(gw.port, request.as_bytes()).await;
+        let (status, json) = status_and_json(&resp);
+        assert_eq!(status, 400, "{path}: {resp}");
+        assert_eq!(json["error"], "invalid_content_length", "{path}: {resp}");
+        assert!(
+            json["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("9112"),
+            "{path}: {resp}"
+        );
+    }
+    // Nothing was published by the refused request.
+    let published = gw
+        .metric("sse_publish_requests_total{app=\"shop\",outcome=\"ok\"}")
+        .await;
+    assert_eq!(published, None);
+
+    // The same value twice is one length, as for hyper: the stream opens on the raw path.
+    let resp = raw_request(
+        gw.port,
+        format!(
+            "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 0\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("text/event-stream"), "{resp}");
+    let resp = raw_request(
+        gw.port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // A later request of a kept-alive connection is read by hyper alone: still a 400, in hyper's
+    // own words (an empty body), and the connection closes.
+    let resp = raw_request(
+        gw.port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("HTTP/1.1 400"), "{resp}");
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request without `Host`, or any request with two, is a JSON 400
+/// on the raw `/sse` path and through hyper (on every request of a kept-alive connection); HTTP/1.0
+/// may leave it out, and HTTP/2 names its authority elsewhere.
+#[tokio::test]
+async fn a_missing_or_repeated_host_is_a_json_400_on_both_paths() {
+    let gw = Gateway::embedded().await;
+    let token = user_token("shop", "alice");
+    let sse = |host_lines: &str| {
+        format!(
+            "GET /sse HTTP/1.1\r\n{host_lines}Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let health =
+        |host_lines: &str| format!("GET /health HTTP/1.1\r\n{host_lines}Connection: close\r\n\r\n");
+    for (case, request) in [
+        ("raw /sse, no Host", sse("")),
+        ("raw /sse, two Hosts", sse("Host: a\r\nHost: b\r\n")),
+        (
+            "raw /sse, the same Host twice",
+            sse("Host: a\r\nHost: a\r\n"),
+        ),
+        ("raw /sse, user info in Host", sse("Host: u@a\r\n")),
+        ("raw /sse, empty Host", sse("Host: \r\n")),
+        ("hyper /health, no Host", health("")),
+        ("hyper /health, two Hosts", health("Host: a\r\nhost: b\r\n")),
+        ("hyper /health, not a host", health("Host: a/b\r\n")),
+        (
+            "hyper /publish, two Hosts",
+            format!(
+                "POST /publish HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer {}\r\n\
+                 Content-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+                publisher_token("shop")
+            ),
+        ),
+        (
+            "hyper, HTTP/1.0 with two Hosts",
+            "GET /health HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n".into(),
+        ),
+    ] {
+        let resp = raw_request(gw.port, request.as_bytes()).await;
+        let (status, json) = status_and_json(&resp);
+        assert_eq!(status, 400, "{case}: {resp}");
+        assert_eq!(json["error"], "invalid_host", "{case}: {resp}");
+    }
+    // The second request of a kept-alive connection is hyper's alone, and refused the same way.
+    let resp = raw_request(
+        gw.port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let second = &resp[resp.rfind("HTTP/1.1 400").unwrap_or(0)..];
+    let (status, json) = status_and_json(second);
+    assert_eq!(
+        (status, &json["error"]),
+        (400, &json!("invalid_host")),
+        "{resp}"
+    );
+
+    // HTTP/1.0 without Host, a host with a port, and HTTP/2 (no Host header at all) are served.
+    let resp = raw_request(gw.port, b"GET /health HTTP/1.0\r\n\r\n").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"),
+        "{resp}"
+    );
+    let resp = raw_request(gw.port, health("Host: [::1]:8080\r\n").as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    assert_eq!(
+        h2.get(gw.url("/health")).send().await.unwrap().status(),
+        200
+    );
+}
+
+/// Reads from `s` until the response head and the stream's `retry:` hint have arrived.
+async fn read_stream_start(s: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("retry:") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("stream start in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Writes `junk` in 64 KiB pieces until `total` bytes went, a write fails (the gateway closed the
+/// stream) or a write waits longer than a second (nobody reads); returns the bytes written.
+async fn send_junk(s: &mut tokio::net::TcpStream, total: usize) -> usize {
+    let piece = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        match tokio::time::timeout(Duration::from_secs(1), s.write(&piece)).await {
+            Ok(Ok(n)) if n > 0 => sent += n,
+            _ => break,
+        }
+    }
+    sent
+}
+
+/// An event stream is one-way: bytes a client sends on an open raw `/sse` stream end it at once,
+/// for next to no CPU, and the other streams go on. (Before, they were read 64 bytes at a time
+/// for as long as the client sent them.)
+#[tokio::test]
+async fn junk_on_an_open_stream_ends_it_and_costs_nothing() {
+    let gw = Gateway::embedded().await;
+    let mut bob = gw.connect("shop", "bob").await;
+    let mut junk = raw_sse_request(gw.port, "shop", "alice", None).await;
+    let head = read_stream_start(&mut junk).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let gw_ref = &gw;
+    let open = poll_until(
+        move || gw_ref.metric("sse_active_clients"),
+        |n| *n == Some(2.0),
+    )
+    .await;
+    assert_eq!(open, Some(2.0));
+
+    let cpu = gw.cpu_seconds();
+    const JUNK: usize = 256 << 20;
+    let sent = send_junk(&mut junk, JUNK).await;
+    let used = gw.cpu_seconds() - cpu;
+    assert!(sent < JUNK, "the gateway kept taking junk: {sent} bytes");
+    assert!(
+        used < 0.5,
+        "{sent} bytes of junk cost {used:.2} s of gateway CPU"
+    );
+    // The stream is over: the socket reads its end (or a reset), not events.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), junk.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the stream was not ended");
+    let open = poll_until(
+        move || gw_ref.metric("sse_active_clients"),
+        |n| *n == Some(1.0),
+    )
+    .await;
+    assert_eq!(open, Some(1.0), "only bob's stream is left");
+
+    // Everyone else is served as before.
+    gw.publish("shop", json!({"user": "bob", "type": "still", "data": 1}))
+        .await;
+    assert_eq!(bob.next().await.event, "still");
+    assert_eq!(
+        http().get(gw.url("/health")).send().await.unwrap().status(),
+        200
+    );
+}
+
+/// A stream that hyper serves (here an HTTP/1.0 request) stops reading what its client sends: the
+/// junk fills the socket buffers and then waits, costing no CPU, while events still flow.
+#[tokio::test]
+async fn junk_on_a_stream_served_by_hyper_is_never_read() {
+    let gw = Gateway::embedded().await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /sse HTTP/1.0\r\nAuthorization: Bearer {}\r\n\r\n",
+        user_token("shop", "alice")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_stream_start(&mut s).await;
+    assert!(head.contains(" 200 "), "{head}");
+
+    let cpu = gw.cpu_seconds();
+    let sent = send_junk(&mut s, 256 << 20).await;
+    let used = gw.cpu_seconds() - cpu;
+    assert!(sent < 64 << 20, "hyper kept reading: {sent} bytes");
+    assert!(
+        used < 0.5,
+        "{sent} bytes of junk cost {used:.2} s of gateway CPU"
+    );
+
+    gw.publish("shop", json!({"user": "alice", "type": "after", "data": 1}))
+        .await;
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while !got.contains("event: after") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the event in time")
+            .expect("read");
+        assert!(n > 0, "stream closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}

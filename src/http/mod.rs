@@ -21,6 +21,7 @@ pub mod operator;
 mod raw;
 mod routes;
 pub mod server;
+mod strict;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,14 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::json;
 
 pub use body::Body;
+
+/// The request paths' pure parsers, for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::raw::{Parsed, parse as parse_head};
+    pub use super::routes::{PlanError, PublishPlan, Target, parse_publish};
+    pub use super::strict::{Refusal, check as check_head};
+}
 
 use crate::auth::{AuthError, Verifier};
 use crate::broker::Broker;
@@ -72,6 +81,10 @@ where
 {
     use routes::*;
     const GET: &[Method] = &[Method::GET, Method::HEAD];
+    // Before routing: a request whose host or framing is in doubt gets no answer but this one.
+    if let Err(refusal) = strict::check(req.version(), req.headers()) {
+        return refused(refusal);
+    }
     let path = req.uri().path().to_string();
     let (allowed, route): (&[Method], Route) = match path.as_str() {
         "/" => (GET, Route::Root),
@@ -176,6 +189,11 @@ pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> HttpResponse {
 
 pub fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     json_response(status, &json!({"error": code, "message": message}))
+}
+
+/// The 400 for a request head that breaks the rules of [`strict`].
+fn refused(refusal: strict::Refusal) -> HttpResponse {
+    error(StatusCode::BAD_REQUEST, refusal.code, refusal.message)
 }
 
 /// The 401 for a refused token: `WWW-Authenticate: Bearer error="invalid_token"` for every reason

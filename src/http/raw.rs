@@ -2,11 +2,14 @@
 //! socket, with no hyper connection behind it.
 //!
 //! hyper keeps two 8 KiB buffers and a connection task per connection for its whole life; an idle
-//! stream needs none of that. This path reads the request head into a short-lived buffer, answers
-//! through the same [`super::handle`] as every other request (same authentication, limits, CORS and
-//! errors), then writes chunked events straight from the stream's hub queue. Everything that is not
-//! a plain `GET /sse` (other routes, HTTP/2, requests with a body) goes to hyper, with the bytes read
-//! so far replayed in front of the socket by [`Rewind`].
+//! stream needs none of that. This path reads the first request head of every connection into a
+//! short-lived buffer (refusing, with a JSON 400, framing that hyper would only answer with an empty
+//! one), answers a plain `GET /sse` through the same [`super::handle`] as every other request (same
+//! authentication, limits, CORS and errors), then writes chunked events straight from the stream's
+//! hub queue. Everything else (other routes, HTTP/2, requests with a body) goes to hyper, with the
+//! bytes read so far replayed in front of the socket by [`Rewind`].
+//!
+//! A stream is one-way: the first byte a client sends on it ends it (see [`Chunked`]).
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -22,11 +25,10 @@ use http_body_util::Empty;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{AppState, Body, handle};
+use super::strict::{self, Refusal};
+use super::{AppState, Body, HttpResponse, handle};
 use crate::hub::{Outbox, Wire};
 
-/// The request line prefix served here.
-const SSE_PREFIX: &[u8] = b"GET /sse";
 /// Largest request head read (as hyper's limit); beyond it, 431.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
@@ -43,7 +45,9 @@ pub enum Head {
     Done,
 }
 
-/// Reads just enough of a connection to decide where it goes.
+/// Reads the first request head of a connection, refuses it if it breaks the rules of
+/// [`super::strict`] that only a raw head shows (hyper would answer those with an empty 400), and
+/// decides where the connection goes.
 pub async fn read_head(stream: &mut TcpStream, timeout: Duration) -> Head {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
@@ -53,16 +57,13 @@ pub async fn read_head(stream: &mut TcpStream, timeout: Duration) -> Head {
                 Ok(n) => n,
             };
             debug_assert!(n > 0);
-            let seen = buf.len().min(SSE_PREFIX.len());
-            if buf[..seen] != SSE_PREFIX[..seen] {
-                return Head::Other(buf.split().freeze());
-            }
-            if buf.len() > SSE_PREFIX.len() && !matches!(buf[SSE_PREFIX.len()], b' ' | b'?') {
-                return Head::Other(buf.split().freeze()); // /sse/, /ssex...: hyper answers 404
-            }
             match parse(&buf) {
                 Parsed::Complete(req) => return Head::Sse(req),
                 Parsed::Hyper => return Head::Other(buf.split().freeze()),
+                Parsed::Refused(refusal) => {
+                    let _ = write_full(stream, super::refused(refusal)).await;
+                    return Head::Done;
+                }
                 Parsed::Partial if buf.len() >= MAX_HEAD => {
                     let _ = stream
                         .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -78,24 +79,48 @@ pub async fn read_head(stream: &mut TcpStream, timeout: Duration) -> Head {
         .unwrap_or(Head::Done)
 }
 
-enum Parsed {
+/// What a request head read so far turned out to be.
+pub enum Parsed {
+    /// A plain `GET /sse`, complete: served on the raw socket.
     Complete(Box<Request<()>>),
     Partial,
-    /// Valid for hyper to judge (a body, HTTP/1.0, an odd header...), not for this path.
+    /// Valid for hyper to judge (another route, a body, HTTP/1.0, HTTP/2, an odd header...), not
+    /// for this path.
     Hyper,
+    /// A complete HTTP/1 head that must be answered 400 whatever its route.
+    Refused(Refusal),
 }
 
-fn parse(buf: &[u8]) -> Parsed {
+/// Parses the start of a connection: a pure function of the bytes read so far.
+pub fn parse(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    let head_len = match req.parse(buf) {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Complete(n)) => n,
         Err(_) => return Parsed::Hyper, // hyper answers 400 (or 431 for too many headers)
-    }
-    let (Some(path), Some(1)) = (req.path, req.version) else {
+    };
+    let lengths = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value);
+    let length = match strict::content_length(lengths) {
+        Ok(length) => length,
+        Err(refusal) => return Parsed::Refused(refusal),
+    };
+    let (Some("GET"), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Hyper;
     };
+    // `/sse` and `/sse?...` only: `/sse/`, `/ssex`... are hyper's 404.
+    let sse = path
+        .strip_prefix("/sse")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'));
+    // Bytes after the head are a pipelined request or junk, which an event stream never reads:
+    // hyper holds them unread.
+    if !sse || head_len != buf.len() {
+        return Parsed::Hyper;
+    }
     let mut map = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let (Ok(name), Ok(value)) = (
@@ -107,10 +132,7 @@ fn parse(buf: &[u8]) -> Parsed {
         map.append(name, value);
     }
     // Requests with a body or a protocol switch are hyper's business.
-    let has_body = map.contains_key(header::TRANSFER_ENCODING)
-        || map
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
+    let has_body = map.contains_key(header::TRANSFER_ENCODING) || length.is_some_and(|n| n > 0);
     if has_body || map.contains_key(header::UPGRADE) || map.contains_key(header::EXPECT) {
         return Parsed::Hyper;
     }
@@ -119,6 +141,7 @@ fn parse(buf: &[u8]) -> Parsed {
         Ok(uri) => *request.uri_mut() = uri,
         Err(_) => return Parsed::Hyper,
     }
+    *request.version_mut() = http::Version::HTTP_11;
     *request.headers_mut() = map;
     Parsed::Complete(Box::new(request))
 }
@@ -137,11 +160,8 @@ pub async fn serve(
     let (parts, body) = resp.into_parts();
     let lease = match body {
         Body::Stream(lease) => lease,
-        Body::Full(bytes) => {
-            let bytes = bytes.unwrap_or_default();
-            let head = response_head(&parts, Some(bytes.len()));
-            let _ = write_all_vectored(&mut stream, &mut [&head[..], &bytes[..]]).await;
-            let _ = stream.shutdown().await;
+        body @ Body::Full(_) => {
+            let _ = write_full(&mut stream, HttpResponse::from_parts(parts, body)).await;
             return;
         }
     };
@@ -213,25 +233,26 @@ impl Wire for Chunked {
         self.socket.poll_write_ready(cx)
     }
 
+    /// An event stream is one-way: whatever the client sends on it (a pipelined request, junk)
+    /// ends it. Reading it would cost a syscall per few bytes for as long as the client cares to
+    /// send; ending costs one read.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut probe = [0u8; 64];
-        // Bounded, so that a client sending without end cannot hold this thread.
-        for _ in 0..16 {
+        let mut probe = [0u8; 1];
+        loop {
             match self.socket.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) => {}
             }
             match self.socket.try_read(&mut probe) {
-                Ok(0) => return Poll::Ready(()), // the client closed
-                Ok(_) => {}                      // pipelined bytes after an event stream: ignored
+                // The client closed, or sent bytes on a one-way stream.
+                Ok(_) => return Poll::Ready(()),
+                // A spurious readiness: `try_read` cleared it, so the next poll waits again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Poll::Ready(()),
             }
         }
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     fn end(&mut self) {
@@ -317,6 +338,18 @@ fn response_head(parts: &http::response::Parts, content_length: Option<usize>) -
     head.extend_from_slice(http_date(std::time::SystemTime::now()).as_bytes());
     head.extend_from_slice(b"\r\n\r\n");
     head
+}
+
+/// Writes a complete response and closes the sending side: this path serves one request.
+async fn write_full(stream: &mut TcpStream, resp: HttpResponse) -> io::Result<()> {
+    let (parts, body) = resp.into_parts();
+    let bytes = match body {
+        Body::Full(bytes) => bytes.unwrap_or_default(),
+        Body::Stream(_) => Bytes::new(), // never: streams are answered by `serve`
+    };
+    let head = response_head(&parts, Some(bytes.len()));
+    write_all_vectored(stream, &mut [&head[..], &bytes[..]]).await?;
+    stream.shutdown().await
 }
 
 /// Writes every slice, using `writev` and resuming after partial writes.
@@ -445,10 +478,19 @@ mod tests {
             "GET /sse?access_token=x HTTP/1.1\r\nHost: a\r\n\r\n"
         ));
         assert!(complete("GET /sse HTTP/1.1\r\nContent-Length: 0\r\n\r\n"));
-        assert!(matches!(
-            parse(b"GET /sse HTTP/1.1\r\nHost: a\r\n"),
-            Parsed::Partial
+        assert!(complete(
+            "GET /sse HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 00\r\n\r\n"
         ));
+        for partial in [
+            "GET /sse HTTP/1.1\r\nHost: a\r\n",
+            "GET /s",
+            "POST /publish HTTP/1.1\r\nHost: a\r\n",
+        ] {
+            assert!(
+                matches!(parse(partial.as_bytes()), Parsed::Partial),
+                "{partial}"
+            );
+        }
         assert!(hyper("GET /sse HTTP/1.0\r\n\r\n"));
         assert!(hyper("GET /sse HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
         assert!(hyper(
@@ -456,6 +498,28 @@ mod tests {
         ));
         assert!(hyper("GET /sse HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"));
         assert!(hyper("GET /sse HTTP/1.1\r\n\0bad: x\r\n\r\n"));
+        assert!(hyper("GET /sse/ HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(hyper("GET /ssex HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(hyper("POST /sse HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(hyper("GET /health HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(hyper("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        // Pipelined bytes behind an event stream's head: hyper keeps them unread.
+        assert!(hyper("GET /sse HTTP/1.1\r\nHost: a\r\n\r\nGET /"));
+    }
+
+    #[test]
+    fn differing_content_lengths_are_refused_on_every_route() {
+        for head in [
+            "GET /sse HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+            "POST /publish HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\ncontent-length: 3\r\n\r\n{}",
+            "GET /health HTTP/1.0\r\nContent-Length: 1, 1\r\n\r\n",
+            "GET /sse HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(head.as_bytes()), Parsed::Refused(r) if r.code == "invalid_content_length"),
+                "{head}"
+            );
+        }
     }
 
     /// The outbox after `n` bytes of `partial` + chunks of `events` were written.

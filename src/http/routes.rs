@@ -342,17 +342,17 @@ fn yes() -> bool {
 
 /// Who a publish goes to.
 #[derive(Debug, PartialEq, Eq)]
-enum Target {
+pub enum Target {
     User(String),
     Broadcast,
 }
 
 /// A validated publish: the targets and the one envelope sent to all of them.
 #[derive(Debug)]
-struct PublishPlan {
-    targets: Vec<Target>,
-    envelope: Bytes,
-    durable: bool,
+pub struct PublishPlan {
+    pub targets: Vec<Target>,
+    pub envelope: Bytes,
+    pub durable: bool,
 }
 
 pub async fn publish<B>(state: &AppState, req: Request<B>) -> HttpResponse
@@ -412,14 +412,7 @@ where
             return error(StatusCode::BAD_REQUEST, "unreadable_body", &e);
         }
     };
-    let request: PublishRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            outcome("bad_request");
-            return error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string());
-        }
-    };
-    let plan = match plan_publish(request) {
+    let plan = match parse_publish(&body) {
         Ok(plan) => plan,
         Err((code, message)) => {
             outcome("bad_request");
@@ -550,7 +543,15 @@ fn too_large(limit: usize) -> HttpResponse {
     )
 }
 
-type PlanError = (&'static str, String);
+/// Why a publish request was refused: the JSON error's code and message (a 400).
+pub type PlanError = (&'static str, String);
+
+/// Reads a `POST /publish` body into its plan: the JSON, then [`plan_publish`].
+pub fn parse_publish(body: &[u8]) -> Result<PublishPlan, PlanError> {
+    let request: PublishRequest =
+        serde_json::from_slice(body).map_err(|e| ("invalid_json", e.to_string()))?;
+    plan_publish(request)
+}
 
 /// Validates a publish request into its targets and the one envelope sent to all of them.
 fn plan_publish(req: PublishRequest) -> Result<PublishPlan, PlanError> {
@@ -709,7 +710,7 @@ mod tests {
     use super::*;
 
     fn plan(body: Value) -> Result<PublishPlan, PlanError> {
-        plan_publish(serde_json::from_value(body).unwrap())
+        parse_publish(body.to_string().as_bytes())
     }
 
     #[test]
@@ -739,5 +740,9 @@ mod tests {
             "invalid_field"
         );
         assert_eq!(code(json!({"user":"u","id":"7"})), "invalid_field");
+        assert_eq!(code(json!({"user":"u","extra":1})), "invalid_json");
+        assert_eq!(code(json!({"user":"."})), "invalid_user");
+        assert_eq!(code(json!({"users":["a",".."]})), "invalid_user");
+        assert_eq!(parse_publish(b"{").unwrap_err().0, "invalid_json");
     }
 }

@@ -80,8 +80,8 @@ pub trait Wire: Send + 'static {
     fn write(&mut self, out: &mut Outbox) -> io::Result<bool>;
     /// Ready once the socket may take more after a write that filled it.
     fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    /// Ready once the client has closed its side or the connection failed. Anything the client
-    /// sends meanwhile is read and ignored.
+    /// Ready once the client has closed its side, sent anything at all (a stream is one-way), or
+    /// the connection failed.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()>;
     /// Ends the stream in the transport's way (the last chunk) and closes the sending side.
     fn end(&mut self);

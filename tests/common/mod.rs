@@ -524,6 +524,19 @@ impl Gateway {
         }
     }
 
+    /// CPU time (user + system, every thread) the process has used so far, from `/proc`.
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.as_ref().expect("gateway running").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+        // SAFETY: sysconf only reads a system constant.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     /// Publishes over HTTP with a publisher token of `app`.
     pub async fn publish(&self, app: &str, body: Value) -> reqwest::Response {
         http()
