@@ -13,9 +13,11 @@
 //! - [`hub`]: which local streams belong to which app and user; subscription ref-counting,
 //!   fan-out of encoded events, replay and the re-sync after a lost broker link (core).
 //! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
+//! - [`rate`]: request rates per token, user and application (token buckets; core).
 //! - [`history`]: event ids and their epochs, replay merging and reset reasons (core).
 //! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`], [`clock`]: settings, Prometheus
-//!   metrics, log output, signal handling and drain order, the open-file limit, the wall clock.
+//!   metrics, log output, signal handling and drain order, the open-file limit (and the
+//!   descriptors kept free of streams), the wall clock.
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
 
