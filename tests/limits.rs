@@ -304,19 +304,22 @@ async fn streams_resuming_from_far_back_are_served_page_by_page_as_they_read() {
     }
     // Until every stream has what it will get: the history reads stop.
     let mut reads = 0.0;
+    let mut stopped = false;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = gw.metric("sse_replay_reads_total").await.unwrap_or(0.0);
         if now >= 100.0 && now == reads {
+            stopped = true;
             break;
         }
         reads = now;
     }
-    // A client that does not read gets no further pages: the reads stop at about one per
-    // stream once its socket is full (the memory bound itself is the hub's own unit test).
+    // A client that does not read gets no further pages: the reads stop once its socket (and the
+    // kernel's buffers behind it, a few pages) is full, far short of the 31 pages of 128 KB each
+    // stream missed (the memory bound itself is the hub's own unit test).
     assert!(
-        reads < 400.0,
-        "history reads stop when sockets stop draining: {reads}"
+        stopped && reads < 1000.0,
+        "history reads stop when sockets stop draining: {reads} (stopped: {stopped})"
     );
     drop(idle);
 
