@@ -10,13 +10,6 @@ use fred::interfaces::{ClientLike, PubsubInterface};
 use fred::types::Value as RedisValue;
 use serde_json::{Value, json};
 
-async fn publish_id(gw: &Gateway, app: &str, body: Value) -> String {
-    let r = gw.publish(app, body).await;
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    v["ids"][0].as_str().unwrap().to_string()
-}
-
 /// Reads `n` events, returning (id, data) pairs.
 async fn take(c: &mut SseClient, n: usize) -> Vec<(String, String)> {
     let mut out = Vec::with_capacity(n);
@@ -29,18 +22,15 @@ async fn take(c: &mut SseClient, n: usize) -> Vec<(String, String)> {
 
 async fn replay_scenario(first: &Gateway, second: &Gateway) {
     let mut alice = first.connect("shop", "alice").await;
-    let a1 = publish_id(
-        first,
-        "shop",
-        json!({"user": "alice", "type": "t", "data": "a1"}),
-    )
-    .await;
-    let b1 = publish_id(
-        first,
-        "shop",
-        json!({"broadcast": true, "type": "t", "data": "b1"}),
-    )
-    .await;
+    let a1 = first
+        .publish_id("shop", json!({"user": "alice", "type": "t", "data": "a1"}))
+        .await;
+    let b1 = first
+        .publish_id(
+            "shop",
+            json!({"broadcast": true, "type": "t", "data": "b1"}),
+        )
+        .await;
     let seen = take(&mut alice, 2).await;
     assert_eq!(
         seen,
@@ -61,7 +51,7 @@ async fn replay_scenario(first: &Gateway, second: &Gateway) {
     {
         // Alternate the instance that publishes: history is shared.
         let gw = if i % 2 == 0 { first } else { second };
-        let id = publish_id(gw, "shop", body.clone()).await;
+        let id = gw.publish_id("shop", body.clone()).await;
         if body["user"] != "bob" {
             missed.push((id, body["data"].to_string()));
         }
@@ -73,12 +63,12 @@ async fn replay_scenario(first: &Gateway, second: &Gateway) {
         missed,
         "exactly what was missed, in order"
     );
-    let live = publish_id(
-        first,
-        "shop",
-        json!({"user": "alice", "type": "t", "data": "live"}),
-    )
-    .await;
+    let live = first
+        .publish_id(
+            "shop",
+            json!({"user": "alice", "type": "t", "data": "live"}),
+        )
+        .await;
     assert_eq!(take(&mut back, 1).await, vec![(live, "\"live\"".into())]);
     back.expect_silence(Duration::from_millis(300)).await;
 }
@@ -110,9 +100,15 @@ async fn replay_in_embedded_mode() {
 async fn streams_resuming_together_share_history_reads() {
     let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
     let gw = Gateway::with_redis(&redis).await;
-    let start = publish_id(&gw, "shop", json!({"broadcast": true, "data": "b0"})).await;
-    let own = publish_id(&gw, "shop", json!({"user": "u0", "data": "mine"})).await;
-    let b1 = publish_id(&gw, "shop", json!({"broadcast": true, "data": "b1"})).await;
+    let start = gw
+        .publish_id("shop", json!({"broadcast": true, "data": "b0"}))
+        .await;
+    let own = gw
+        .publish_id("shop", json!({"user": "u0", "data": "mine"}))
+        .await;
+    let b1 = gw
+        .publish_id("shop", json!({"broadcast": true, "data": "b1"}))
+        .await;
     let reads_before = gw
         .metric("sse_replay_reads_total")
         .await
@@ -228,10 +224,14 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
         .env("HISTORY_MAXLEN", "5")
         .start()
         .await;
-    let first = publish_id(&gw, "shop", json!({"user": "alice", "data": 0})).await;
+    let first = gw
+        .publish_id("shop", json!({"user": "alice", "data": 0}))
+        .await;
     let mut newest = String::new();
     for n in 1..200 {
-        newest = publish_id(&gw, "shop", json!({"user": "alice", "data": n})).await;
+        newest = gw
+            .publish_id("shop", json!({"user": "alice", "data": n}))
+            .await;
     }
     // Trimmed past the client's id: the gap cannot be filled, and the stream says so.
     let mut c = gw.resume("shop", "alice", &first).await;
@@ -245,7 +245,9 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
         "moves the client to the present"
     );
     // Then live delivery continues.
-    let live = publish_id(&gw, "shop", json!({"user": "alice", "data": "live"})).await;
+    let live = gw
+        .publish_id("shop", json!({"user": "alice", "data": "live"}))
+        .await;
     let ev = c.next().await;
     assert_eq!(
         (ev.id.as_deref(), ev.data.as_str()),
@@ -296,7 +298,9 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
 async fn history_survives_a_reconnect_but_an_emptied_redis_means_reset() {
     let mut redis = RedisServer::start();
     let gw = Gateway::with_redis(&redis).await;
-    let id = publish_id(&gw, "shop", json!({"user": "alice", "data": 1})).await;
+    let id = gw
+        .publish_id("shop", json!({"user": "alice", "data": 1}))
+        .await;
     redis.restart(); // no persistence: history, and the functions, are gone
     let gw_ref = &gw;
     let status = poll_until(
@@ -319,7 +323,9 @@ async fn history_survives_a_reconnect_but_an_emptied_redis_means_reset() {
         ("reset", Some("history_lost"))
     );
     // Durable publishing works again (the library is reloaded on demand).
-    let again = publish_id(&gw, "shop", json!({"user": "alice", "data": 2})).await;
+    let again = gw
+        .publish_id("shop", json!({"user": "alice", "data": 2}))
+        .await;
     assert_eq!(c.next().await.id.as_deref(), Some(again.as_str()));
 }
 
@@ -400,7 +406,9 @@ async fn backends_publish_durably_with_the_redis_function() {
 async fn batch_publish_is_durable_for_every_user() {
     let redis = RedisServer::start();
     let gw = Gateway::with_redis(&redis).await;
-    let start = publish_id(&gw, "shop", json!({"broadcast": true, "data": "start"})).await;
+    let start = gw
+        .publish_id("shop", json!({"broadcast": true, "data": "start"}))
+        .await;
     let r = gw
         .publish(
             "shop",
@@ -529,9 +537,12 @@ async fn a_history_that_expired_and_was_recreated_is_never_a_silent_gap() {
         .env("HISTORY_TTL", "2")
         .start()
         .await;
-    let seen = publish_id(&gw, "shop", json!({"user": "alice", "data": "seen"})).await;
+    let seen = gw
+        .publish_id("shop", json!({"user": "alice", "data": "seen"}))
+        .await;
     // Missed by the client, then gone with alice's history when it expires.
-    publish_id(&gw, "shop", json!({"user": "alice", "data": "lost"})).await;
+    gw.publish_id("shop", json!({"user": "alice", "data": "lost"}))
+        .await;
     let redis_client = redis.client().await;
     let r = &redis_client;
     eventually(
@@ -547,8 +558,10 @@ async fn a_history_that_expired_and_was_recreated_is_never_a_silent_gap() {
     )
     .await;
     // Both streams are written again: the application's broadcasts, and alice's own.
-    publish_id(&gw, "shop", json!({"broadcast": true, "data": "broadcast"})).await;
-    publish_id(&gw, "shop", json!({"user": "alice", "data": "fresh"})).await;
+    gw.publish_id("shop", json!({"broadcast": true, "data": "broadcast"}))
+        .await;
+    gw.publish_id("shop", json!({"user": "alice", "data": "fresh"}))
+        .await;
     let mut c = gw.resume("shop", "alice", &seen).await;
     let ev = c.next().await;
     assert_eq!(

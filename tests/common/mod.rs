@@ -548,6 +548,14 @@ impl Gateway {
             .expect("publish request")
     }
 
+    /// Publishes durably over HTTP (it must succeed) and returns the event's id.
+    pub async fn publish_id(&self, app: &str, body: Value) -> String {
+        let r = self.publish(app, body).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("publish answer");
+        v["ids"][0].as_str().expect("an event id").to_string()
+    }
+
     /// Opens `/sse` for a user with the token in the Authorization header.
     pub async fn connect(&self, app: &str, user: &str) -> SseClient {
         let c = SseClient::open(
