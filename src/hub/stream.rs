@@ -353,22 +353,8 @@ impl Conn {
         if q.state != QueueState::Open {
             return false;
         }
-        for (id, b) in replay {
-            match (id, q.floor) {
-                (Some(id), Some(f)) if f.covers(&id) => {}
-                _ => q.out.push(b),
-            }
-        }
-        if let Some(after) = after {
-            q.floor = Some(EventId::advance(q.floor, after));
-        }
-        if q.wire.is_some() && !q.blocked && !q.scheduled {
-            q.scheduled = true;
-            drop(q);
-            self.flush();
-        } else {
-            wake(q);
-        }
+        q.queue_replay(replay, after);
+        wake(q); // the task writes it
         true
     }
 
@@ -407,31 +393,21 @@ impl Conn {
         if q.state != QueueState::Open {
             return false;
         }
-        let mut floor = q.floor;
-        for (id, b) in replay {
-            match (id, floor) {
-                (Some(id), Some(f)) if f.covers(&id) => {}
-                _ => q.out.push(b),
-            }
-        }
-        if let Some(after) = after {
-            floor = Some(EventId::advance(floor, after));
-        }
+        q.queue_replay(replay, after);
         // Held events were counted in the budget when they arrived.
         for (id, b) in held {
-            match (id, floor) {
+            match (id, q.floor) {
                 (Some(id), Some(f)) if f.covers(&id) => {
                     q.out.bytes = q.out.bytes.saturating_sub(b.len());
                 }
                 _ => {
                     if let Some(id) = id {
-                        floor = Some(EventId::advance(floor, id));
+                        q.floor = Some(EventId::advance(q.floor, id));
                     }
                     q.out.queue(b);
                 }
             }
         }
-        q.floor = floor;
         wake(q);
         true
     }
@@ -504,6 +480,20 @@ fn disconnected(state: QueueState) -> QueueState {
 }
 
 impl Queue {
+    /// Queues history read for a catch-up (past the limits: a page, or bounded by history),
+    /// except what the stream already has, and moves the stream's position to `after`.
+    fn queue_replay(&mut self, replay: Vec<(Option<EventId>, Bytes)>, after: Option<EventId>) {
+        for (id, b) in replay {
+            match (id, self.floor) {
+                (Some(id), Some(f)) if f.covers(&id) => {}
+                _ => self.out.push(b),
+            }
+        }
+        if let Some(after) = after {
+            self.floor = Some(EventId::advance(self.floor, after));
+        }
+    }
+
     /// Remembers the task to wake when something changes (cloning its waker only when it changed).
     fn park<T>(&mut self, cx: &mut Context<'_>) -> Poll<T> {
         if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
