@@ -185,14 +185,28 @@ pub struct Retention {
     pub ttl_secs: u64,
 }
 
-/// The inverse of [`user_channel`] and [`app_channel`]; `None` for anything else.
+/// The inverse of [`user_channel`] and [`app_channel`], also in the hash-tagged form a Redis
+/// Cluster uses (`{app}:channel:{user}`, `{app}:broadcast`); `None` for anything else.
 pub fn parse_channel(channel: &str) -> Option<Topic<'_>> {
-    if let Some(app) = channel.strip_suffix(":broadcast") {
-        return (!app.contains(':') && !app.is_empty()).then_some(Topic::App { app });
+    if let Some(a) = channel.strip_suffix(":broadcast") {
+        return untag(a).map(|app| Topic::App { app });
     }
-    let (app, user) = channel.split_once(":channel:")?;
-    let ok = |s: &str| !s.is_empty() && !s.contains(':');
-    (ok(app) && ok(user)).then_some(Topic::User { app, user })
+    let (a, user) = channel.split_once(":channel:")?;
+    let app = untag(a)?;
+    plain_id(user).then_some(Topic::User { app, user })
+}
+
+fn plain_id(s: &str) -> bool {
+    !s.is_empty() && !s.contains([':', '{', '}'])
+}
+
+/// An application id, bare or as a cluster hash tag (`{app}`).
+fn untag(s: &str) -> Option<&str> {
+    let s = s
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or(s);
+    plain_id(s).then_some(s)
 }
 
 /// Pub/sub and registry storage. Every method is safe to call while the link is down: it fails
@@ -291,6 +305,17 @@ mod tests {
             parse_channel(&app_channel("a")),
             Some(Topic::App { app: "a" })
         );
+        assert_eq!(
+            parse_channel("{a}:channel:u"),
+            Some(Topic::User {
+                app: "a",
+                user: "u"
+            })
+        );
+        assert_eq!(
+            parse_channel("{a}:broadcast"),
+            Some(Topic::App { app: "a" })
+        );
         for bad in [
             "",
             "a",
@@ -299,6 +324,10 @@ mod tests {
             "a:b:channel:u",
             ":broadcast",
             "a:x:broadcast",
+            "{}:broadcast",
+            "{a:broadcast",
+            "{{a}}:channel:u",
+            "{a}:channel:{u}",
         ] {
             assert_eq!(parse_channel(bad), None, "{bad}");
         }

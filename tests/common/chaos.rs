@@ -423,6 +423,9 @@ pub struct LoadConfig {
     /// `FCALL` publishes count as acknowledged only once this many replicas hold them (`WAIT`,
     /// as a backend asks for it); 0 acknowledges on the primary's answer.
     pub wait_replicas: u32,
+    /// Redis Cluster: `FCALL` declares the application's key (`1 {app}`), and `WAIT` goes to the
+    /// node that holds its slot.
+    pub cluster: bool,
 }
 
 impl LoadConfig {
@@ -435,6 +438,7 @@ impl LoadConfig {
             rate: 250,
             timeout: Duration::from_secs(2),
             wait_replicas: 0,
+            cluster: false,
         }
     }
 }
@@ -500,6 +504,7 @@ impl Load {
                     gateway: i,
                     timeout: cfg.timeout,
                     wait_replicas: cfg.wait_replicas,
+                    cluster: cfg.cluster,
                     ledger: ledger.clone(),
                 };
                 // Staggered, so the publishers do not fire all at once.
@@ -551,6 +556,7 @@ struct Publisher {
     gateway: usize,
     timeout: Duration,
     wait_replicas: u32,
+    cluster: bool,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -614,10 +620,19 @@ impl Publisher {
             &self.topic
         };
         let envelope = json!({"type": EVENT_TYPE, "data": self.data(n)}).to_string();
-        let call = self.redis.custom::<Vec<RedisValue>, _>(
-            fred::cmd!("FCALL"),
-            vec!["sse_publish", "0", &self.app, user, &envelope],
-        );
+        let key = format!("{{{}}}", self.app);
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let call = if self.cluster {
+            self.redis.custom::<Vec<RedisValue>, _>(
+                fred::cmd!("FCALL", hash: fred::types::ClusterHash::Custom(slot)),
+                vec!["sse_publish", "1", &key, &self.app, user, &envelope],
+            )
+        } else {
+            self.redis.custom::<Vec<RedisValue>, _>(
+                fred::cmd!("FCALL"),
+                vec!["sse_publish", "0", &self.app, user, &envelope],
+            )
+        };
         let id = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err("fcall timeout".to_string()),
             // The message's start says which failure it was (a missing function, a dropped link).
@@ -632,8 +647,9 @@ impl Publisher {
                 .ok_or_else(|| "fcall odd answer".into()),
         }?;
         if self.wait_replicas > 0 {
+            // On a cluster, WAIT must run where the FCALL ran: the node of the app's slot.
             let wait = self.redis.custom::<i64, _>(
-                fred::cmd!("WAIT"),
+                fred::cmd!("WAIT", hash: fred::types::ClusterHash::Custom(slot)),
                 vec![self.wait_replicas.to_string(), "1000".to_string()],
             );
             match tokio::time::timeout(self.timeout, wait).await {

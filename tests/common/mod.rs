@@ -316,6 +316,141 @@ impl Drop for SentinelSet {
     }
 }
 
+/// A Redis Cluster of three primaries, each with one replica, on free ports (the cluster bus on
+/// ports of its own), with a node timeout of one second so that a failover takes a few seconds.
+pub struct ClusterSet {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl ClusterSet {
+    pub async fn start() -> ClusterSet {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let bus = free_port().to_string();
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-port",
+                &bus,
+                "--repl-diskless-sync-delay",
+                "0",
+            ]));
+        }
+        let mut create = vec!["--cluster".to_string(), "create".to_string()];
+        create.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let out = Command::new("redis-cli")
+            .args(&create)
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let set = ClusterSet { nodes };
+        set.wait_healthy().await;
+        set
+    }
+
+    /// Waits until every node says the cluster is ok and every primary has a replica in sync.
+    pub async fn wait_healthy(&self) {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        eventually(
+            Duration::from_secs(30),
+            "the cluster is ok, every primary with a replica in sync",
+            || {
+                let ports = ports.clone();
+                async move {
+                    let mut primaries_with_replica = 0;
+                    for port in ports {
+                        let Some(c) = sentinel_client(port).await else {
+                            return false;
+                        };
+                        let info: String = c
+                            .custom(fred::cmd!("CLUSTER"), vec!["INFO"])
+                            .await
+                            .unwrap_or_default();
+                        let repl: String = c
+                            .custom(fred::cmd!("INFO"), vec!["replication"])
+                            .await
+                            .unwrap_or_default();
+                        let _ = c.quit().await;
+                        if !info.contains("cluster_state:ok") {
+                            return false;
+                        }
+                        if repl.contains("role:master") && repl.contains("state=online") {
+                            primaries_with_replica += 1;
+                        }
+                    }
+                    primaries_with_replica == 3
+                }
+            },
+        )
+        .await;
+    }
+
+    /// A gateway's `REDIS_URL` that names only node `i` (the rest is discovered).
+    pub fn url(&self, i: usize) -> String {
+        format!("redis-cluster://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// A cluster client that follows the topology.
+    pub async fn client(&self) -> fred::clients::Client {
+        let config = fred::types::config::Config::from_url(&self.url(0)).expect("url");
+        let client = fred::types::Builder::from_config(config)
+            .build()
+            .expect("client");
+        client.init().await.expect("connect to test cluster");
+        client
+    }
+
+    /// The index of the node that is primary for `key`'s slot now.
+    pub async fn primary_of(&self, key: &str) -> usize {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        for (i, node) in self.nodes.iter().enumerate() {
+            let Some(c) = sentinel_client(node.port).await else {
+                continue;
+            };
+            let slots: Vec<fred::types::Value> = c
+                .custom(fred::cmd!("CLUSTER"), vec!["SLOTS"])
+                .await
+                .unwrap_or_default();
+            let _ = c.quit().await;
+            for range in slots {
+                let fred::types::Value::Array(r) = range else {
+                    continue;
+                };
+                let (Some(lo), Some(hi)) = (
+                    r.first().and_then(|v| v.as_u64()),
+                    r.get(1).and_then(|v| v.as_u64()),
+                ) else {
+                    continue;
+                };
+                let primary_port = r
+                    .get(2)
+                    .and_then(|n| match n {
+                        fred::types::Value::Array(n) => n.get(1).and_then(|p| p.as_u64()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                if (lo..=hi).contains(&u64::from(slot)) {
+                    return self
+                        .nodes
+                        .iter()
+                        .position(|n| u64::from(n.port) == primary_port)
+                        .unwrap_or(i);
+                }
+            }
+        }
+        panic!("no node serves slot {slot}");
+    }
+}
+
 /// A client of the Sentinel on `port`, or `None` while it does not answer.
 async fn sentinel_client(port: u16) -> Option<fred::clients::Client> {
     let config =

@@ -4,62 +4,111 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use fred::clients::Client;
-use fred::interfaces::ClientLike;
-use fred::types::Value;
+use fred::interfaces::{ClientLike, ClusterInterface};
+use fred::types::{ClusterHash, CustomCommand, Value};
 
-use super::{Links, command_error};
+use super::{Links, cluster, command_error};
 use crate::broker::{BrokerError, Position, Retention};
 use crate::history::{Backlog, EventId, ResetReason};
 
 /// The library, shipped with the gateway.
 const LIBRARY: &str = include_str!("sse_gateway.lua");
 
-/// The library with this deployment's history settings filled in.
-pub fn library(retention: Retention, max_message_bytes: usize) -> String {
+/// The library with this deployment's history settings filled in; `cluster` for Redis Cluster
+/// (hash-tagged names, sharded pub/sub).
+pub fn library(retention: Retention, max_message_bytes: usize, cluster: bool) -> String {
     LIBRARY
         .replace("__MAXLEN__", &retention.max_len.to_string())
         .replace("__TTL__", &retention.ttl_secs.to_string())
         .replace("__MAX_BYTES__", &max_message_bytes.to_string())
+        .replace("__CLUSTER__", if cluster { "true" } else { "false" })
+}
+
+/// `FCALL <function> <numkeys> [key] <args>...` routed by its key (on a cluster, to the node that
+/// holds the key's slot).
+fn fcall_command(
+    function: &str,
+    key: Option<&str>,
+    args: Vec<Value>,
+) -> (CustomCommand, Vec<Value>) {
+    let mut full: Vec<Value> = Vec::with_capacity(3 + args.len());
+    full.push(function.into());
+    match key {
+        Some(key) => full.extend([1.into(), key.into()]),
+        None => full.push(0.into()),
+    }
+    full.extend(args);
+    // fred honours only a slot given outright for a custom command (any other policy hashes
+    // its first string: the function's name).
+    let hash = match key {
+        Some(key) => ClusterHash::Custom(cluster::slot(key)),
+        None => ClusterHash::Random,
+    };
+    (CustomCommand::new("FCALL", hash, false), full)
 }
 
 impl Links {
-    /// Loads (or replaces) the library on the node commands go to.
+    /// Loads (or replaces) the library where commands go: on a cluster, on every primary.
     pub(super) async fn load_library(&self) -> Result<(), BrokerError> {
-        let _: Value = self
-            .client
-            .custom(
-                fred::cmd!("FUNCTION"),
-                vec!["LOAD", "REPLACE", self.library.as_str()],
-            )
-            .await
-            .map_err(|e| BrokerError::Command(format!("loading the Redis Functions: {e}")))?;
+        let failed = |e: fred::error::Error| {
+            BrokerError::Command(format!("loading the Redis Functions: {e}"))
+        };
+        let args = vec!["LOAD", "REPLACE", self.library.as_str()];
+        if self.cluster {
+            let primaries = self
+                .client
+                .cached_cluster_state()
+                .map(|state| state.unique_primary_nodes())
+                .unwrap_or_default();
+            if primaries.is_empty() {
+                return Err(BrokerError::Unavailable(
+                    "cluster topology not known yet".into(),
+                ));
+            }
+            for node in primaries {
+                let _: Value = self
+                    .client
+                    .with_cluster_node(node)
+                    .custom(fred::cmd!("FUNCTION"), args.clone())
+                    .await
+                    .map_err(failed)?;
+            }
+        } else {
+            let _: Value = self
+                .client
+                .custom(fred::cmd!("FUNCTION"), args)
+                .await
+                .map_err(failed)?;
+        }
         self.functions.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// `FCALL` on the command connection.
+    /// `FCALL` of an application's function on the command connection.
     pub(super) async fn fcall(
         &self,
         function: &str,
+        app: &str,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
-        self.fcall_on(&self.client, function, args).await
+        let key = cluster::base(self.cluster, app);
+        self.fcall_on(&self.client, function, Some(&key), args)
+            .await
     }
 
     /// `FCALL` on `client`, loading the library first if this Redis lost it (restarted without
     /// persistence, or a replica promoted before the library reached it).
-    async fn fcall_on(
+    async fn fcall_on<C: ClientLike>(
         &self,
-        client: &Client,
+        client: &C,
         function: &str,
+        key: Option<&str>,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
         self.commands_up()?;
         let call = |args: Vec<Value>| {
-            let mut full: Vec<Value> = vec![function.into(), 0.into()];
-            full.extend(args);
-            client.custom::<Value, _>(fred::cmd!("FCALL"), full)
+            let (cmd, full) = fcall_command(function, key, args);
+            client.custom::<Value, _>(cmd, full)
         };
         let answer = match call(args.clone()).await {
             Err(e) if e.details().contains("Function not found") => {
@@ -89,7 +138,26 @@ impl Links {
             Value::Bytes(envelope),
         ];
         let client = self.durable.as_ref().unwrap_or(&self.client);
-        let answer = self.fcall_on(client, "sse_publish", args).await?;
+        let key = cluster::base(self.cluster, app);
+        // `WAIT` counts the replicas of the node it runs on: on a cluster, both go to the node
+        // that holds the application's slot.
+        let node = match self.cluster {
+            true => client
+                .cached_cluster_state()
+                .and_then(|state| state.get_server(cluster::slot(&key)).cloned()),
+            false => None,
+        };
+        let answer = match &node {
+            Some(node) => {
+                let pinned = client.with_cluster_node(node.clone());
+                self.fcall_on(&pinned, "sse_publish", Some(&key), args)
+                    .await?
+            }
+            None => {
+                self.fcall_on(client, "sse_publish", Some(&key), args)
+                    .await?
+            }
+        };
         let bad = || BrokerError::Command("unexpected answer from sse_publish".into());
         let Value::Array(items) = answer else {
             return Err(bad());
@@ -103,13 +171,17 @@ impl Links {
         let want = self.durability.min_replicas;
         if want > 0 {
             let wait_ms = self.durability.wait.as_millis().max(1) as u64;
-            let acked: i64 = client
-                .custom(
-                    fred::cmd!("WAIT"),
-                    vec![want.to_string(), wait_ms.to_string()],
-                )
-                .await
-                .map_err(command_error)?;
+            let args = vec![want.to_string(), wait_ms.to_string()];
+            let acked: i64 = match node {
+                Some(node) => {
+                    client
+                        .with_cluster_node(node)
+                        .custom(fred::cmd!("WAIT"), args)
+                        .await
+                }
+                None => client.custom(fred::cmd!("WAIT"), args).await,
+            }
+            .map_err(command_error)?;
             if acked < i64::from(want) {
                 return Err(BrokerError::NotReplicated {
                     id,
@@ -133,7 +205,7 @@ impl Links {
             args.push(format!("#{page}").into());
         }
         args.extend(users.iter().map(|u| Value::from(u.as_str())));
-        parse_backlog(self.fcall("sse_backlog", args).await?, users.len())
+        parse_backlog(self.fcall("sse_backlog", app, args).await?, users.len())
     }
 
     pub(super) async fn position(
@@ -144,7 +216,7 @@ impl Links {
         let mut args: Vec<Value> = vec![app.into()];
         args.extend(seen.map(|id| Value::from(id.to_string())));
         let bad = || BrokerError::Command("unexpected answer from sse_position".into());
-        let Value::Array(items) = self.fcall("sse_position", args).await? else {
+        let Value::Array(items) = self.fcall("sse_position", app, args).await? else {
             return Err(bad());
         };
         let mut items = items.into_iter().filter_map(|v| v.into_string());
@@ -159,9 +231,16 @@ impl Links {
     /// Publishes `payload` on `channel` from a function: it fails unless the library is loaded and
     /// the node takes writes.
     pub(super) async fn probe(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
-        self.fcall("sse_probe", vec![channel.into(), payload.into()])
-            .await
-            .map(drop)
+        // On a cluster the channel is the key: it routes the call to the shard being probed.
+        let key = self.cluster.then_some(channel);
+        self.fcall_on(
+            &self.client,
+            "sse_probe",
+            key,
+            vec![channel.into(), payload.into()],
+        )
+        .await
+        .map(drop)
     }
 }
 

@@ -1,14 +1,18 @@
 //! The Redis broker: every use of fred lives under this module.
 //!
-//! Two connections: one for commands (publish, history, registry; pipelined) and one dedicated
-//! subscriber. Both reconnect forever, with a backoff capped at one second so that the gateway is
-//! back within about a second of Redis.
+//! Two connections (on a Redis Cluster, two per primary): one for commands (publish, history,
+//! registry; pipelined) and one dedicated subscriber. Both reconnect forever, with a backoff capped
+//! at one second so that the gateway is back within about a second of Redis.
 //!
 //! - [`functions`]: the Redis Functions library (durable publish, replay, history position, probe);
-//! - [`subscriber`]: subscriptions, message delivery to the hub, re-sync after a lost link, probe;
-//! - [`registry`]: the cluster-wide connection registry's keys.
+//! - [`subscriber`]: subscriptions, message delivery to the hub, re-sync after a lost link;
+//! - [`probe`]: the end-to-end probe on every shard, behind readiness;
+//! - [`registry`]: the cluster-wide connection registry's keys;
+//! - [`cluster`]: Redis Cluster's slots: where an application's keys, channels and calls go.
 
+mod cluster;
 mod functions;
+mod probe;
 mod registry;
 mod subscriber;
 
@@ -19,13 +23,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
 use fred::error::Error as FredError;
-use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface, PubsubInterface};
 use fred::types::Builder;
 use fred::types::config::{Config as FredConfig, ReconnectPolicy, TcpConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::functions::library;
-use self::subscriber::{Probe, SubRequest};
+use self::probe::Probe;
+use self::subscriber::SubRequest;
 use super::{
     Admission, Admitted, BoxFuture, Broker, BrokerError, ConnectionRecord, Durability, LinkState,
     MessageSink, Position, RegistryOp, Retention,
@@ -56,6 +61,8 @@ struct Links {
     durable: Option<Client>,
     durability: Durability,
     metrics: Arc<Metrics>,
+    /// Redis Cluster: hash-tagged names, sharded pub/sub, the library on every primary.
+    cluster: bool,
     library: String,
     /// The library is loaded on the node commands go to (as far as this instance knows).
     functions: AtomicBool,
@@ -87,6 +94,7 @@ impl RedisBroker {
             FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
         // Keep retrying when Redis is not up yet at start-up, instead of failing.
         config.fail_fast = false;
+        let cluster = config.server.is_clustered();
         let mut policy = ReconnectPolicy::new_exponential(0, RECONNECT_MIN_MS, RECONNECT_MAX_MS, 2);
         policy.set_jitter(RECONNECT_JITTER_MS);
         let mut builder = Builder::from_config(config);
@@ -134,7 +142,8 @@ impl RedisBroker {
                 durable,
                 durability,
                 metrics,
-                library: library(retention, max_message_bytes),
+                cluster,
+                library: library(retention, max_message_bytes, cluster),
                 functions: AtomicBool::new(false),
                 probe: Arc::new(Probe::new(instance)),
                 admissions: registry::Admissions::default(),
@@ -173,6 +182,53 @@ impl Links {
         tokio::spawn(async move {
             let _ = subscriber.force_reconnection().await;
         });
+    }
+}
+
+impl Links {
+    /// The probe's channels: one on a single Redis, one per primary on a cluster.
+    fn probe_channels(&self) -> Vec<String> {
+        if !self.cluster {
+            return vec![self.probe.channel()];
+        }
+        let slots = self
+            .client
+            .cached_cluster_state()
+            .map(|state| state.unique_hash_slots())
+            .unwrap_or_default();
+        self.probe.cluster_channels(&slots)
+    }
+}
+
+/// On a cluster, a change of topology (a failover, slots moved, a node added) is treated as a
+/// reconnect: the library is loaded on every primary again and the registry rewritten, and every
+/// subscription is restored on the nodes that now hold its slot (with the re-sync of the open
+/// streams that a resubscription brings).
+async fn follow_topology(
+    links: Arc<Links>,
+    reconnects: watch::Sender<u64>,
+    requests: mpsc::UnboundedSender<SubRequest>,
+) {
+    let mut commands = links.client.cluster_change_rx();
+    let mut pubsub = links.subscriber.cluster_change_rx();
+    loop {
+        tokio::select! {
+            changed = commands.recv() => match changed {
+                Ok(changes) => {
+                    tracing::info!(?changes, "Redis Cluster topology changed");
+                    reconnects.send_modify(|n| *n += 1);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            },
+            changed = pubsub.recv() => match changed {
+                Ok(_) => {
+                    let _ = requests.send(SubRequest::Resubscribe);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            },
+        }
     }
 }
 
@@ -273,6 +329,7 @@ impl Broker for RedisBroker {
             ));
             tokio::spawn(subscriber::manage_subscriptions(
                 links.subscriber.clone(),
+                links.cluster,
                 self.requests.clone(),
                 request_rx,
                 sink,
@@ -283,12 +340,13 @@ impl Broker for RedisBroker {
                 self.reconnects.subscribe(),
                 self.stopped.subscribe(),
             ));
-            // The probe's own channel: subscribed like any other, so it is restored with them.
-            let (probe_tx, probe_rx) = oneshot::channel();
-            let _ = self.requests.send(SubRequest::Subscribe(
-                vec![links.probe.channel.clone()],
-                probe_tx,
-            ));
+            if links.cluster {
+                tokio::spawn(follow_topology(
+                    links.clone(),
+                    self.reconnects.clone(),
+                    self.requests.clone(),
+                ));
+            }
             links.client.connect();
             links.subscriber.connect();
             if let Some(durable) = &links.durable {
@@ -301,16 +359,16 @@ impl Broker for RedisBroker {
                     .wait_for_connect()
                     .await
                     .map_err(unavailable)?;
-                links.load_library().await?;
-                // The first probe goes once its channel is live, so that a healthy start is
-                // ready at once.
-                probe_rx.await.unwrap_or(Ok(()))
+                links.load_library().await
             };
             let started = tokio::time::timeout(Duration::from_secs(5), wait).await;
             let prober = links.clone();
-            tokio::spawn(subscriber::run_probe(
+            let shards = links.clone();
+            tokio::spawn(probe::run_probe(
                 links.probe.clone(),
+                self.requests.clone(),
                 self.stopped.subscribe(),
+                move || shards.probe_channels(),
                 move |channel, payload| {
                     let links = prober.clone();
                     async move { links.probe(&channel, &payload).await }
@@ -318,8 +376,8 @@ impl Broker for RedisBroker {
             ));
             match started {
                 Ok(Ok(())) => {
-                    // Bounded: readiness only waits for the answer already on its way.
-                    for _ in 0..40 {
+                    // Bounded: a healthy start is ready once the first probes come back.
+                    for _ in 0..100 {
                         if links.probe.fresh() {
                             break;
                         }
@@ -355,13 +413,14 @@ impl Broker for RedisBroker {
 
     fn publish(&self, channel: String, payload: Bytes) -> BoxFuture<'_, Result<u64, BrokerError>> {
         Box::pin(async move {
-            self.links.commands_up()?;
-            let n: i64 = self
-                .links
-                .client
-                .publish(channel, payload)
-                .await
-                .map_err(unavailable)?;
+            let links = &self.links;
+            links.commands_up()?;
+            // On a cluster, the gateway's channels are published as shard channels.
+            let n: i64 = match cluster::shard_channel(&channel).filter(|_| links.cluster) {
+                Some(shard) => links.client.spublish(shard, payload).await,
+                None => links.client.publish(channel, payload).await,
+            }
+            .map_err(unavailable)?;
             Ok(n.max(0) as u64)
         })
     }

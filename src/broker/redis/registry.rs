@@ -1,4 +1,5 @@
-//! The connection registry in Redis (see docs/redis.md):
+//! The connection registry in Redis (see docs/redis.md; on a cluster every name starts with the
+//! tag `{<app>}` instead of `<app>`):
 //! - `{app}:client:{user}:{conn}`: a hash per live connection, expiring unless rewritten;
 //! - `{app}:connections` and `{app}:connections:{user}`: sorted-set indexes whose scores are the
 //!   entries' expiry times, so listing never scans the keyspace and dead instances' entries age out.
@@ -11,7 +12,7 @@ use tokio::sync::oneshot;
 use fred::interfaces::{HashesInterface, SortedSetsInterface};
 use fred::types::Value;
 
-use super::{Links, unavailable};
+use super::{Links, cluster, unavailable};
 use crate::broker::{Admission, Admitted, BrokerError, ConnectionRecord, IdRef, RegistryOp};
 use crate::clock;
 
@@ -93,55 +94,76 @@ pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitt
         .unwrap_or_else(|_| Err(BrokerError::Unavailable("admission abandoned".into())))
 }
 
-fn conn_key(app: &str, user: &str, id: &str) -> String {
-    format!("{app}:client:{user}:{id}")
+/// The positions of each application's items, applications in order of first appearance.
+fn by_app<'a>(apps: impl Iterator<Item = &'a str>) -> Vec<(&'a str, Vec<usize>)> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for (i, app) in apps.enumerate() {
+        let g = *at.entry(app).or_insert_with(|| {
+            groups.push((app, Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(i);
+    }
+    groups
+}
+
+/// A connection's hash; `base` is the application's key base ([`cluster::base`]).
+fn conn_key(base: &str, user: &str, id: &str) -> String {
+    format!("{base}:client:{user}:{id}")
 }
 
 /// The registry index of an application, or of one of its users.
-fn index(app: &str, user: Option<&str>) -> String {
+fn index(base: &str, user: Option<&str>) -> String {
     match user {
-        Some(u) => format!("{app}:connections:{u}"),
-        None => format!("{app}:connections"),
+        Some(u) => format!("{base}:connections:{u}"),
+        None => format!("{base}:connections"),
     }
 }
 
 impl Links {
-    /// One call for a batch of admissions (in order, each atomic): a connect storm costs a few
-    /// function calls instead of one per stream.
+    /// One call per application for a batch of admissions (in order, each atomic): a connect
+    /// storm costs a few function calls instead of one per stream. (One call may not span
+    /// applications: on a cluster each has its own slot.)
     async fn admit_batch(&self, batch: &[Pending]) -> Result<Vec<Admitted>, BrokerError> {
-        let ttl = batch.first().map_or(1, |p| p.ttl_secs);
-        let mut args: Vec<Value> = Vec::with_capacity(1 + batch.len() * 5);
-        args.push(ttl.to_string().into());
-        for p in batch {
-            args.extend([
-                p.app.as_str().into(),
-                p.user.as_str().into(),
-                p.conn.as_str().into(),
-                p.max_app.to_string().into(),
-                p.max_user.to_string().into(),
-            ]);
-        }
-        let bad = || BrokerError::Command("unexpected answer from sse_admit".into());
-        let Value::Array(answers) = self.fcall("sse_admit", args).await? else {
-            return Err(bad());
-        };
-        if answers.len() != batch.len() {
-            return Err(bad());
-        }
-        answers
-            .into_iter()
-            .map(|answer| {
+        let mut answers: Vec<Option<Admitted>> = vec![None; batch.len()];
+        for (app, members) in by_app(batch.iter().map(|p| p.app.as_str())) {
+            let ttl = batch[members[0]].ttl_secs;
+            let mut args: Vec<Value> = Vec::with_capacity(1 + members.len() * 5);
+            args.push(ttl.to_string().into());
+            for &i in &members {
+                let p = &batch[i];
+                args.extend([
+                    p.app.as_str().into(),
+                    p.user.as_str().into(),
+                    p.conn.as_str().into(),
+                    p.max_app.to_string().into(),
+                    p.max_user.to_string().into(),
+                ]);
+            }
+            let bad = || BrokerError::Command("unexpected answer from sse_admit".into());
+            let Value::Array(got) = self.fcall("sse_admit", app, args).await? else {
+                return Err(bad());
+            };
+            if got.len() != members.len() {
+                return Err(bad());
+            }
+            for (&i, answer) in members.iter().zip(got) {
                 let Value::Array(items) = answer else {
                     return Err(bad());
                 };
                 let count = || items.get(1).and_then(|v| v.as_u64()).ok_or_else(bad);
-                match items.first().and_then(|v| v.as_string()).as_deref() {
-                    Some("ok") => Ok(Admitted::Yes),
-                    Some("user") => Ok(Admitted::UserFull(count()?)),
-                    Some("app") => Ok(Admitted::AppFull(count()?)),
-                    _ => Err(bad()),
-                }
-            })
+                answers[i] = Some(match items.first().and_then(|v| v.as_string()).as_deref() {
+                    Some("ok") => Admitted::Yes,
+                    Some("user") => Admitted::UserFull(count()?),
+                    Some("app") => Admitted::AppFull(count()?),
+                    _ => return Err(bad()),
+                });
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.ok_or_else(|| BrokerError::Command("admission left unanswered".into())))
             .collect()
     }
 
@@ -150,37 +172,47 @@ impl Links {
         ops: Vec<RegistryOp>,
         ttl_secs: u64,
     ) -> Result<Vec<String>, BrokerError> {
-        // One function call per batch: a few microseconds of Redis time per entry, instead of
-        // eight commands (and eight of fred's per-command costs here) per entry.
-        let mut args: Vec<Value> = Vec::with_capacity(1 + ops.len() * 8);
-        args.push(ttl_secs.to_string().into());
-        for op in ops {
+        // One function call per application in the batch: a few microseconds of Redis time per
+        // entry, instead of eight commands (and eight of fred's per-command costs here) per entry.
+        let app_of = |op: &RegistryOp| -> String {
             match op {
-                RegistryOp::Put(rec) => {
-                    let rec = Arc::unwrap_or_clone(rec);
-                    args.extend([
-                        "put".into(),
-                        rec.application.id.into(),
-                        rec.user.id.into(),
-                        rec.id.into(),
-                        rec.instance.into(),
-                        rec.remote_addr.into(),
-                        rec.created_at.to_string().into(),
-                        rec.user_agent.into(),
-                    ]);
-                }
-                RegistryOp::Touch { app, user, id } => {
-                    args.extend(["touch".into(), app.into(), user.into(), id.into()]);
-                }
-                RegistryOp::Remove { app, user, id } => {
-                    args.extend(["remove".into(), app.into(), user.into(), id.into()]);
+                RegistryOp::Put(rec) => rec.application.id.clone(),
+                RegistryOp::Touch { app, .. } | RegistryOp::Remove { app, .. } => app.clone(),
+            }
+        };
+        let apps: Vec<String> = ops.iter().map(app_of).collect();
+        let mut ops: Vec<Option<RegistryOp>> = ops.into_iter().map(Some).collect();
+        let mut missing = Vec::new();
+        for (app, members) in by_app(apps.iter().map(String::as_str)) {
+            let mut args: Vec<Value> = Vec::with_capacity(1 + members.len() * 8);
+            args.push(ttl_secs.to_string().into());
+            for op in members.iter().filter_map(|&i| ops[i].take()) {
+                match op {
+                    RegistryOp::Put(rec) => {
+                        let rec = Arc::unwrap_or_clone(rec);
+                        args.extend([
+                            "put".into(),
+                            rec.application.id.into(),
+                            rec.user.id.into(),
+                            rec.id.into(),
+                            rec.instance.into(),
+                            rec.remote_addr.into(),
+                            rec.created_at.to_string().into(),
+                            rec.user_agent.into(),
+                        ]);
+                    }
+                    RegistryOp::Touch { app, user, id } => {
+                        args.extend(["touch".into(), app.into(), user.into(), id.into()]);
+                    }
+                    RegistryOp::Remove { app, user, id } => {
+                        args.extend(["remove".into(), app.into(), user.into(), id.into()]);
+                    }
                 }
             }
+            if let Value::Array(ids) = self.fcall("sse_registry", app, args).await? {
+                missing.extend(ids.into_iter().filter_map(|v| v.into_string()));
+            }
         }
-        let missing = match self.fcall("sse_registry", args).await? {
-            Value::Array(ids) => ids.into_iter().filter_map(|v| v.into_string()).collect(),
-            _ => Vec::new(),
-        };
         Ok(missing)
     }
 
@@ -190,6 +222,7 @@ impl Links {
         user: Option<&str>,
     ) -> Result<Vec<ConnectionRecord>, BrokerError> {
         self.commands_up()?;
+        let app = &*cluster::base(self.cluster, app);
         let index = index(app, user);
         let now = clock::unix_secs_f64();
         // Entries of instances that died stay in the index until their score passes; prune them.

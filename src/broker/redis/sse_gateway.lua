@@ -3,9 +3,14 @@
 -- sse-gateway's Redis Functions (Redis 7+). The gateway loads this library at start-up
 -- (FUNCTION LOAD REPLACE) with its history settings filled in below.
 --
+-- Every call may declare one key, the application's key base: <app> on a single Redis (where it may
+-- also declare none), "{<app>}" on Redis Cluster (where it must: that key routes the call to the
+-- node holding the application's slot). The calls below show the single-Redis form with 0 keys.
+--
 -- Durable publish, for backends that speak only Redis: append to history and publish, atomically.
 --   FCALL sse_publish 0 <app> <user> <payload>     -- to one user
 --   FCALL sse_publish 0 <app> "" <payload>         -- to every user of the app (broadcast)
+--   FCALL sse_publish 1 {<app>} <app> <user> <payload>   -- the same on Redis Cluster
 --   -> { "<event id>", <subscribers that received it> }
 -- Event ids are "<ms>-<seq>-<epoch>": the epoch names one unbroken history of the application and
 -- is drawn afresh when that history may have lost events (see sse_position).
@@ -35,6 +40,7 @@
 --
 -- End-to-end probe (used by the gateway's readiness): FCALL sse_probe 0 <channel> <payload>
 --   PUBLISH from a function: it fails unless the library is loaded and this node takes writes.
+--   On Redis Cluster the channel is the one declared key (one probe channel per shard).
 --
 -- Connection registry writes (used by the gateway), applied in order:
 --   FCALL sse_registry 0 <ttl> <op> <fields...> [<op> <fields...>]...
@@ -55,11 +61,34 @@
 -- entry ids "<ms>-<seq>"), each stream with a <stream>:trimmed key: every id up to it may be
 -- missing from the stream (trimmed, aged out, or lost when the stream expired and was re-created).
 -- Ids come from one sequence per application, so one id places a client in both streams.
+--
+-- On Redis Cluster every name above starts with "{<app>}" instead of "<app>" (one slot per
+-- application), and events go out with SPUBLISH on the shard channels "{<app>}:channel:<user>"
+-- and "{<app>}:broadcast".
 
 local MAXLEN = __MAXLEN__   -- entries kept per stream
 local TTL = __TTL__         -- seconds an entry is kept
 local MAX_BYTES = __MAX_BYTES__  -- largest message delivered (MAX_MESSAGE_BYTES)
 local MAX_DEPTH = 127       -- deepest nesting of an envelope (as the gateway's JSON parser)
+local CLUSTER = __CLUSTER__ -- Redis Cluster: hash-tagged names and sharded pub/sub
+local PUBLISH = CLUSTER and 'SPUBLISH' or 'PUBLISH'
+
+-- What every key and channel name of an application starts with. On Redis Cluster it is a hash
+-- tag, "{<app>}", so that all of an application's keys and channels are in one slot: one call
+-- stays on one node, and the channels are that node's shard channels.
+local function base(app)
+  if CLUSTER then return '{' .. app .. '}' end
+  return app
+end
+
+-- nil when the call's declared keys fit `app`, else an error reply. On Redis Cluster the one key
+-- "{<app>}" routes the call to the application's node; elsewhere keys are optional.
+local function undeclared(keys, app, name)
+  if #keys == 0 and not CLUSTER then return nil end
+  if #keys == 1 and keys[1] == base(app) then return nil end
+  return redis.error_reply(name .. ': declare the application as the one key: FCALL ' .. name
+    .. ' 1 ' .. base(tostring(app)) .. ' ...')
+end
 
 local function valid_id(s)
   return type(s) == 'string' and #s >= 1 and #s <= 128 and not string.find(s, '[^%w%._~@%+=%-]')
@@ -121,7 +150,7 @@ end
 
 -- The application's newest id, or nil when it has no history (or one an older gateway wrote).
 local function current(app)
-  return parse(redis.call('GET', app .. ':history:last'))
+  return parse(redis.call('GET', base(app) .. ':history:last'))
 end
 
 -- Raises a stream's marker to `id` (every id up to it may be missing).
@@ -190,6 +219,8 @@ end
 local function sse_publish(keys, args)
   local app, user, payload = args[1], args[2], args[3]
   if not valid_id(app) then return redis.error_reply('sse_publish: invalid application id') end
+  local wrong = undeclared(keys, app, 'sse_publish')
+  if wrong then return wrong end
   if user ~= '' and not valid_id(user) then return redis.error_reply('sse_publish: invalid user id') end
   local invalid = invalid_envelope(payload)
   if invalid then return redis.error_reply('sse_publish: ' .. invalid) end
@@ -206,7 +237,7 @@ local function sse_publish(keys, args)
     id = { ms, 0, last[3] }
   end
   local sid = fmt(id)
-  redis.call('SET', app .. ':history:last', sid)
+  redis.call('SET', base(app) .. ':history:last', sid)
 
   -- The id last, so that it wins over any "id" the publisher put in; "durable" marks an event of
   -- history, so that only this path's ids are taken for durable ones.
@@ -219,9 +250,9 @@ local function sse_publish(keys, args)
 
   local stream, channel
   if user == '' then
-    stream, channel = app .. ':history:app', app .. ':broadcast'
+    stream, channel = base(app) .. ':history:app', base(app) .. ':broadcast'
   else
-    stream, channel = app .. ':history:user:' .. user, app .. ':channel:' .. user
+    stream, channel = base(app) .. ':history:user:' .. user, base(app) .. ':channel:' .. user
   end
   if redis.call('EXISTS', stream) == 0 then
     -- A stream that expired took its marker with it: what it held is gone. It held nothing newer
@@ -231,7 +262,7 @@ local function sse_publish(keys, args)
   redis.call('XADD', stream, fmt_plain(id), 'm', message)
   trim(stream, math.max(0, id[1] - TTL * 1000))
   redis.call('EXPIRE', stream, TTL)
-  local receivers = redis.call('PUBLISH', channel, message)
+  local receivers = redis.call(PUBLISH, channel, message)
   return { sid, receivers }
 end
 
@@ -274,13 +305,15 @@ local function sse_since(keys, args)
   if not valid_id(app) or not valid_id(user) then
     return redis.error_reply('sse_since: invalid application or user id')
   end
+  local wrong = undeclared(keys, app, 'sse_since')
+  if wrong then return wrong end
   local newest, after, current = resume_point(app, from)
   if not newest then return after end
   if current then return { 'ok', newest } end
 
   local oldest_kept = now_ms() - TTL * 1000
   local lists = {}
-  for _, stream in ipairs({ app .. ':history:user:' .. user, app .. ':history:app' }) do
+  for _, stream in ipairs({ base(app) .. ':history:user:' .. user, base(app) .. ':history:app' }) do
     local entries = entries_after(stream, after, oldest_kept)
     if not entries then return { 'reset', newest, 'too_old' } end
     lists[#lists + 1] = entries
@@ -315,6 +348,8 @@ end
 local function sse_backlog(keys, args)
   local app, from = args[1], args[2]
   if not valid_id(app) then return redis.error_reply('sse_backlog: invalid application id') end
+  local wrong = undeclared(keys, app, 'sse_backlog')
+  if wrong then return wrong end
   -- An optional "#<n>" (never a user id) reads a page: at most n entries of each stream.
   local first, limit = 3, nil
   if type(args[3]) == 'string' and string.sub(args[3], 1, 1) == '#' then
@@ -333,11 +368,11 @@ local function sse_backlog(keys, args)
     return out
   end
   local oldest_kept = now_ms() - TTL * 1000
-  local broadcasts = entries_after(app .. ':history:app', after, oldest_kept, limit)
+  local broadcasts = entries_after(base(app) .. ':history:app', after, oldest_kept, limit)
   if not broadcasts then return { 'reset', newest, 'too_old' } end
   out[3] = flat(broadcasts, after[3])
   for i = first, #args do
-    local mine = entries_after(app .. ':history:user:' .. args[i], after, oldest_kept, limit)
+    local mine = entries_after(base(app) .. ':history:user:' .. args[i], after, oldest_kept, limit)
     out[#out + 1] = mine and flat(mine, after[3]) or 'too_old'
   end
   return out
@@ -346,6 +381,8 @@ end
 local function sse_position(keys, args)
   local app, seen = args[1], parse(args[2])
   if not valid_id(app) then return redis.error_reply('sse_position: invalid application id') end
+  local wrong = undeclared(keys, app, 'sse_position')
+  if wrong then return wrong end
   local last = current(app)
   local status = 'ok'
   if not last then
@@ -358,7 +395,7 @@ local function sse_position(keys, args)
   else
     return { fmt(last), status }
   end
-  redis.call('SET', app .. ':history:last', fmt(last))
+  redis.call('SET', base(app) .. ':history:last', fmt(last))
   return { fmt(last), status }
 end
 
@@ -366,7 +403,10 @@ local function sse_probe(keys, args)
   if type(args[1]) ~= 'string' or string.sub(args[1], 1, 10) ~= 'sse-probe:' then
     return redis.error_reply('sse_probe: not a probe channel')
   end
-  return redis.call('PUBLISH', args[1], args[2] or '')
+  if CLUSTER and (#keys ~= 1 or keys[1] ~= args[1]) then
+    return redis.error_reply('sse_probe: on Redis Cluster the channel is the one key')
+  end
+  return redis.call(PUBLISH, args[1], args[2] or '')
 end
 
 -- Pushes an index's expiry out, never in: indexes are shared by every instance, so an instance
@@ -393,13 +433,15 @@ local function sse_registry(keys, args)
     if not valid_id(app) or not valid_id(user) or not valid_id(conn) then
       return redis.error_reply('sse_registry: invalid application, user or connection id')
     end
-    local key = app .. ':client:' .. user .. ':' .. conn
-    local app_index, user_index = app .. ':connections', app .. ':connections:' .. user
+    local wrong = undeclared(keys, app, 'sse_registry')
+    if wrong then return wrong end
+    local key = base(app) .. ':client:' .. user .. ':' .. conn
+    local app_index, user_index = base(app) .. ':connections', base(app) .. ':connections:' .. user
     local index = op ~= 'remove'
     if op == 'put' then
       redis.call('HSET', key, 'id', conn, 'app', app, 'user', user, 'instance', args[i + 4],
         'remote_addr', args[i + 5], 'created_at', args[i + 6], 'user_agent', args[i + 7],
-        'channel_id', app .. ':channel:' .. user)
+        'channel_id', base(app) .. ':channel:' .. user)
       redis.call('EXPIRE', key, ttl)
     elseif op == 'touch' then
       if redis.call('EXPIRE', key, ttl) == 0 then
@@ -427,7 +469,7 @@ local ADMIT_FIELDS = 5
 
 -- One admission: { "ok" } | { "user", n } | { "app", n } (see the header).
 local function admit_one(ttl, now, app, user, conn, max_app, max_user)
-  local app_index, user_index = app .. ':connections', app .. ':connections:' .. user
+  local app_index, user_index = base(app) .. ':connections', base(app) .. ':connections:' .. user
   -- Entries of instances that died stay until their score passes: counted out, and pruned.
   redis.call('ZREMRANGEBYSCORE', app_index, '-inf', now)
   redis.call('ZREMRANGEBYSCORE', user_index, '-inf', now)
@@ -460,6 +502,8 @@ local function sse_admit(keys, args)
     if not valid_id(app) or not valid_id(user) or not valid_id(conn) or not max_app or not max_user then
       return redis.error_reply('sse_admit: invalid application, user, connection id or cap')
     end
+    local wrong = undeclared(keys, app, 'sse_admit')
+    if wrong then return wrong end
     answers[#answers + 1] = admit_one(ttl, now, app, user, conn, max_app, max_user)
   end
   return answers

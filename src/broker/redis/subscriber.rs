@@ -7,17 +7,19 @@
 //! the first subscribe on a fresh link). Before it does, the hub is told to hold live delivery, and
 //! once the subscriptions are live again, to catch every stream up from history.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::error::Error as FredError;
-use fred::interfaces::{ClientLike, PubsubInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, PubsubInterface};
 use fred::types::Value;
+use fred::types::config::Options;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::unavailable;
+use super::probe::Probe;
+use super::{cluster, unavailable};
 use crate::broker::{BrokerError, MessageSink};
 use crate::metrics::{Metrics, ReasonLabel};
 
@@ -25,9 +27,6 @@ use crate::metrics::{Metrics, ReasonLabel};
 const SUBSCRIBE_BATCH: usize = 1024;
 /// Most messages handed to the hub at once.
 const DELIVER_BATCH: usize = 256;
-/// How often the probe goes round, and how old its last answer may be for readiness.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
-const PROBE_STALE: Duration = Duration::from_secs(3);
 /// A failed re-subscription on a link that is still up is tried again after this long.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
 
@@ -36,70 +35,6 @@ pub enum SubRequest {
     Unsubscribe(Vec<String>),
     /// The subscriber link (re)connected: subscribe every wanted channel again.
     Resubscribe,
-}
-
-/// The end-to-end probe: a message published through a function (so the library is loaded and the
-/// node takes writes) on this instance's own channel, and received back on the subscriber link.
-pub struct Probe {
-    pub channel: String,
-    state: Mutex<ProbeState>,
-}
-
-#[derive(Default)]
-struct ProbeState {
-    /// The probe in flight: its number and when it was sent.
-    sent: Option<(u64, Instant)>,
-    /// When a probe last came back.
-    last_ok: Option<Instant>,
-}
-
-impl Probe {
-    pub fn new(instance: &str) -> Probe {
-        Probe {
-            channel: format!("sse-probe:{instance}"),
-            state: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ProbeState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Seconds since the probe last came back.
-    pub fn age(&self) -> Option<f64> {
-        self.lock().last_ok.map(|t| t.elapsed().as_secs_f64())
-    }
-
-    pub fn fresh(&self) -> bool {
-        self.lock()
-            .last_ok
-            .is_some_and(|t| t.elapsed() < PROBE_STALE)
-    }
-
-    /// The link was lost: what the probe proved no longer holds until it comes back again.
-    fn forget(&self) {
-        let mut state = self.lock();
-        state.last_ok = None;
-        state.sent = None;
-    }
-
-    fn sent(&self, n: u64) {
-        self.lock().sent = Some((n, Instant::now()));
-    }
-
-    /// A probe message came back; returns its round trip if it is the one in flight.
-    fn received(&self, payload: &[u8]) -> Option<Duration> {
-        let n: u64 = std::str::from_utf8(payload).ok()?.parse().ok()?;
-        let mut state = self.lock();
-        let (want, at) = state.sent?;
-        if n != want {
-            return None;
-        }
-        let now = Instant::now();
-        state.last_ok = Some(now);
-        state.sent = None;
-        Some(now - at)
-    }
 }
 
 /// Hands received messages to the hub, batched; probe answers are taken out on the way.
@@ -137,8 +72,8 @@ pub async fn pump_messages(
         let mut messages: Vec<(&str, &[u8])> = Vec::with_capacity(batch.len());
         for m in &batch {
             let payload = m.value.as_bytes().unwrap_or_default();
-            if *m.channel == *probe.channel {
-                if let Some(rtt) = probe.received(payload) {
+            if probe.owns(&m.channel) {
+                if let Some(rtt) = probe.received(&m.channel, payload) {
                     metrics.probe_latency.observe(rtt.as_secs_f64());
                 }
             } else {
@@ -150,35 +85,6 @@ pub async fn pump_messages(
         }
         drop(messages);
         batch.clear();
-    }
-}
-
-/// Sends a probe every [`PROBE_EVERY`] through `send` until the broker stops.
-pub async fn run_probe<F, Fut>(probe: Arc<Probe>, stop: watch::Receiver<bool>, send: F)
-where
-    F: Fn(String, String) -> Fut,
-    Fut: std::future::Future<Output = Result<(), BrokerError>>,
-{
-    let mut tick = tokio::time::interval(PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    let mut failing = false;
-    while !*stop.borrow() {
-        tick.tick().await;
-        n += 1;
-        probe.sent(n);
-        match send(probe.channel.clone(), n.to_string()).await {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!("broker probe succeeds again");
-            }
-            Ok(()) => {}
-            Err(error) if !failing => {
-                failing = true;
-                tracing::warn!(%error, "broker probe failed: not ready until it succeeds");
-            }
-            Err(_) => {}
-        }
     }
 }
 
@@ -244,6 +150,7 @@ pub async fn log_errors(
 /// suspend and resume.
 pub async fn manage_subscriptions(
     subscriber: SubscriberClient,
+    cluster: bool,
     requests: mpsc::UnboundedSender<SubRequest>,
     mut incoming: mpsc::UnboundedReceiver<SubRequest>,
     sink: Arc<dyn MessageSink>,
@@ -314,41 +221,23 @@ pub async fn manage_subscriptions(
                 tracing::info!(channels = to_sub.len(), "restoring subscriptions");
             }
         }
-        if !to_unsub.is_empty() {
-            let list: Vec<String> = to_unsub.into_iter().collect();
-            if let Err(error) = subscriber.unsubscribe(list).await {
-                // Harmless: messages for nobody are dropped by the hub; a reconnect clears them.
-                tracing::warn!(%error, "UNSUBSCRIBE failed");
-            }
+        if !to_unsub.is_empty()
+            && let Err(error) = unsubscribe(&subscriber, cluster, &to_unsub).await
+        {
+            // Harmless: messages for nobody are dropped by the hub; a reconnect clears them.
+            tracing::warn!(%error, "UNSUBSCRIBE failed");
         }
-        let mut outcome = Ok(());
-        let mut sent = Vec::new();
-        for chunk in to_sub.chunks(SUBSCRIBE_BATCH) {
-            match subscriber.subscribe(chunk.to_vec()).await {
-                Ok(()) => sent.extend(chunk.iter().cloned()),
-                Err(error) => {
-                    tracing::warn!(%error, channels = chunk.len(), "SUBSCRIBE failed");
-                    outcome = Err(unavailable(error));
-                }
-            }
-        }
-        // fred's subscribe returns once SUBSCRIBE is written, not when Redis has run it. Redis runs
-        // a connection's commands in order, so the answer to a PING on the same connection proves
-        // the subscriptions are live: only then may a stream be told it is connected.
+        let (sent, outcome) = if cluster {
+            ssubscribe(&subscriber, &to_sub).await
+        } else {
+            subscribe(&subscriber, &to_sub).await
+        };
         if !sent.is_empty() {
-            match subscriber.ping::<Value>(None).await {
-                Ok(_) => {
-                    for ch in &sent {
-                        unconfirmed.remove(ch);
-                    }
-                    if unconfirmed.is_empty() {
-                        unconfirmed = HashSet::new(); // give back what a re-subscription took
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "subscriber did not confirm SUBSCRIBE");
-                    outcome = Err(unavailable(error));
-                }
+            for ch in &sent {
+                unconfirmed.remove(ch);
+            }
+            if unconfirmed.is_empty() {
+                unconfirmed = HashSet::new(); // give back what a re-subscription took
             }
         }
         for (channels, tx) in waiters {
@@ -377,4 +266,88 @@ pub async fn manage_subscriptions(
             }
         }
     }
+}
+
+/// SUBSCRIBE in batches, confirmed: returns the channels confirmed and whether all went through.
+/// fred's subscribe returns once SUBSCRIBE is written, not when Redis has run it. Redis runs a
+/// connection's commands in order, so the answer to a PING on the same connection proves the
+/// subscriptions are live: only then may a stream be told it is connected.
+async fn subscribe(
+    subscriber: &SubscriberClient,
+    channels: &[String],
+) -> (Vec<String>, Result<(), BrokerError>) {
+    let mut outcome = Ok(());
+    let mut sent = Vec::new();
+    for chunk in channels.chunks(SUBSCRIBE_BATCH) {
+        match subscriber.subscribe(chunk.to_vec()).await {
+            Ok(()) => sent.extend(chunk.iter().cloned()),
+            Err(error) => {
+                tracing::warn!(%error, channels = chunk.len(), "SUBSCRIBE failed");
+                outcome = Err(unavailable(error));
+            }
+        }
+    }
+    if !sent.is_empty()
+        && let Err(error) = subscriber.ping::<Value>(None).await
+    {
+        tracing::warn!(%error, "subscriber did not confirm SUBSCRIBE");
+        outcome = Err(unavailable(error));
+        sent.clear();
+    }
+    (sent, outcome)
+}
+
+/// The cluster form of [`subscribe`]: each gateway channel as its shard channel, with SSUBSCRIBE
+/// on the node holding its slot, and as itself with SUBSCRIBE (for backends that `PUBLISH` to
+/// it); confirmed by a PING on every node written to. Returns the wanted (gateway) channels sent.
+async fn ssubscribe(
+    subscriber: &SubscriberClient,
+    channels: &[String],
+) -> (Vec<String>, Result<(), BrokerError>) {
+    let plan = cluster::plan(channels);
+    let (_, mut outcome) = subscribe(subscriber, &plan.plain).await;
+    let mut nodes = BTreeSet::new();
+    let state = subscriber.cached_cluster_state();
+    for (slot, group) in &plan.sharded {
+        for chunk in group.chunks(SUBSCRIBE_BATCH) {
+            if let Err(error) = subscriber.ssubscribe(chunk.to_vec()).await {
+                tracing::warn!(%error, channels = chunk.len(), "SSUBSCRIBE failed");
+                outcome = Err(unavailable(error));
+            }
+        }
+        nodes.extend(state.as_ref().and_then(|s| s.get_server(*slot)).cloned());
+    }
+    for node in nodes {
+        let pin = Options {
+            cluster_node: Some(node),
+            ..Default::default()
+        };
+        let pinged = subscriber.with_options(&pin).ping::<Value>(None).await;
+        if let Err(error) = pinged {
+            tracing::warn!(%error, "subscriber did not confirm SSUBSCRIBE");
+            outcome = Err(unavailable(error));
+        }
+    }
+    match outcome {
+        Ok(()) => (channels.to_vec(), Ok(())),
+        Err(e) => (Vec::new(), Err(e)),
+    }
+}
+
+async fn unsubscribe(
+    subscriber: &SubscriberClient,
+    cluster: bool,
+    channels: &HashSet<String>,
+) -> Result<(), FredError> {
+    if !cluster {
+        return subscriber
+            .unsubscribe(channels.iter().cloned().collect::<Vec<_>>())
+            .await;
+    }
+    let plan = cluster::plan(channels);
+    subscriber.unsubscribe(plan.plain).await?;
+    for group in plan.sharded.into_values() {
+        subscriber.sunsubscribe(group).await?;
+    }
+    Ok(())
 }
