@@ -174,8 +174,24 @@ async fn every_feature_works_from_any_node() {
     assert_eq!(holders.len(), 3);
 }
 
+enum Fault {
+    /// `CLUSTER FAILOVER` on the replica: the primary, still running, hands its slots over.
+    Failover,
+    /// The primary is SIGKILLed; the cluster promotes its replica.
+    KillPrimary,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_loses_no_acknowledged_event() {
+    through("cluster_failover", Fault::Failover).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_loses_no_acknowledged_event() {
+    through("cluster_primary_killed", Fault::KillPrimary).await;
+}
+
+async fn through(scenario: &str, fault: Fault) {
     let _serial = serial().await;
     let started = Instant::now();
     let mut cluster = ClusterSet::start().await;
@@ -201,7 +217,31 @@ async fn a_killed_primary_loses_no_acknowledged_event() {
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let old = cluster.primary_of("{shop}").await;
-    cluster.nodes[old].kill();
+    match fault {
+        Fault::Failover => {
+            let replica = cluster.replica_of(old).await;
+            cluster.failover_to(replica).await;
+        }
+        Fault::KillPrimary => {
+            cluster.nodes[old].kill();
+            // Readiness tells the truth: a shard's primary is gone.
+            eventually(
+                Duration::from_secs(10),
+                "not ready while a shard is down",
+                || {
+                    let gw = &gateways[0];
+                    async move {
+                        http()
+                            .get(gw.url("/ready"))
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status() == 503)
+                    }
+                },
+            )
+            .await;
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     let new = loop {
         let now = cluster.primary_of("{shop}").await;
@@ -211,9 +251,11 @@ async fn a_killed_primary_loses_no_acknowledged_event() {
         assert!(Instant::now() < deadline, "no failover within 30 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // The killed node comes back as the new primary's replica, so acknowledgements (one
-    // replica) are possible again.
-    tokio::task::block_in_place(|| cluster.nodes[old].restart());
+    // A killed node comes back as the new primary's replica, so acknowledgements (one replica)
+    // are possible again.
+    if let Fault::KillPrimary = fault {
+        tokio::task::block_in_place(|| cluster.nodes[old].restart());
+    }
     let since_failover = load.ledger().acked();
     eventually(
         Duration::from_secs(30),
@@ -227,10 +269,10 @@ async fn a_killed_primary_loses_no_acknowledged_event() {
 
     let (ledger, verdict) = finish(load, fleet).await;
     println!(
-        "cluster_primary_killed ({:.1} s): {ledger}\n{verdict}",
+        "{scenario} ({:.1} s): {ledger}\n{verdict}",
         started.elapsed().as_secs_f64()
     );
-    assert!(verdict.total.delivered > 0, "nothing delivered");
+    assert!(verdict.total.delivered > 0, "{scenario}: nothing delivered");
     verdict.assert_clean();
 
     // Every acknowledged event is on the new primary.

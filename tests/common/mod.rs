@@ -409,6 +409,37 @@ impl ClusterSet {
         client
     }
 
+    /// The index of a replica of node `i` (a primary), from its `INFO replication`.
+    pub async fn replica_of(&self, i: usize) -> usize {
+        let c = sentinel_client(self.nodes[i].port).await.expect("node up");
+        let info: String = c
+            .custom(fred::cmd!("INFO"), vec!["replication"])
+            .await
+            .expect("INFO replication");
+        let _ = c.quit().await;
+        let port: u16 = info
+            .lines()
+            .find(|l| l.starts_with("slave0:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("port=")))
+            .and_then(|p| p.parse().ok())
+            .expect("a replica");
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .expect("the replica is one of the set")
+    }
+
+    /// `CLUSTER FAILOVER` on node `i` (a replica): it takes its primary's slots over, and the
+    /// primary, still running, becomes its replica.
+    pub async fn failover_to(&self, i: usize) {
+        let c = sentinel_client(self.nodes[i].port).await.expect("node up");
+        let _: fred::types::Value = c
+            .custom(fred::cmd!("CLUSTER"), vec!["FAILOVER"])
+            .await
+            .expect("CLUSTER FAILOVER");
+        let _ = c.quit().await;
+    }
+
     /// The index of the node that is primary for `key`'s slot now.
     pub async fn primary_of(&self, key: &str) -> usize {
         let slot = fred::util::redis_keyslot(key.as_bytes());
