@@ -7,8 +7,8 @@
 //! - [`http`]: the hyper server, routes, CORS and JSON errors, and the operator listener (edge).
 //! - [`sse`]: the `text/event-stream` wire encoding of published payloads (edge).
 //! - [`broker`]: the [`broker::Broker`] trait, with the Redis implementation (all fred use: the
-//!   functions library, the subscriber and its probe, the registry's keys) and the embedded
-//!   in-process one (edge).
+//!   functions library, the subscriber, the probe per shard, the registry's keys, Redis Cluster's
+//!   slots) and the embedded in-process one (edge).
 //! - [`auth`]: token extraction and JWT verification into an identity (core).
 //! - [`hub`]: which local streams belong to which app and user; subscription ref-counting,
 //!   fan-out of encoded events, replay and the re-sync after a lost broker link (core).
