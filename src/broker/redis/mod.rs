@@ -364,7 +364,7 @@ impl Broker for RedisBroker {
             let started = tokio::time::timeout(Duration::from_secs(5), wait).await;
             let prober = links.clone();
             let shards = links.clone();
-            tokio::spawn(probe::run_probe(
+            tokio::spawn(subscriber::run_probe(
                 links.probe.clone(),
                 self.requests.clone(),
                 self.stopped.subscribe(),

@@ -2,21 +2,13 @@
 //! a message published through a function (so the library is loaded and the node takes writes),
 //! on this instance's own channel, and received back on the subscriber link.
 
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
-
 use super::cluster;
-use super::subscriber::SubRequest;
-use crate::broker::BrokerError;
 
-/// How often the probe goes round, and how old a shard's last answer may be for readiness.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How old a shard's last answer may be for readiness (three rounds of the probe).
 const PROBE_STALE: Duration = Duration::from_secs(3);
-/// After a re-subscription asked for by a silent shard, the next one waits at least this long.
-const HEAL_EVERY: Duration = Duration::from_secs(5);
 
 const PREFIX: &str = "sse-probe:";
 
@@ -43,6 +35,11 @@ impl Probe {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Shard>> {
         self.shards.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current shards' channels.
+    pub fn channels(&self) -> Vec<String> {
+        self.lock().iter().map(|s| s.channel.clone()).collect()
     }
 
     /// The probe channel on a single Redis.
@@ -95,7 +92,7 @@ impl Probe {
     }
 
     /// Makes `wanted` the shards' channels; returns the channels added and removed.
-    fn reshard(&self, wanted: &[String]) -> (Vec<String>, Vec<String>) {
+    pub fn reshard(&self, wanted: &[String]) -> (Vec<String>, Vec<String>) {
         let mut shards = self.lock();
         let removed = shards
             .iter()
@@ -118,7 +115,7 @@ impl Probe {
         (added, removed)
     }
 
-    fn sent(&self, channel: &str, n: u64) {
+    pub fn sent(&self, channel: &str, n: u64) {
         if let Some(s) = self.lock().iter_mut().find(|s| s.channel == channel) {
             s.sent = Some((n, Instant::now()));
         }
@@ -141,74 +138,11 @@ impl Probe {
 
     /// A shard whose probes are published but never come back, for longer than readiness
     /// allows: its subscriptions are gone while its link stayed up (a cluster moved its slots).
-    fn silent_shard(&self) -> bool {
+    pub fn silent_shard(&self) -> bool {
         self.lock().iter().any(|s| {
             let heard = s.last_ok.unwrap_or(s.since);
             heard.elapsed() > PROBE_STALE && s.sent.is_some()
         })
-    }
-}
-
-/// Sends a probe to every shard each [`PROBE_EVERY`], until the broker stops. `shards` names the
-/// current probe channels (they follow the cluster's topology); `send` publishes one probe. A
-/// shard that stays silent while its publishes succeed gets every subscription restored (with
-/// the re-sync that comes with it), at most once per [`HEAL_EVERY`].
-pub async fn run_probe<S, F, Fut>(
-    probe: std::sync::Arc<Probe>,
-    requests: mpsc::UnboundedSender<SubRequest>,
-    stop: watch::Receiver<bool>,
-    shards: S,
-    send: F,
-) where
-    S: Fn() -> Vec<String>,
-    F: Fn(String, String) -> Fut,
-    Fut: Future<Output = Result<(), BrokerError>>,
-{
-    let mut tick = tokio::time::interval(PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    let mut failing = false;
-    let mut healed = Instant::now();
-    while !*stop.borrow() {
-        tick.tick().await;
-        let (added, removed) = probe.reshard(&shards());
-        if !removed.is_empty() {
-            let _ = requests.send(SubRequest::Unsubscribe(removed));
-        }
-        if !added.is_empty() {
-            let (tx, rx) = oneshot::channel();
-            let _ = requests.send(SubRequest::Subscribe(added, tx));
-            let _ = tokio::time::timeout(PROBE_EVERY, rx).await;
-        }
-        let channels: Vec<String> = probe.lock().iter().map(|s| s.channel.clone()).collect();
-        n += 1;
-        let mut result = Ok(());
-        for channel in channels {
-            probe.sent(&channel, n);
-            if let Err(e) = send(channel, n.to_string()).await {
-                result = Err(e);
-            }
-        }
-        match result {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!("broker probe succeeds again");
-            }
-            Ok(()) => {
-                if probe.silent_shard() && healed.elapsed() > HEAL_EVERY {
-                    healed = Instant::now();
-                    tracing::warn!(
-                        "a shard's probe publishes succeed but never arrive: restoring every subscription"
-                    );
-                    let _ = requests.send(SubRequest::Resubscribe);
-                }
-            }
-            Err(error) if !failing => {
-                failing = true;
-                tracing::warn!(%error, "broker probe failed: not ready until it succeeds");
-            }
-            Err(_) => {}
-        }
     }
 }
 

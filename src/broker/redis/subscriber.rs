@@ -1,5 +1,6 @@
 //! The subscriber link: what this instance is subscribed to, messages handed to the hub, the
-//! re-sync after the link is lost, and the end-to-end probe that proves delivery works.
+//! re-sync after the link is lost, and the rounds of the end-to-end probe (its state is in
+//! [`super::probe`]) that prove delivery works.
 //!
 //! Subscribe and unsubscribe requests go through one task, so they reach Redis in the order the hub
 //! made them and concurrent requests are batched into one command; that task also restores every
@@ -8,8 +9,9 @@
 //! once the subscriptions are live again, to catch every stream up from history.
 
 use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fred::clients::SubscriberClient;
 use fred::error::Error as FredError;
@@ -85,6 +87,74 @@ pub async fn pump_messages(
         }
         drop(messages);
         batch.clear();
+    }
+}
+
+/// How often the probe goes round.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// After a re-subscription asked for by a silent shard, the next one waits at least this long.
+const HEAL_EVERY: Duration = Duration::from_secs(5);
+
+/// Sends a probe to every shard each [`PROBE_EVERY`], until the broker stops. `shards` names the
+/// current probe channels (they follow the cluster's topology); `send` publishes one probe. A
+/// shard that stays silent while its publishes succeed gets every subscription restored (with
+/// the re-sync that comes with it), at most once per [`HEAL_EVERY`].
+pub async fn run_probe<S, F, Fut>(
+    probe: Arc<Probe>,
+    requests: mpsc::UnboundedSender<SubRequest>,
+    stop: watch::Receiver<bool>,
+    shards: S,
+    send: F,
+) where
+    S: Fn() -> Vec<String>,
+    F: Fn(String, String) -> Fut,
+    Fut: Future<Output = Result<(), BrokerError>>,
+{
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    let mut failing = false;
+    let mut healed = Instant::now();
+    while !*stop.borrow() {
+        tick.tick().await;
+        let (added, removed) = probe.reshard(&shards());
+        if !removed.is_empty() {
+            let _ = requests.send(SubRequest::Unsubscribe(removed));
+        }
+        if !added.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            let _ = requests.send(SubRequest::Subscribe(added, tx));
+            let _ = tokio::time::timeout(PROBE_EVERY, rx).await;
+        }
+        let channels = probe.channels();
+        n += 1;
+        let mut result = Ok(());
+        for channel in channels {
+            probe.sent(&channel, n);
+            if let Err(e) = send(channel, n.to_string()).await {
+                result = Err(e);
+            }
+        }
+        match result {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("broker probe succeeds again");
+            }
+            Ok(()) => {
+                if probe.silent_shard() && healed.elapsed() > HEAL_EVERY {
+                    healed = Instant::now();
+                    tracing::warn!(
+                        "a shard's probe publishes succeed but never arrive: restoring every subscription"
+                    );
+                    let _ = requests.send(SubRequest::Resubscribe);
+                }
+            }
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "broker probe failed: not ready until it succeeds");
+            }
+            Err(_) => {}
+        }
     }
 }
 
