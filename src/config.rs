@@ -504,7 +504,7 @@ fn tenants(
         )
     })?;
     for (app, t) in &tenants {
-        let problem = if !crate::auth::is_safe_id(app) {
+        let problem = if !crate::ids::is_safe_id(app) {
             Some("is not a valid application id".to_string())
         } else if [&t.secret, &t.previous_secret]
             .iter()

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use bytes::Bytes;
 
 /// Longest `Last-Event-ID` looked at; longer values are unknown ids.
-pub const MAX_ID_LEN: usize = 64;
+pub const MAX_EVENT_ID_LEN: usize = 64;
 
 /// Largest epoch: six base-36 digits.
 const EPOCH_LIMIT: u64 = 36u64.pow(6);
@@ -97,7 +97,7 @@ impl FromStr for EventId {
     type Err = NotAnEventId;
 
     fn from_str(s: &str) -> Result<EventId, NotAnEventId> {
-        if s.len() > MAX_ID_LEN {
+        if s.len() > MAX_EVENT_ID_LEN {
             return Err(NotAnEventId);
         }
         let mut parts = s.split('-');

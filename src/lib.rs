@@ -10,6 +10,7 @@
 //!   functions library, the subscriber, the probe per shard, the registry's keys, Redis Cluster's
 //!   slots) and the embedded in-process one (edge).
 //! - [`auth`]: token extraction and JWT verification into an identity (core).
+//! - [`ids`]: what may name an application or a user (core).
 //! - [`hub`]: which local streams belong to which app and user; subscription ref-counting,
 //!   fan-out of encoded events, replay and the re-sync after a lost broker link (core).
 //! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
@@ -21,6 +22,8 @@
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
 
+#![deny(unsafe_code)]
+
 pub mod auth;
 pub mod broker;
 pub mod clock;
@@ -29,6 +32,7 @@ pub mod fds;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod ids;
 pub mod logging;
 pub mod metrics;
 pub mod rate;
@@ -91,7 +95,7 @@ pub async fn run(
             Arc::new(broker::embedded::EmbeddedBroker::new(config.retention))
         }
         BrokerConfig::Redis { url } => {
-            tracing::info!(redis = %redact_url(url), "using Redis");
+            tracing::info!(redis = %broker::redis::redact_url(url), "using Redis");
             Arc::new(broker::redis::RedisBroker::new(
                 url,
                 config.retention,
@@ -135,14 +139,18 @@ pub async fn run(
     }
 
     let stop = CancellationToken::new();
-    tokio::spawn(registry::heartbeat(
+    tokio::spawn(hub::timers::heartbeat(
         hub.clone(),
         broker.clone(),
         config.registry_heartbeat,
         stop.clone(),
     ));
-    tokio::spawn(ping(hub.clone(), config.ping_interval, stop.clone()));
-    tokio::spawn(expire_tokens(hub.clone(), stop.clone()));
+    tokio::spawn(hub::timers::ping(
+        hub.clone(),
+        config.ping_interval,
+        stop.clone(),
+    ));
+    tokio::spawn(hub::timers::expire_tokens(hub.clone(), stop.clone()));
 
     let state = Arc::new(AppState {
         verifier: auth::Verifier::new(&config),
@@ -182,68 +190,4 @@ pub async fn run(
     .await;
     writer.abort();
     Ok(())
-}
-
-/// Sends the keep-alive `ping` to every stream: one timer for the whole process, not one per stream.
-/// A write that fails because the peer vanished ends that stream.
-async fn ping(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken) {
-    // Each stream is pinged once per interval, but the streams are spread over slots pinged one
-    // after the other: writing tens of thousands of pings in one burst would stall everything
-    // else (new connections above all) for that long.
-    let slots = (every.as_millis() / 10).clamp(1, 30) as u64;
-    let mut tick = tokio::time::interval(every / slots as u32);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut slot = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                hub.push_slot(&sse::PING, slot, slots);
-                slot = (slot + 1) % slots;
-            }
-            _ = stop.cancelled() => break,
-        }
-    }
-}
-
-/// Ends streams whose token expired: one timer for the process, checked every second.
-async fn expire_tokens(hub: Arc<Hub>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let ended = hub.expire_tokens(clock::unix_secs());
-                if ended > 0 {
-                    tracing::debug!(ended, "streams ended at token expiry");
-                }
-            }
-            _ = stop.cancelled() => break,
-        }
-    }
-}
-
-/// The URL without its password, for logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(super::redact_url("redis://h:6379"), "redis://h:6379");
-        assert_eq!(
-            super::redact_url("rediss://user:pw@h:6380/1"),
-            "rediss://user:***@h:6380/1"
-        );
-        assert_eq!(super::redact_url("redis://:pw@h"), "redis://:***@h");
-    }
 }

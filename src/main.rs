@@ -1,4 +1,5 @@
 //! The `sse-gateway` binary: loads the configuration, starts logging and a runtime, runs the gateway.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -12,20 +12,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, RegistryOp};
-use crate::hub::{Conn, Hub};
+use crate::broker::{Broker, ConnectionRecord, RegistryOp};
 use crate::metrics::Metrics;
 
 /// Most changes written in one call: the Redis function runs them atomically, so a batch must stay
 /// short enough (a few milliseconds of Redis time) not to hold up other clients.
 const BATCH: usize = 256;
 
+/// A live stream as the registry sees it (the hub's streams are such entries).
+pub trait Entry: Send + Sync + 'static {
+    fn app(&self) -> &str;
+    fn user(&self) -> &str;
+    fn id(&self) -> uuid::Uuid;
+    /// The entry as it is stored, written by `instance`.
+    fn record(&self, instance: &str) -> ConnectionRecord;
+}
+
 enum Op {
-    Put(Arc<Conn>),
-    Touch(Arc<Conn>),
-    Remove(Arc<Conn>),
+    Put(Arc<dyn Entry>),
+    Touch(Arc<dyn Entry>),
+    Remove(Arc<dyn Entry>),
     /// A place admitted for a stream that never joined.
     Release(RegistryOp),
     Flush(oneshot::Sender<()>),
@@ -66,17 +73,17 @@ impl Registry {
         )
     }
 
-    pub fn put(&self, conn: &Arc<Conn>) {
-        let _ = self.tx.send(Op::Put(conn.clone()));
+    pub fn put<E: Entry>(&self, entry: &Arc<E>) {
+        let _ = self.tx.send(Op::Put(entry.clone()));
     }
 
     /// Keeps an entry alive (the heartbeat); it is written again if it no longer exists.
-    pub fn touch(&self, conn: &Arc<Conn>) {
-        let _ = self.tx.send(Op::Touch(conn.clone()));
+    pub fn touch<E: Entry>(&self, entry: &Arc<E>) {
+        let _ = self.tx.send(Op::Touch(entry.clone()));
     }
 
-    pub fn remove(&self, conn: &Arc<Conn>) {
-        let _ = self.tx.send(Op::Remove(conn.clone()));
+    pub fn remove<E: Entry>(&self, entry: &Arc<E>) {
+        let _ = self.tx.send(Op::Remove(entry.clone()));
     }
 
     /// Gives back the place [`crate::broker::Broker::admit`] reserved for a stream that then did
@@ -113,28 +120,28 @@ impl Writer {
                 _ = tick.tick(), if !retry.is_empty() => None,
             };
             let mut batch = std::mem::take(&mut retry);
-            let mut touched: HashMap<String, Arc<Conn>> = HashMap::new();
+            let mut touched: HashMap<String, Arc<dyn Entry>> = HashMap::new();
             let mut flushes = Vec::new();
             let mut next = first;
             while let Some(op) = next {
                 match op {
                     Op::Put(conn) => batch.push(self.put(&conn)),
                     Op::Touch(conn) => {
-                        let id = conn.id.to_string();
+                        let id = conn.id().to_string();
                         batch.push(RegistryOp::Touch {
-                            app: conn.app.to_string(),
-                            user: conn.user.to_string(),
+                            app: conn.app().to_string(),
+                            user: conn.user().to_string(),
                             id: id.clone(),
                         });
                         touched.insert(id, conn);
                     }
                     Op::Remove(conn) => {
-                        let id = conn.id.to_string();
+                        let id = conn.id().to_string();
                         // Gone: not to be written again even if its touch finds it missing.
                         touched.remove(&id);
                         batch.push(RegistryOp::Remove {
-                            app: conn.app.to_string(),
-                            user: conn.user.to_string(),
+                            app: conn.app().to_string(),
+                            user: conn.user().to_string(),
                             id,
                         });
                     }
@@ -171,7 +178,7 @@ impl Writer {
         }
     }
 
-    fn put(&self, conn: &Conn) -> RegistryOp {
+    fn put(&self, conn: &Arc<dyn Entry>) -> RegistryOp {
         RegistryOp::Put(Arc::new(conn.record(&self.instance)))
     }
 
@@ -195,39 +202,5 @@ impl Writer {
                     .collect())
             }
         }
-    }
-}
-
-/// Rewrites every local entry each `interval`, and at once whenever the broker reconnects.
-pub async fn heartbeat(
-    hub: Arc<Hub>,
-    broker: Arc<dyn Broker>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut reconnects = Some(broker.reconnects());
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = next_change(&mut reconnects) => {
-                if !changed {
-                    reconnects = None;
-                    continue;
-                }
-                tracing::info!("broker reconnected: rewriting registry entries");
-            }
-            _ = shutdown.cancelled() => break,
-        }
-        hub.refresh_registry();
-    }
-}
-
-async fn next_change(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
-    match rx {
-        Some(rx) => rx.changed().await.is_ok(),
-        None => std::future::pending().await,
     }
 }

@@ -17,7 +17,8 @@ use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sse_gateway::auth::{AuthError, Identity, extract_token, is_safe_id};
+use sse_gateway::auth::{AuthError, Identity, extract_token};
+use sse_gateway::ids::is_safe_id;
 use sse_gateway_fuzz::{SECRET, VERIFIER};
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sse_gateway::auth::is_safe_id;
+use sse_gateway::ids::is_safe_id;
 use sse_gateway::fuzzing::{Target, parse_publish};
 use sse_gateway::history::{Epoch, EventId, stamp};
 use sse_gateway::sse::{PayloadKind, parse_payload};

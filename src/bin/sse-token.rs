@@ -4,6 +4,7 @@
 //! sse-token <app> <user> [--role publisher|operator]... [--ttl SECONDS]
 //! ```
 //! The secret comes from `JWT_SECRET` (environment or `.env`), as the gateway reads it.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -52,10 +53,10 @@ fn main() -> ExitCode {
     };
     // The gateway refuses such tokens (invalid_claims): say so now, not at the first request.
     for (what, id) in [("application", app), ("user", user)] {
-        if !sse_gateway::auth::is_safe_id(id) {
+        if !sse_gateway::ids::is_safe_id(id) {
             return usage(&format!(
                 "{what} {id:?} is not a safe id: 1 to {} of A-Z a-z 0-9 . _ ~ @ + = -",
-                sse_gateway::auth::MAX_ID_LEN
+                sse_gateway::ids::MAX_LEN
             ));
         }
     }

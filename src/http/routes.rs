@@ -211,7 +211,7 @@ fn header_text<B>(req: &Request<B>, name: header::HeaderName, max: usize) -> Opt
 /// `Last-Event-ID` (a reconnecting EventSource), else `?last_event_id=` (the first connection of a
 /// page). Anything longer than an id can be is cut: it will be an unknown id either way.
 fn last_event_id<B>(req: &Request<B>) -> Option<String> {
-    let max = crate::history::MAX_ID_LEN + 1;
+    let max = crate::history::MAX_EVENT_ID_LEN + 1;
     header_text(req, header::HeaderName::from_static("last-event-id"), max).or_else(|| {
         form_urlencoded::parse(req.uri().query()?.as_bytes())
             .find(|(k, v)| k == "last_event_id" && !v.trim().is_empty())
@@ -621,7 +621,7 @@ fn plan_publish(req: PublishRequest) -> Result<PublishPlan, PlanError> {
 }
 
 fn checked_user(user: &str) -> Result<&str, PlanError> {
-    if auth::is_safe_id(user) {
+    if crate::ids::is_safe_id(user) {
         Ok(user)
     } else {
         Err(("invalid_user", format!("{user:?} is not a valid user id")))
@@ -653,7 +653,7 @@ pub async fn connections<B>(
         };
         return error(StatusCode::FORBIDDEN, "forbidden", message);
     }
-    if user.is_some_and(|u| !auth::is_safe_id(u)) {
+    if user.is_some_and(|u| !crate::ids::is_safe_id(u)) {
         return no_content(); // no such user can exist: nothing to ask the broker
     }
     let records = match state.broker.registry_list(app, user).await {

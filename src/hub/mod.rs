@@ -4,7 +4,8 @@
 //! - [`stream`]: one stream, its outbox and the writes to its socket;
 //! - [`writers`]: the threads that share a large fan-out's socket writes;
 //! - [`replay`]: history reads for resuming streams, shared by those resuming together;
-//! - [`resync`]: catching every open stream up from history after the subscriber link was lost.
+//! - [`resync`]: catching every open stream up from history after the subscriber link was lost;
+//! - [`timers`]: the keep-alive ping, token expiry and the registry heartbeat.
 //!
 //! A stream costs one small [`Conn`] (ids, an outbox, its socket and a waker); there is no timer or
 //! channel per connection, and its task sleeps until the socket needs it. The hub reference-counts
@@ -17,6 +18,7 @@
 mod replay;
 mod resync;
 pub mod stream;
+pub mod timers;
 mod writers;
 
 use std::collections::{BTreeMap, HashMap};

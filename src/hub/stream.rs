@@ -22,6 +22,7 @@ use crate::broker::{ConnectionRecord, IdRef};
 use crate::clock;
 use crate::history::EventId;
 use crate::metrics::close_reason;
+use crate::registry::Entry;
 
 /// How much a stream may have waiting before its client counts as too slow.
 #[derive(Debug, Clone, Copy)]
@@ -453,8 +454,22 @@ impl Conn {
             QueueState::Closing(reason) => reason,
         }
     }
+}
 
-    pub fn record(&self, instance: &str) -> ConnectionRecord {
+impl Entry for Conn {
+    fn app(&self) -> &str {
+        &self.app
+    }
+
+    fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn id(&self) -> uuid::Uuid {
+        self.id
+    }
+
+    fn record(&self, instance: &str) -> ConnectionRecord {
         ConnectionRecord {
             id: self.id.to_string(),
             created_at: self.created_at,

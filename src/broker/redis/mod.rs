@@ -505,3 +505,28 @@ impl Broker for RedisBroker {
         })
     }
 }
+
+/// The URL without its password, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            super::redact_url("rediss://user:pw@h:6380/1"),
+            "rediss://user:***@h:6380/1"
+        );
+        assert_eq!(super::redact_url("redis://:pw@h"), "redis://:***@h");
+    }
+}
