@@ -4,11 +4,16 @@
 //! [`embedded::EmbeddedBroker`] (one process, nothing installed). The rest of the gateway sees only
 //! the [`Broker`] trait, so the Redis client could be swapped without touching the core.
 //!
-//! Channel names are part of the publisher contract and are shared by both implementations:
-//! `{app}:channel:{user}` (the original service's name) and `{app}:broadcast` for every user of an app.
+//! - [`channels`]: channel names, the publisher contract both implementations share;
+//! - [`records`]: registry records and changes, and admissions under the caps.
 
+mod channels;
 pub mod embedded;
+mod records;
 pub mod redis;
+
+pub use self::channels::{Topic, app_channel, parse_channel, user_channel};
+pub use self::records::{Admission, Admitted, ConnectionRecord, IdRef, RegistryOp};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -93,83 +98,6 @@ impl Position {
     }
 }
 
-/// One live connection as the registry stores it. Serialises to the original service's JSON shape
-/// (`id`, `created_at`, `remote_addr`, `application.id`, `user.id`) plus the fields it lacked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ConnectionRecord {
-    pub id: String,
-    pub created_at: u64,
-    pub remote_addr: String,
-    pub application: IdRef,
-    pub user: IdRef,
-    pub instance: String,
-    pub user_agent: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct IdRef {
-    pub id: String,
-}
-
-/// A change to the registry. Applied in order; a batch is pipelined.
-#[derive(Debug, Clone)]
-pub enum RegistryOp {
-    /// Write (or rewrite) the entry and push its expiry `ttl` seconds into the future.
-    Put(Arc<ConnectionRecord>),
-    /// Push the entry's expiry `ttl` seconds into the future (the heartbeat), if it still exists.
-    Touch {
-        app: String,
-        user: String,
-        id: String,
-    },
-    /// Delete the entry.
-    Remove {
-        app: String,
-        user: String,
-        id: String,
-    },
-}
-
-/// A new stream asking for a place under the cluster-wide caps (0: no cap).
-#[derive(Debug, Clone, Copy)]
-pub struct Admission<'a> {
-    pub app: &'a str,
-    pub user: &'a str,
-    /// The stream's connection id: its registry entry is the reservation.
-    pub conn: &'a str,
-    pub max_app: u64,
-    pub max_user: u64,
-    /// How long the reservation lives unless the registry keeps it alive.
-    pub ttl_secs: u64,
-}
-
-/// The broker's answer to an [`Admission`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admitted {
-    /// A place is reserved: the registry entry exists (in the indexes) until it is removed or
-    /// expires.
-    Yes,
-    /// The user already has this many live streams, at least the cap.
-    UserFull(u64),
-    /// The application already has this many live streams, at least the cap.
-    AppFull(u64),
-}
-
-/// Where a channel's messages go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Topic<'a> {
-    User { app: &'a str, user: &'a str },
-    App { app: &'a str },
-}
-
-pub fn user_channel(app: &str, user: &str) -> String {
-    format!("{app}:channel:{user}")
-}
-
-pub fn app_channel(app: &str) -> String {
-    format!("{app}:broadcast")
-}
-
 /// How a durable publish is acknowledged: once at least `min_replicas` replicas hold it (Redis
 /// `WAIT`, at most `wait` long), so that a failover cannot take an acknowledged event back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,30 +111,6 @@ pub struct Durability {
 pub struct Retention {
     pub max_len: usize,
     pub ttl_secs: u64,
-}
-
-/// The inverse of [`user_channel`] and [`app_channel`], also in the hash-tagged form a Redis
-/// Cluster uses (`{app}:channel:{user}`, `{app}:broadcast`); `None` for anything else.
-pub fn parse_channel(channel: &str) -> Option<Topic<'_>> {
-    if let Some(a) = channel.strip_suffix(":broadcast") {
-        return untag(a).map(|app| Topic::App { app });
-    }
-    let (a, user) = channel.split_once(":channel:")?;
-    let app = untag(a)?;
-    plain_id(user).then_some(Topic::User { app, user })
-}
-
-fn plain_id(s: &str) -> bool {
-    !s.is_empty() && !s.contains([':', '{', '}'])
-}
-
-/// An application id, bare or as a cluster hash tag (`{app}`).
-fn untag(s: &str) -> Option<&str> {
-    let s = s
-        .strip_prefix('{')
-        .and_then(|t| t.strip_suffix('}'))
-        .unwrap_or(s);
-    plain_id(s).then_some(s)
 }
 
 /// Pub/sub and registry storage. Every method is safe to call while the link is down: it fails
@@ -286,50 +190,4 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Closes the links.
     fn stop(&self) -> BoxFuture<'_, ()>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn channels_round_trip() {
-        assert_eq!(
-            parse_channel(&user_channel("a", "u")),
-            Some(Topic::User {
-                app: "a",
-                user: "u"
-            })
-        );
-        assert_eq!(
-            parse_channel(&app_channel("a")),
-            Some(Topic::App { app: "a" })
-        );
-        assert_eq!(
-            parse_channel("{a}:channel:u"),
-            Some(Topic::User {
-                app: "a",
-                user: "u"
-            })
-        );
-        assert_eq!(
-            parse_channel("{a}:broadcast"),
-            Some(Topic::App { app: "a" })
-        );
-        for bad in [
-            "",
-            "a",
-            "a:channel:",
-            ":channel:u",
-            "a:b:channel:u",
-            ":broadcast",
-            "a:x:broadcast",
-            "{}:broadcast",
-            "{a:broadcast",
-            "{{a}}:channel:u",
-            "{a}:channel:{u}",
-        ] {
-            assert_eq!(parse_channel(bad), None, "{bad}");
-        }
-    }
 }
