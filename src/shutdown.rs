@@ -56,7 +56,7 @@ pub async fn drain(
     retry_ms: u64,
     timeout: Duration,
 ) {
-    let streams = hub.len();
+    let streams = hub.streams();
     tracing::info!(
         streams,
         "shutting down: telling every stream to reconnect elsewhere"
@@ -70,7 +70,7 @@ pub async fn drain(
     if tokio::time::timeout(timeout, drained).await.is_err() {
         tracing::warn!(
             ?timeout,
-            remaining = hub.len(),
+            remaining = hub.streams(),
             "drain timed out; closing the rest"
         );
     }

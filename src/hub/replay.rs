@@ -13,11 +13,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use serde_json::json;
 use tokio::sync::oneshot;
 
+use super::{Conn, Hub};
 use crate::broker::{Broker, BrokerError};
 use crate::history::{self, Backlog, EventId, ResetReason};
-use crate::sse;
+use crate::metrics::{AppReasonLabel, Metrics};
+use crate::sse::{self, Event};
 
 /// Most users asked for in one history read (a few milliseconds of Redis time).
 pub(super) const BATCH: usize = 256;
@@ -215,4 +218,126 @@ fn encode(entries: Vec<(EventId, Bytes)>) -> Vec<(EventId, Bytes)> {
         .into_iter()
         .map(|(id, m)| (id, sse::parse_payload(&m).event.encode()))
         .collect()
+}
+
+/// The event that tells a client its gap cannot be filled. It carries the newest id, so the
+/// client's `lastEventId` moves to the present.
+fn reset_event(current: Option<EventId>, reason: &str, last_event_id: &str) -> Bytes {
+    Event {
+        id: current.map(|c| c.to_string()),
+        event: Some("reset".into()),
+        data: json!({"reason": reason, "last_event_id": last_event_id}).to_string(),
+        retry: None,
+    }
+    .encode()
+}
+
+impl Hub {
+    /// Sends the rest of a long catch-up page by page, each read once the previous one has gone
+    /// to the socket: a resuming stream never holds more than a page and its held live events
+    /// (within its queue limits, or it is cut off and resumes later from where it got to), and a
+    /// client that does not read costs no further history reads.
+    pub(super) async fn page_on(self: Arc<Self>, conn: Arc<Conn>, mut after: Option<EventId>) {
+        loop {
+            if !std::future::poll_fn(|cx| conn.poll_drained(cx)).await {
+                return; // the stream ended
+            }
+            let Some(from) = after else {
+                conn.catch_up(Vec::new(), None);
+                return;
+            };
+            let (events, next, more) = self.replay(&conn, &from.to_string()).await;
+            if !more {
+                conn.catch_up(events, next);
+                return;
+            }
+            if !conn.catch_up_page(events, next) {
+                return;
+            }
+            after = next;
+        }
+    }
+
+    /// What a stream resuming after `last` must see first (a page of it: at most half its byte
+    /// budget), the id it then stands at, and whether history goes on after that.
+    pub(super) async fn replay(
+        &self,
+        conn: &Conn,
+        last: &str,
+    ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>, bool) {
+        let mut replay = self.replays.replay(&conn.app, &conn.user, last).await;
+        if let Ok(Replay::Events {
+            events,
+            after,
+            more,
+        }) = &mut replay
+        {
+            let budget = self.config.queue.bytes / 2;
+            let mut bytes = 0;
+            let fits = events
+                .iter()
+                .position(|(_, b)| {
+                    bytes += b.len();
+                    bytes > budget
+                })
+                .map_or(events.len(), |n| n.max(1));
+            if fits < events.len() {
+                events.truncate(fits);
+                *after = events.last().map(|(id, _)| *id).or(*after);
+                *more = true;
+            }
+        }
+        let more = matches!(replay, Ok(Replay::Events { more: true, .. }));
+        let (events, after) = self.replayed(conn, replay, last);
+        (events, after, more)
+    }
+
+    /// A history read's part for `conn`, as events to queue (ids kept, to skip what the stream
+    /// has) and the id they bring it to; a `reset` where the gap cannot be filled.
+    pub(super) fn replayed(
+        &self,
+        conn: &Conn,
+        replay: Result<Replay, BrokerError>,
+        last: &str,
+    ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>) {
+        let label = Metrics::app(&conn.app);
+        let replay = match replay {
+            Ok(replay) => replay,
+            Err(error) => {
+                // Never pretend: if history cannot be read, the client is told to refetch.
+                tracing::warn!(app = %conn.app, user = %conn.user, %error, "history unavailable for replay");
+                return (
+                    vec![(None, reset_event(None, "history_unavailable", last))],
+                    None,
+                );
+            }
+        };
+        match replay {
+            Replay::Events { events, after, .. } => {
+                self.metrics
+                    .replayed_events
+                    .get_or_create(&label)
+                    .inc_by(events.len() as u64);
+                (
+                    events.into_iter().map(|(id, b)| (Some(id), b)).collect(),
+                    after,
+                )
+            }
+            Replay::Reset { current, reason } => {
+                self.metrics
+                    .replay_resets
+                    .get_or_create(&AppReasonLabel {
+                        app: conn.app.to_string(),
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+                tracing::info!(app = %conn.app, user = %conn.user, reason = reason.as_str(),
+                    "cannot replay from the client's id: sending reset");
+                (
+                    vec![(None, reset_event(current, reason.as_str(), last))],
+                    current,
+                )
+            }
+        }
+    }
 }

@@ -5,10 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Hub;
 use crate::broker::Broker;
+use crate::metrics::close_reason;
+use crate::sse::Event;
 use crate::{clock, sse};
 
 /// Sends the keep-alive `ping` to every stream: one timer for the whole process, not one per stream.
@@ -81,5 +84,33 @@ async fn next_change(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool
     match rx {
         Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
+    }
+}
+
+impl Hub {
+    /// Ends the streams whose token expired at or before `now` (seconds), each with a
+    /// `token_expired` event: the client reconnects with a fresh token and resumes by id.
+    pub fn expire_tokens(&self, now: u64) -> usize {
+        let mut state = self.lock();
+        let mut ended = 0;
+        while let Some(entry) = state.expiries.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let conn = entry.remove();
+            let event = Event::json("token_expired", &json!({"exp": conn.exp})).encode();
+            conn.finish(close_reason::TOKEN_EXPIRED, Some(event));
+            ended += 1;
+        }
+        ended
+    }
+
+    /// Queues a registry touch of every local stream (the heartbeat): entries live on, and those
+    /// Redis lost are written again.
+    pub fn refresh_registry(&self) {
+        let state = self.lock();
+        for conn in state.apps.values().flat_map(|e| e.conns.values()) {
+            self.registry.touch(conn);
+        }
     }
 }

@@ -1,0 +1,257 @@
+//! Streams joining and leaving: the instance's room and the cluster-wide caps, the subscriptions,
+//! the first position or a replay, and the lease whose drop removes a stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Conn, Hub, State};
+use crate::broker::{Admission, Admitted, BrokerError, app_channel, user_channel};
+use crate::metrics::{AppReasonLabel, Metrics, close_reason};
+
+/// What a new stream is, before it joins the hub.
+pub struct NewConn {
+    pub app: String,
+    pub user: String,
+    pub exp: u64,
+    pub remote_addr: SocketAddr,
+    pub user_agent: String,
+    /// The last event id the client saw (`Last-Event-ID` or `?last_event_id=`): replay from there.
+    pub last_event_id: Option<String>,
+    /// The cluster-wide caps that apply to it.
+    pub caps: Caps,
+}
+
+/// Most live streams across the cluster, per application and per user (0: no cap).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub app: u64,
+    pub user: u64,
+}
+
+/// Why a stream could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("this instance holds its maximum number of streams")]
+    InstanceFull,
+    #[error("this user already has {count} streams open (limit {limit})")]
+    UserFull { count: u64, limit: u64 },
+    #[error("this application holds its maximum number of streams ({limit})")]
+    AppFull { limit: u64 },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("the broker did not answer in time")]
+    Timeout,
+}
+
+/// A stream's membership in the hub; dropping it (when the response body is dropped, i.e. the
+/// client is gone or the stream ended) removes the stream and its registry entry.
+pub struct Lease {
+    conn: Arc<Conn>,
+    hub: Arc<Hub>,
+}
+
+impl Lease {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.hub.detach(&self.conn);
+    }
+}
+
+impl Hub {
+    /// Adds a stream, returning once its subscriptions are live and, when it resumes from an id,
+    /// once what it missed is queued ahead of live events. On error the stream is already gone.
+    pub async fn attach(self: &Arc<Self>, new: NewConn) -> Result<Lease, AttachError> {
+        let id = uuid::Uuid::new_v4();
+        self.admit(&new, id).await?;
+        let lease = match self.insert(id, &new) {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.registry.release(&new.app, &new.user, &id);
+                return Err(e);
+            }
+        };
+        let channels = vec![user_channel(&new.app, &new.user), app_channel(&new.app)];
+        let timeout = self.config.broker_timeout;
+        let caught_up = async {
+            self.broker.subscribe(channels).await?;
+            let start = self.position(&lease.conn.app).await?;
+            let (replay, after, more) = match &new.last_event_id {
+                None => (Vec::new(), Some(start), false),
+                Some(last) => self.replay(&lease.conn, last).await,
+            };
+            let open = if more {
+                lease.conn.catch_up_page(replay, after)
+            } else {
+                lease.conn.catch_up(replay, after)
+            };
+            if !open {
+                // Ended while joining (the subscriber link was lost meanwhile): the client
+                // retries, and resumes by id.
+                return Err(AttachError::Broker(BrokerError::Unavailable(
+                    "the broker link was lost while the stream joined".into(),
+                )));
+            }
+            Ok::<_, AttachError>(more.then_some(after))
+        };
+        let error = match tokio::time::timeout(timeout, caught_up).await {
+            Ok(Ok(paging)) => {
+                if let Some(after) = paging {
+                    tokio::spawn(self.clone().page_on(lease.conn.clone(), after));
+                }
+                self.registry.put(&lease.conn);
+                return Ok(lease);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => AttachError::Timeout,
+        };
+        // Dropping the lease removes the stream again, counted under this reason.
+        lease.conn.finish(close_reason::BROKER_UNAVAILABLE, None);
+        Err(error)
+    }
+
+    /// Whether this instance takes one more stream.
+    pub(super) fn room(&self, state: &State) -> Result<(), AttachError> {
+        if state.closed {
+            return Err(AttachError::ShuttingDown);
+        }
+        if self.config.max_connections > 0 && state.len >= self.config.max_connections {
+            return Err(AttachError::InstanceFull);
+        }
+        Ok(())
+    }
+
+    /// Reserves the stream's place under the cluster-wide caps, in one atomic broker step (a
+    /// burst of connects on any number of instances never gets past a cap). The instance's own
+    /// room is checked first, so that a full instance costs the broker nothing.
+    pub(super) async fn admit(&self, new: &NewConn, id: uuid::Uuid) -> Result<(), AttachError> {
+        self.room(&self.lock())?;
+        if new.caps == Caps::default() {
+            return Ok(());
+        }
+        let conn = id.to_string();
+        let admission = Admission {
+            app: &new.app,
+            user: &new.user,
+            conn: &conn,
+            max_app: new.caps.app,
+            max_user: new.caps.user,
+            ttl_secs: self.config.registry_ttl_secs,
+        };
+        let admitted =
+            tokio::time::timeout(self.config.broker_timeout, self.broker.admit(admission))
+                .await
+                .map_err(|_| AttachError::Timeout)??;
+        match admitted {
+            Admitted::Yes => Ok(()),
+            Admitted::UserFull(count) => Err(AttachError::UserFull {
+                count,
+                limit: new.caps.user,
+            }),
+            Admitted::AppFull(_) => Err(AttachError::AppFull {
+                limit: new.caps.app,
+            }),
+        }
+    }
+
+    pub(super) fn insert(
+        self: &Arc<Self>,
+        id: uuid::Uuid,
+        new: &NewConn,
+    ) -> Result<Lease, AttachError> {
+        let mut state = self.lock();
+        self.room(&state)?;
+        let app: Arc<str> = match state.apps.get_key_value(new.app.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(new.app.as_str()),
+        };
+        let entry = state.apps.entry(app.clone()).or_default();
+        let user: Arc<str> = match entry.users.get_key_value(new.user.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(new.user.as_str()),
+        };
+        let conn = Arc::new(Conn::new(
+            id,
+            new,
+            (app, user.clone()),
+            self.next_key.fetch_add(1, Ordering::Relaxed),
+            self.config.queue,
+            self.config.hello.clone(),
+        ));
+        entry.conns.insert(conn.key, conn.clone());
+        entry
+            .users
+            .entry(user)
+            .or_default()
+            .insert(conn.key, conn.clone());
+        state.expiries.insert((conn.exp, conn.key), conn.clone());
+        state.len += 1;
+        let label = Metrics::app(&conn.app);
+        self.metrics.connections.get_or_create(&label).inc();
+        self.metrics.active_clients.inc();
+        self.metrics.connections_opened.get_or_create(&label).inc();
+        Ok(Lease {
+            conn,
+            hub: self.clone(),
+        })
+    }
+
+    pub(super) fn detach(&self, conn: &Arc<Conn>) {
+        let reason = conn.close_reason();
+        {
+            let mut state = self.lock();
+            state.expiries.remove(&(conn.exp, conn.key));
+            let Some(entry) = state.apps.get_mut(&*conn.app) else {
+                return;
+            };
+            if entry.conns.remove(&conn.key).is_none() {
+                return;
+            }
+            let mut unsubscribe = Vec::new();
+            if let Some(users) = entry.users.get_mut(&*conn.user) {
+                users.remove(&conn.key);
+                if users.is_empty() {
+                    entry.users.remove(&*conn.user);
+                    unsubscribe.push(user_channel(&conn.app, &conn.user));
+                }
+            }
+            if entry.conns.is_empty() {
+                state.apps.remove(&*conn.app);
+                unsubscribe.push(app_channel(&conn.app));
+                // Unsubscribed, this instance no longer follows the application's history.
+                if let Some(p) = state.positions.get_mut(&*conn.app) {
+                    p.delivered = None;
+                    p.resyncing = false;
+                }
+            }
+            state.len -= 1;
+            // The last stream's unsubscribe is sent under the lock: a stream that joins after it
+            // sends its subscribe later, so the broker always ends up subscribed when it should.
+            if !unsubscribe.is_empty() {
+                self.broker.unsubscribe(unsubscribe);
+            }
+            // Also under the lock, so that no heartbeat touch of this stream is queued after this
+            // delete (a touch that finds the entry gone would write it again). Always: a stream
+            // that never joined still holds the place its admission reserved.
+            self.registry.remove(conn);
+        }
+        let label = Metrics::app(&conn.app);
+        self.metrics.connections.get_or_create(&label).dec();
+        self.metrics.active_clients.dec();
+        self.metrics
+            .connections_closed
+            .get_or_create(&AppReasonLabel {
+                app: conn.app.to_string(),
+                reason,
+            })
+            .inc();
+        tracing::debug!(app = %conn.app, user = %conn.user, conn = %conn.id, reason, "stream closed");
+    }
+}
