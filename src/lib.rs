@@ -23,6 +23,8 @@
 //! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
 
 #![deny(unsafe_code)]
+// The module docs are a map for readers of the source, private modules included.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod auth;
 pub mod broker;
