@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::{BrokerConfig, Config};
 use crate::http::AppState;
-use crate::hub::{Hub, HubConfig, QueueLimits};
+use crate::hub::{Hub, HubConfig, OutboxLimits};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -120,7 +120,7 @@ pub async fn run(
         registry,
         metrics.clone(),
         HubConfig {
-            queue: QueueLimits {
+            queue: OutboxLimits {
                 events: config.client_queue,
                 bytes: config.client_queue_bytes.max(config.max_message_bytes),
             },

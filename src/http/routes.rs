@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{AppState, Body, HttpResponse, error, json_bytes, json_response, unauthorized};
 use crate::auth::{self, Identity};
 use crate::broker::{BrokerError, ConnectionRecord, app_channel, user_channel};
-use crate::hub::{AttachError, Caps, NewConn};
+use crate::hub::{AttachError, Caps, NewStream};
 use crate::metrics::{AppReasonLabel, OutcomeLabel};
 use crate::rate::{Action, Scope};
 use crate::sse::clean_field;
@@ -173,7 +173,7 @@ pub async fn sse<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> Http
         return *resp;
     }
     let user_agent = header_text(&req, header::USER_AGENT, 256).unwrap_or_default();
-    let new = NewConn {
+    let new = NewStream {
         caps: caps(state, &identity.app),
         last_event_id,
         app: identity.app,

@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Conn, Hub, State};
+use super::{Hub, State, Stream};
 use crate::broker::{Admission, Admitted, BrokerError, app_channel, user_channel};
 use crate::metrics::{AppReasonLabel, Metrics, close_reason};
 
 /// What a new stream is, before it joins the hub.
-pub struct NewConn {
+pub struct NewStream {
     pub app: String,
     pub user: String,
     pub exp: u64,
@@ -49,12 +49,12 @@ pub enum AttachError {
 /// A stream's membership in the hub; dropping it (when the response body is dropped, i.e. the
 /// client is gone or the stream ended) removes the stream and its registry entry.
 pub struct Lease {
-    conn: Arc<Conn>,
+    conn: Arc<Stream>,
     hub: Arc<Hub>,
 }
 
 impl Lease {
-    pub fn conn(&self) -> &Arc<Conn> {
+    pub fn conn(&self) -> &Arc<Stream> {
         &self.conn
     }
 }
@@ -68,7 +68,7 @@ impl Drop for Lease {
 impl Hub {
     /// Adds a stream, returning once its subscriptions are live and, when it resumes from an id,
     /// once what it missed is queued ahead of live events. On error the stream is already gone.
-    pub async fn attach(self: &Arc<Self>, new: NewConn) -> Result<Lease, AttachError> {
+    pub async fn attach(self: &Arc<Self>, new: NewStream) -> Result<Lease, AttachError> {
         let id = uuid::Uuid::new_v4();
         self.admit(&new, id).await?;
         let lease = match self.insert(id, &new) {
@@ -131,7 +131,7 @@ impl Hub {
     /// Reserves the stream's place under the cluster-wide caps, in one atomic broker step (a
     /// burst of connects on any number of instances never gets past a cap). The instance's own
     /// room is checked first, so that a full instance costs the broker nothing.
-    pub(super) async fn admit(&self, new: &NewConn, id: uuid::Uuid) -> Result<(), AttachError> {
+    pub(super) async fn admit(&self, new: &NewStream, id: uuid::Uuid) -> Result<(), AttachError> {
         self.room(&self.lock())?;
         if new.caps == Caps::default() {
             return Ok(());
@@ -164,7 +164,7 @@ impl Hub {
     pub(super) fn insert(
         self: &Arc<Self>,
         id: uuid::Uuid,
-        new: &NewConn,
+        new: &NewStream,
     ) -> Result<Lease, AttachError> {
         let mut state = self.lock();
         self.room(&state)?;
@@ -177,7 +177,7 @@ impl Hub {
             Some((k, _)) => k.clone(),
             None => Arc::from(new.user.as_str()),
         };
-        let conn = Arc::new(Conn::new(
+        let conn = Arc::new(Stream::new(
             id,
             new,
             (app, user.clone()),
@@ -203,7 +203,7 @@ impl Hub {
         })
     }
 
-    pub(super) fn detach(&self, conn: &Arc<Conn>) {
+    pub(super) fn detach(&self, conn: &Arc<Stream>) {
         let reason = conn.close_reason();
         {
             let mut state = self.lock();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Conn, Hub, Push};
+use super::{Hub, Push, Stream};
 use crate::broker::{MessageSink, Topic, parse_channel};
 use crate::clock;
 use crate::history::EventId;
@@ -14,17 +14,17 @@ use crate::sse::{self, PayloadKind};
 
 /// One event offered to many streams: what was queued, which sockets to write, who was cut off.
 #[derive(Default)]
-pub(super) struct Offer {
+pub(super) struct FanOut {
     delivered: usize,
-    flush: Vec<Arc<Conn>>,
-    cut_off: Vec<(Arc<Conn>, usize)>,
+    flush: Vec<Arc<Stream>>,
+    cut_off: Vec<(Arc<Stream>, usize)>,
 }
 
-impl Offer {
-    fn push(&mut self, conn: &Arc<Conn>, bytes: &Bytes, id: Option<EventId>) {
+impl FanOut {
+    fn push(&mut self, conn: &Arc<Stream>, bytes: &Bytes, id: Option<EventId>) {
         match conn.push(bytes.clone(), id) {
             Push::Queued => self.delivered += 1,
-            Push::Flush => {
+            Push::Write => {
                 self.delivered += 1;
                 self.flush.push(conn.clone());
             }
@@ -38,11 +38,11 @@ impl MessageSink for Hub {
     fn deliver(&self, messages: &[(&str, &[u8])]) {
         // Every event is queued first and the sockets written once at the end, so a burst goes
         // out in one write per stream instead of one per event.
-        let mut offer = Offer::default();
+        let mut offer = FanOut::default();
         for (channel, payload) in messages {
             self.offer_message(&mut offer, channel, payload);
         }
-        self.complete(offer);
+        self.write_out(offer);
     }
 
     fn suspend(&self) {
@@ -59,7 +59,7 @@ impl Hub {
     /// are written when the offer is completed.
     pub(super) fn offer_to(
         &self,
-        offer: &mut Offer,
+        offer: &mut FanOut,
         topic: &Topic<'_>,
         bytes: &Bytes,
         id: Option<EventId>,
@@ -108,14 +108,14 @@ impl Hub {
     }
 
     /// Writes what an offer queued (outside the hub's lock) and reports the streams it cut off.
-    pub(super) fn complete(&self, offer: Offer) {
+    pub(super) fn write_out(&self, offer: FanOut) {
         self.writers.flush(offer.flush);
         for (conn, lost) in offer.cut_off {
             self.report_slow(&conn, lost);
         }
     }
 
-    pub(super) fn report_slow(&self, conn: &Conn, lost: usize) {
+    pub(super) fn report_slow(&self, conn: &Stream, lost: usize) {
         let app = Metrics::app(&conn.app);
         self.metrics.slow_clients.get_or_create(&app).inc();
         self.metrics
@@ -128,11 +128,11 @@ impl Hub {
 
     /// Offers the same bytes to the local streams of one slot out of `slots` (pings: each tick
     /// pings one slot, so a whole interval's pings are spread instead of all written at once).
-    pub fn push_slot(&self, bytes: &Bytes, slot: u64, slots: u64) {
-        let mut offer = Offer::default();
+    pub fn push_to_slot(&self, bytes: &Bytes, slot: u64, slots: u64) {
+        let mut offer = FanOut::default();
         {
             let state = self.lock();
-            let in_slot = |c: &&Arc<Conn>| c.key % slots == slot;
+            let in_slot = |c: &&Arc<Stream>| c.key % slots == slot;
             for conn in state
                 .apps
                 .values()
@@ -142,11 +142,11 @@ impl Hub {
                 offer.push(conn, bytes, None);
             }
         }
-        self.complete(offer);
+        self.write_out(offer);
     }
 
     /// Parses and encodes one broker message and queues it for its topic's streams.
-    pub(super) fn offer_message(&self, offer: &mut Offer, channel: &str, payload: &[u8]) {
+    pub(super) fn offer_message(&self, offer: &mut FanOut, channel: &str, payload: &[u8]) {
         let Some(topic) = parse_channel(channel) else {
             self.metrics
                 .messages_dropped

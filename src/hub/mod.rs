@@ -5,13 +5,14 @@
 //! - [`attach`]: streams joining (room, caps, subscriptions, first position) and leaving;
 //! - [`position`]: where this instance stands in each application's history (epochs, rollbacks);
 //! - [`fanout`]: broker messages parsed and encoded once, queued for their streams;
-//! - [`stream`]: one stream, its outbox and the writes to its socket;
+//! - [`stream`]: one stream: its phases, catch-up and the writes to its socket;
+//! - [`outbox`]: a stream's waiting events under their budget, and the contract with its socket;
 //! - [`writers`]: the threads that share a large fan-out's socket writes;
 //! - [`replay`]: history reads for resuming streams, shared by those resuming together;
 //! - [`resync`]: catching every open stream up from history after the subscriber link was lost;
 //! - [`timers`]: the keep-alive ping, token expiry and the registry heartbeat.
 //!
-//! A stream costs one small [`Conn`] (ids, an outbox, its socket and a waker); there is no timer or
+//! A stream costs one small [`Stream`] (ids, an outbox, its socket and a waker); there is no timer or
 //! channel per connection, and its task sleeps until the socket needs it. The hub reference-counts
 //! broker subscriptions: the first stream of a user subscribes `{app}:channel:{user}` (and the first
 //! of an app `{app}:broadcast`), the last one unsubscribes. Each message is parsed and encoded
@@ -21,6 +22,7 @@
 
 mod attach;
 mod fanout;
+mod outbox;
 mod position;
 mod replay;
 mod resync;
@@ -35,10 +37,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use self::attach::{AttachError, Caps, Lease, NewConn};
+pub use self::attach::{AttachError, Caps, Lease, NewStream};
+pub use self::outbox::{Outbox, OutboxLimits, Wire};
 use self::position::{AppPosition, PositionAnswer};
 use self::replay::Replays;
-pub use self::stream::{Conn, Hold, Outbox, Push, QueueLimits, Wire};
+pub use self::stream::{Hold, Push, Stream};
 use self::writers::Writers;
 use crate::broker::Broker;
 use crate::metrics::{Metrics, close_reason};
@@ -50,8 +53,8 @@ struct AppEntry {
     /// them in that order keeps the kernel's per-socket structures and ours in cache far better
     /// than a hash map's order (measured with `sse-bench floor`: 3.9 µs per write in creation
     /// order, 4.8 µs shuffled).
-    conns: BTreeMap<u64, Arc<Conn>>,
-    users: HashMap<Arc<str>, HashMap<u64, Arc<Conn>>>,
+    conns: BTreeMap<u64, Arc<Stream>>,
+    users: HashMap<Arc<str>, HashMap<u64, Arc<Stream>>>,
 }
 
 #[derive(Default)]
@@ -59,7 +62,7 @@ struct State {
     apps: HashMap<Arc<str>, AppEntry>,
     positions: HashMap<Arc<str>, AppPosition>,
     /// Streams by token expiry, so one timer ends them all on time.
-    expiries: BTreeMap<(u64, u64), Arc<Conn>>,
+    expiries: BTreeMap<(u64, u64), Arc<Stream>>,
     len: usize,
     /// Set once shutdown starts: no new streams join.
     closed: bool,
@@ -67,7 +70,7 @@ struct State {
 
 /// The hub's settings.
 pub struct HubConfig {
-    pub queue: QueueLimits,
+    pub queue: OutboxLimits,
     pub max_message_bytes: usize,
     /// Most streams this instance holds (0: no limit).
     pub max_connections: usize,
@@ -125,7 +128,7 @@ impl Hub {
 
     /// Stops new streams joining and ends every open one, each after its own last event (so that
     /// the reconnects of a large instance spread out instead of arriving at once).
-    pub fn close_all(&self, last: impl Fn(&Conn) -> Bytes) {
+    pub fn close_all(&self, last: impl Fn(&Stream) -> Bytes) {
         let mut state = self.lock();
         state.closed = true;
         for conn in state.apps.values().flat_map(|e| e.conns.values()) {
@@ -170,7 +173,7 @@ mod tests {
             Duration::from_secs(60),
             metrics.clone(),
         );
-        let limits = QueueLimits {
+        let limits = OutboxLimits {
             events: 1024,
             bytes: 256 << 10,
         };
@@ -199,7 +202,7 @@ mod tests {
             ids.push(id);
         }
         let lease = hub
-            .attach(NewConn {
+            .attach(NewStream {
                 app: "a".into(),
                 user: "u".into(),
                 exp: u64::MAX,

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use super::{Conn, Hub};
+use super::{Hub, Stream};
 use crate::broker::{Broker, BrokerError};
 use crate::history::{self, Backlog, EventId, ResetReason};
 use crate::metrics::{AppReasonLabel, Metrics};
@@ -28,7 +28,7 @@ pub(super) const BATCH: usize = 256;
 /// Entries of each history read per page: what half a stream's queue holds of events of 4 KB
 /// (reads are sized before the events are seen; larger ones are cut to the byte budget when
 /// queued), at least 8 and at most [`BATCH`].
-pub(super) fn page_size(limits: super::QueueLimits) -> usize {
+pub(super) fn page_size(limits: super::OutboxLimits) -> usize {
     (limits.bytes / 2 / 4096)
         .min(limits.events / 2)
         .clamp(8, BATCH)
@@ -237,7 +237,7 @@ impl Hub {
     /// to the socket: a resuming stream never holds more than a page and its held live events
     /// (within its queue limits, or it is cut off and resumes later from where it got to), and a
     /// client that does not read costs no further history reads.
-    pub(super) async fn page_on(self: Arc<Self>, conn: Arc<Conn>, mut after: Option<EventId>) {
+    pub(super) async fn page_on(self: Arc<Self>, conn: Arc<Stream>, mut after: Option<EventId>) {
         loop {
             if !std::future::poll_fn(|cx| conn.poll_drained(cx)).await {
                 return; // the stream ended
@@ -262,7 +262,7 @@ impl Hub {
     /// budget), the id it then stands at, and whether history goes on after that.
     pub(super) async fn replay(
         &self,
-        conn: &Conn,
+        conn: &Stream,
         last: &str,
     ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>, bool) {
         let mut replay = self.replays.replay(&conn.app, &conn.user, last).await;
@@ -296,7 +296,7 @@ impl Hub {
     /// has) and the id they bring it to; a `reset` where the gap cannot be filled.
     pub(super) fn replayed(
         &self,
-        conn: &Conn,
+        conn: &Stream,
         replay: Result<Replay, BrokerError>,
         last: &str,
     ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>) {

@@ -23,7 +23,7 @@ use super::replay::{self, BATCH, Replay};
 use super::{Hold, Hub};
 use crate::broker::BrokerError;
 use crate::history::EventId;
-use crate::hub::stream::Conn;
+use crate::hub::stream::Stream;
 use crate::metrics::close_reason;
 
 /// Pause between attempts at a read that failed (the command link may come back after the
@@ -34,7 +34,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 #[derive(Default)]
 pub struct Pending {
     generation: u64,
-    streams: HashMap<u64, Arc<Conn>>,
+    streams: HashMap<u64, Arc<Stream>>,
     /// When the oldest loss not yet re-synced was noticed, if it held any stream.
     since: Option<Instant>,
 }
@@ -46,7 +46,7 @@ struct AppResync {
     from: Option<EventId>,
     /// The newest id this instance saw, to check the broker still holds it.
     seen: Option<EventId>,
-    streams: Vec<Arc<Conn>>,
+    streams: Vec<Arc<Stream>>,
 }
 
 impl Hub {

@@ -1,95 +1,30 @@
 //! One live stream: who it belongs to, its outbox of encoded events, and the writes to its socket.
 //!
 //! Whoever delivers an event writes it to the socket at once, without waking the stream's task, for
-//! as long as the socket takes it ([`Conn::push`] then [`Conn::flush`]). The task only runs when
-//! the socket is full, when the stream ends and when the client goes ([`Conn::poll_drive`]): an
+//! as long as the socket takes it ([`Stream::push`] then [`Stream::flush`]). The task only runs when
+//! the socket is full, when the stream ends and when the client goes ([`Stream::poll_drive`]): an
 //! event costs one `writev` and no wake-up. A stream without a socket of its own (HTTP/2 through
-//! hyper) has its events pulled by the response body instead ([`Conn::poll_next`]).
+//! hyper) has its events pulled by the response body instead ([`Stream::poll_next`]).
 //!
 //! Every write happens under the stream's lock and takes the outbox in order, so events reach a
 //! client in the order they were pushed, whichever thread writes them.
 
-use std::collections::VecDeque;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use super::NewConn;
+use super::NewStream;
+use super::outbox::{Outbox, OutboxLimits, Wire};
 use crate::broker::{ConnectionRecord, IdRef};
 use crate::clock;
 use crate::history::EventId;
 use crate::metrics::close_reason;
 use crate::registry::Entry;
 
-/// How much a stream may have waiting before its client counts as too slow.
-#[derive(Debug, Clone, Copy)]
-pub struct QueueLimits {
-    pub events: usize,
-    pub bytes: usize,
-}
-
-/// Events waiting for a stream's socket.
-#[derive(Default)]
-pub struct Outbox {
-    /// Encoded events not yet started, oldest first.
-    pub events: VecDeque<Bytes>,
-    /// Their total size, for the byte budget.
-    pub bytes: usize,
-    /// What is left of a write cut short, already framed: it goes out before `events`.
-    pub partial: Bytes,
-}
-
-impl Outbox {
-    /// Takes the oldest event off the queue.
-    pub fn pop(&mut self) -> Option<Bytes> {
-        let b = self.events.pop_front()?;
-        self.bytes = self.bytes.saturating_sub(b.len());
-        if self.events.is_empty() && self.events.capacity() > 1 {
-            // Back to one slot once a burst is over: idle streams are many.
-            self.events = VecDeque::new();
-        }
-        Some(b)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.partial.is_empty()
-    }
-
-    fn push(&mut self, b: Bytes) {
-        self.bytes += b.len();
-        self.queue(b);
-    }
-
-    /// Queues without counting (the caller already did). One event at a time, the common case,
-    /// lives in a one-slot buffer that stays: no allocation per event, 32 bytes per idle stream.
-    fn queue(&mut self, b: Bytes) {
-        if self.events.capacity() == 0 {
-            self.events.reserve_exact(1);
-        }
-        self.events.push_back(b);
-    }
-}
-
-/// A stream's socket, seen from the hub: the transport frames events its own way (HTTP/1.1
-/// chunks), the hub decides when to write. No method waits.
-pub trait Wire: Send + 'static {
-    /// Writes the outbox, framed, as far as the socket takes it, removing what was written.
-    /// `Ok(true)`: everything went; `Ok(false)`: the socket is full.
-    fn write(&mut self, out: &mut Outbox) -> io::Result<bool>;
-    /// Ready once the socket may take more after a write that filled it.
-    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    /// Ready once the client has closed its side, sent anything at all (a stream is one-way), or
-    /// the connection failed.
-    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()>;
-    /// Ends the stream in the transport's way (the last chunk) and closes the sending side.
-    fn end(&mut self);
-}
-
 /// One live stream.
-pub struct Conn {
+pub struct Stream {
     pub id: uuid::Uuid,
     pub app: Arc<str>,
     pub user: Arc<str>,
@@ -100,14 +35,14 @@ pub struct Conn {
     pub user_agent: Box<str>,
     /// Local key in the hub's maps.
     pub(super) key: u64,
-    limits: QueueLimits,
-    queue: Mutex<Queue>,
+    limits: OutboxLimits,
+    state: Mutex<StreamState>,
 }
 
-struct Queue {
+struct StreamState {
     out: Outbox,
     waker: Option<Waker>,
-    state: QueueState,
+    phase: Phase,
     /// While the stream catches up from history (when it joins, and again after the subscriber
     /// link was lost), live events wait here with their ids, so that the switch to live has
     /// neither gap nor duplicate.
@@ -122,7 +57,7 @@ struct Queue {
     wire: Option<Box<dyn Wire>>,
     /// The socket is full: the stream's task waits until it can write again, nobody else writes.
     blocked: bool,
-    /// A deliverer has promised to [`Conn::flush`] this stream: others need not.
+    /// A deliverer has promised to [`Stream::flush`] this stream: others need not.
     scheduled: bool,
     /// While history is sent page by page: who waits for the outbox to empty, to read the next
     /// page (boxed: idle streams carry 8 bytes for it, not 16).
@@ -130,21 +65,21 @@ struct Queue {
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum QueueState {
+enum Phase {
     #[default]
     Open,
     /// Deliver what is queued, then end the stream; the reason is counted when it ends.
     Closing(&'static str),
-    /// End the stream now, dropping what is queued (a client too slow to keep up).
-    Closed,
+    /// Cut off: end the stream now, dropping what is queued (a client too slow to keep up).
+    CutOff,
     /// The client went away (or its connection failed).
     Disconnected,
 }
 
-/// What [`Conn::hold`] found.
+/// What [`Stream::hold`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
-    /// Live events wait from now on, until [`Conn::catch_up`].
+    /// Live events wait from now on, until [`Stream::catch_up`].
     Held,
     /// The stream is still catching up from joining: it is not live yet.
     Joining,
@@ -156,28 +91,28 @@ pub enum Hold {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
     Queued,
-    /// Queued, and the caller must now [`Conn::flush`] the stream (it promised to).
-    Flush,
+    /// Queued, and the caller must now write it out with [`Stream::flush`] (it promised to).
+    Write,
     /// The stream was too slow: it has just been cut off, losing this many queued events.
     CutOff(usize),
     /// The stream is already ending.
     Gone,
 }
 
-impl Conn {
+impl Stream {
     /// The stream `new` asked for, with its application and user ids shared with the hub's maps,
     /// its key there, its limits and its first bytes (the `retry:` hint).
     pub(super) fn new(
         id: uuid::Uuid,
-        new: &NewConn,
+        new: &NewStream,
         (app, user): (Arc<str>, Arc<str>),
         key: u64,
-        limits: QueueLimits,
+        limits: OutboxLimits,
         hello: Bytes,
-    ) -> Conn {
+    ) -> Stream {
         let mut out = Outbox::default();
         out.queue(hello);
-        Conn {
+        Stream {
             id,
             app,
             user,
@@ -187,10 +122,10 @@ impl Conn {
             user_agent: new.user_agent.as_str().into(),
             key,
             limits,
-            queue: Mutex::new(Queue {
+            state: Mutex::new(StreamState {
                 out,
                 waker: None,
-                state: QueueState::Open,
+                phase: Phase::Open,
                 held: Some(Vec::new()),
                 floor: None,
                 wire: None,
@@ -201,14 +136,14 @@ impl Conn {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues an event without ever waiting. `id` is the event's id when it is a durable one.
     pub fn push(&self, bytes: Bytes, id: Option<EventId>) -> Push {
         let mut q = self.lock();
-        if q.state != QueueState::Open {
+        if q.phase != Phase::Open {
             return Push::Gone;
         }
         if let (Some(id), Some(floor)) = (id, q.floor)
@@ -221,7 +156,7 @@ impl Conn {
             let lost = waiting + 1;
             q.out = Outbox::default();
             q.held = None;
-            q.state = QueueState::Closed;
+            q.phase = Phase::CutOff;
             wake(q);
             return Push::CutOff(lost);
         }
@@ -241,38 +176,38 @@ impl Conn {
             Push::Queued // the task, or whoever scheduled the flush, writes it with the rest
         } else {
             q.scheduled = true;
-            Push::Flush
+            Push::Write
         }
     }
 
     /// Writes what the outbox holds to the socket, as far as it takes it, without waiting. Called
-    /// by whoever got [`Push::Flush`]; a full socket is left to the stream's task.
+    /// by whoever got [`Push::Write`]; a full socket is left to the stream's task.
     pub fn flush(&self) {
         let mut guard = self.lock();
         let q = &mut *guard;
         q.scheduled = false;
-        if q.blocked || !matches!(q.state, QueueState::Open | QueueState::Closing(_)) {
+        if q.blocked || !matches!(q.phase, Phase::Open | Phase::Closing(_)) {
             return;
         }
         let Some(wire) = q.wire.as_mut() else {
             return;
         };
         match wire.write(&mut q.out) {
-            Ok(true) if q.state == QueueState::Open => drained(&q.out, &mut q.drain),
+            Ok(true) if q.phase == Phase::Open => drained(&q.out, &mut q.drain),
             Ok(true) => wake(guard), // closing: the task ends the stream
             Ok(false) => {
                 q.blocked = true;
                 wake(guard);
             }
             Err(_) => {
-                q.state = disconnected(q.state);
+                q.phase = disconnected(q.phase);
                 wake(guard);
             }
         }
     }
 
     /// Hands the stream its socket, with `head` (the response head, already encoded) to go first.
-    /// From now on events are written as they come; [`Conn::poll_drive`] writes what is queued.
+    /// From now on events are written as they come; [`Stream::poll_drive`] writes what is queued.
     pub fn attach_wire(&self, wire: Box<dyn Wire>, head: Bytes) {
         let mut q = self.lock();
         q.out.partial = head;
@@ -285,7 +220,7 @@ impl Conn {
         let mut guard = self.lock();
         let q = &mut *guard;
         loop {
-            if matches!(q.state, QueueState::Closed | QueueState::Disconnected) {
+            if matches!(q.phase, Phase::CutOff | Phase::Disconnected) {
                 q.wire = None;
                 return Poll::Ready(());
             }
@@ -293,14 +228,14 @@ impl Conn {
                 return Poll::Ready(());
             };
             if wire.poll_closed(cx).is_ready() {
-                q.state = disconnected(q.state);
+                q.phase = disconnected(q.phase);
                 continue;
             }
             if q.blocked {
                 match wire.poll_writable(cx) {
                     Poll::Pending => return q.park(cx),
                     Poll::Ready(Err(_)) => {
-                        q.state = disconnected(q.state);
+                        q.phase = disconnected(q.phase);
                         continue;
                     }
                     Poll::Ready(Ok(())) => q.blocked = false,
@@ -314,12 +249,12 @@ impl Conn {
                         continue;
                     }
                     Err(_) => {
-                        q.state = disconnected(q.state);
+                        q.phase = disconnected(q.phase);
                         continue;
                     }
                 }
             }
-            if let QueueState::Closing(_) = q.state {
+            if let Phase::Closing(_) = q.phase {
                 wire.end();
                 q.wire = None;
                 return Poll::Ready(());
@@ -329,21 +264,21 @@ impl Conn {
     }
 
     /// Holds live delivery back (the subscriber link was lost): events wait until the stream has
-    /// caught up from history with [`Conn::catch_up`].
+    /// caught up from history with [`Stream::catch_up`].
     pub(super) fn hold(&self) -> Hold {
         let mut q = self.lock();
-        match (q.state, &q.held) {
-            (QueueState::Open, None) => {
+        match (q.phase, &q.held) {
+            (Phase::Open, None) => {
                 q.held = Some(Vec::new());
                 Hold::Held
             }
-            (QueueState::Open, Some(_)) => Hold::Joining,
+            (Phase::Open, Some(_)) => Hold::Joining,
             _ => Hold::Gone,
         }
     }
 
     /// Queues one page of a catch-up that goes on: `replay`, except what the stream already has,
-    /// bringing it to `after`. Live events stay held until [`Conn::catch_up`] ends the catch-up.
+    /// bringing it to `after`. Live events stay held until [`Stream::catch_up`] ends the catch-up.
     /// Returns whether the stream is still open.
     pub(super) fn catch_up_page(
         &self,
@@ -351,7 +286,7 @@ impl Conn {
         after: Option<EventId>,
     ) -> bool {
         let mut q = self.lock();
-        if q.state != QueueState::Open {
+        if q.phase != Phase::Open {
             return false;
         }
         q.queue_replay(replay, after);
@@ -369,7 +304,7 @@ impl Conn {
     /// the next page of a catch-up is read only then, so that a stream holds one page at most.
     pub(super) fn poll_drained(&self, cx: &mut Context<'_>) -> Poll<bool> {
         let mut q = self.lock();
-        if q.state != QueueState::Open {
+        if q.phase != Phase::Open {
             return Poll::Ready(false);
         }
         if q.out.is_empty() {
@@ -391,7 +326,7 @@ impl Conn {
     ) -> bool {
         let mut q = self.lock();
         let held = q.held.take().unwrap_or_default();
-        if q.state != QueueState::Open {
+        if q.phase != Phase::Open {
             return false;
         }
         q.queue_replay(replay, after);
@@ -417,7 +352,7 @@ impl Conn {
     /// [`close_reason`]).
     pub fn finish(&self, reason: &'static str, last: Option<Bytes>) {
         let mut q = self.lock();
-        if q.state != QueueState::Open {
+        if q.phase != Phase::Open {
             return;
         }
         // Whatever was held back for a catch-up that will not happen now is dropped.
@@ -425,7 +360,7 @@ impl Conn {
         if let Some(last) = last {
             q.out.push(last);
         }
-        q.state = QueueState::Closing(reason);
+        q.phase = Phase::Closing(reason);
         wake(q);
     }
 
@@ -433,7 +368,7 @@ impl Conn {
     /// the stream.
     pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let mut q = self.lock();
-        if matches!(q.state, QueueState::Closed | QueueState::Disconnected) {
+        if matches!(q.phase, Phase::CutOff | Phase::Disconnected) {
             return Poll::Ready(None);
         }
         if let Some(b) = q.out.pop() {
@@ -441,22 +376,22 @@ impl Conn {
             drained(&q.out, &mut q.drain);
             return Poll::Ready(Some(b));
         }
-        if matches!(q.state, QueueState::Closing(_)) {
+        if matches!(q.phase, Phase::Closing(_)) {
             return Poll::Ready(None);
         }
         q.park(cx)
     }
 
     pub(super) fn close_reason(&self) -> &'static str {
-        match self.lock().state {
-            QueueState::Open | QueueState::Disconnected => close_reason::CLIENT_GONE,
-            QueueState::Closed => close_reason::SLOW,
-            QueueState::Closing(reason) => reason,
+        match self.lock().phase {
+            Phase::Open | Phase::Disconnected => close_reason::CLIENT_GONE,
+            Phase::CutOff => close_reason::SLOW,
+            Phase::Closing(reason) => reason,
         }
     }
 }
 
-impl Entry for Conn {
+impl Entry for Stream {
     fn app(&self) -> &str {
         &self.app
     }
@@ -487,14 +422,14 @@ impl Entry for Conn {
 }
 
 /// The state after the client went: a stream that was already ending keeps its reason.
-fn disconnected(state: QueueState) -> QueueState {
-    match state {
-        QueueState::Open => QueueState::Disconnected,
+fn disconnected(phase: Phase) -> Phase {
+    match phase {
+        Phase::Open => Phase::Disconnected,
         other => other,
     }
 }
 
-impl Queue {
+impl StreamState {
     /// Queues history read for a catch-up (past the limits: a page, or bounded by history),
     /// except what the stream already has, and moves the stream's position to `after`.
     fn queue_replay(&mut self, replay: Vec<(Option<EventId>, Bytes)>, after: Option<EventId>) {
@@ -518,7 +453,7 @@ impl Queue {
     }
 }
 
-fn wake(mut q: MutexGuard<'_, Queue>) {
+fn wake(mut q: MutexGuard<'_, StreamState>) {
     let waker = q.waker.take();
     // Whatever changed (the stream ending, say), a pager waiting for the outbox looks again.
     let drain = q.drain.take();
@@ -543,11 +478,12 @@ fn drained(out: &Outbox, drain: &mut Option<Box<Waker>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::task::Waker;
 
-    fn conn(events: usize, bytes: usize) -> Conn {
-        let new = NewConn {
+    fn conn(events: usize, bytes: usize) -> Stream {
+        let new = NewStream {
             app: "a".into(),
             user: "u".into(),
             exp: u64::MAX,
@@ -557,12 +493,12 @@ mod tests {
             caps: crate::hub::Caps::default(),
         };
         let ids = ("a".into(), "u".into());
-        let c = Conn::new(
+        let c = Stream::new(
             uuid::Uuid::new_v4(),
             &new,
             ids,
             1,
-            QueueLimits { events, bytes },
+            OutboxLimits { events, bytes },
             Bytes::new(),
         );
         c.catch_up(Vec::new(), None);
@@ -570,11 +506,11 @@ mod tests {
         c
     }
 
-    fn next(c: &Conn) -> Poll<Option<Bytes>> {
+    fn next(c: &Stream) -> Poll<Option<Bytes>> {
         c.poll_next(&mut Context::from_waker(Waker::noop()))
     }
 
-    fn drive(c: &Conn) -> Poll<()> {
+    fn drive(c: &Stream) -> Poll<()> {
         c.poll_drive(&mut Context::from_waker(Waker::noop()))
     }
 
@@ -662,7 +598,7 @@ mod tests {
     }
 
     /// A stream already holding a socket with `room` bytes of space, its head written.
-    fn wired(events: usize, room: usize) -> (Conn, TestWire) {
+    fn wired(events: usize, room: usize) -> (Stream, TestWire) {
         let c = conn(events, 1 << 20);
         let wire = TestWire::with_room(room);
         c.attach_wire(Box::new(wire.clone()), Bytes::new());
@@ -780,7 +716,7 @@ mod tests {
         c.attach_wire(Box::new(wire.clone()), b("HEAD;"));
         assert!(drive(&c).is_pending());
         assert_eq!(wire.text(), "HEAD;early|");
-        assert_eq!(c.push(b("a"), None), Push::Flush);
+        assert_eq!(c.push(b("a"), None), Push::Write);
         assert_eq!(
             c.push(b("b"), None),
             Push::Queued,
@@ -788,7 +724,7 @@ mod tests {
         );
         c.flush();
         assert_eq!(wire.text(), "HEAD;early|a|b|");
-        assert_eq!(c.push(b("c"), None), Push::Flush);
+        assert_eq!(c.push(b("c"), None), Push::Write);
         c.flush();
         assert_eq!(wire.text(), "HEAD;early|a|b|c|");
         c.finish(close_reason::TOKEN_EXPIRED, Some(b("bye")));
@@ -801,9 +737,9 @@ mod tests {
     #[test]
     fn a_full_socket_is_left_to_the_task_and_order_is_kept() {
         let (c, wire) = wired(10, 4);
-        assert_eq!(c.push(b("one"), None), Push::Flush);
+        assert_eq!(c.push(b("one"), None), Push::Write);
         c.flush(); // "one|" fills the socket
-        assert_eq!(c.push(b("two"), None), Push::Flush);
+        assert_eq!(c.push(b("two"), None), Push::Write);
         c.flush(); // nothing fits: the stream is now blocked
         assert_eq!(
             c.push(b("three"), None),
@@ -818,14 +754,14 @@ mod tests {
         wire.socket().room = 100;
         assert!(drive(&c).is_pending());
         assert_eq!(wire.text(), "one|two|three|");
-        assert_eq!(c.push(b("four"), None), Push::Flush, "unblocked again");
+        assert_eq!(c.push(b("four"), None), Push::Write, "unblocked again");
     }
 
     #[test]
     fn a_stalled_client_is_cut_off_and_its_socket_dropped() {
         let (c, wire) = wired(2, 0);
         assert!(drive(&c).is_pending());
-        assert_eq!(c.push(b("1"), None), Push::Flush);
+        assert_eq!(c.push(b("1"), None), Push::Write);
         c.flush();
         // "1" is half written (not counted); two more wait; the next one is too many.
         assert_eq!(c.push(b("2"), None), Push::Queued);
@@ -861,13 +797,13 @@ mod tests {
         let waker = Waker::from(flag.clone());
         let (c, _wire) = wired(10, 8);
         assert!(c.poll_drive(&mut Context::from_waker(&waker)).is_pending());
-        assert_eq!(c.push(b("abc"), None), Push::Flush);
+        assert_eq!(c.push(b("abc"), None), Push::Write);
         c.flush();
         assert!(
             !flag.0.load(Ordering::SeqCst),
             "written directly: no wake-up"
         );
-        assert_eq!(c.push(b("defgh"), None), Push::Flush);
+        assert_eq!(c.push(b("defgh"), None), Push::Write);
         c.flush();
         assert!(
             flag.0.load(Ordering::SeqCst),

@@ -28,7 +28,7 @@ pub async fn ping(hub: Arc<Hub>, every: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                hub.push_slot(&sse::PING, slot, slots);
+                hub.push_to_slot(&sse::PING, slot, slots);
                 slot = (slot + 1) % slots;
             }
             _ = stop.cancelled() => break,

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::stream::Conn;
+use super::stream::Stream;
 
 /// Fewer streams than this are written by the delivering thread itself: handing work to another
 /// thread costs a wake-up, worth it only for a real fan-out.
@@ -28,7 +28,7 @@ struct Shared {
 
 #[derive(Default)]
 struct Jobs {
-    queue: VecDeque<Vec<Arc<Conn>>>,
+    queue: VecDeque<Vec<Arc<Stream>>>,
     stop: bool,
 }
 
@@ -67,7 +67,7 @@ impl Writers {
     /// Flushes every stream of `conns`: a few on this thread, many on the writers, shared
     /// between them. Returns at once in that case, so the delivering thread (a runtime worker)
     /// never spends milliseconds in `writev` while connections wait to be served.
-    pub fn flush(&self, mut conns: Vec<Arc<Conn>>) {
+    pub fn flush(&self, mut conns: Vec<Arc<Stream>>) {
         if self.threads == 0 || conns.len() < SPLIT_MIN {
             for conn in &conns {
                 conn.flush();

@@ -1,0 +1,72 @@
+//! A stream's outbox (the encoded events waiting for its socket, under a budget) and the contract
+//! between the hub and a transport that writes them (HTTP/1.1 chunks on the lean path).
+
+use std::collections::VecDeque;
+use std::io;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+
+/// How much a stream may have waiting before its client counts as too slow.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+/// Events waiting for a stream's socket.
+#[derive(Default)]
+pub struct Outbox {
+    /// Encoded events not yet started, oldest first.
+    pub events: VecDeque<Bytes>,
+    /// Their total size, for the byte budget.
+    pub bytes: usize,
+    /// What is left of a write cut short, already framed: it goes out before `events`.
+    pub partial: Bytes,
+}
+
+impl Outbox {
+    /// Takes the oldest event off the queue.
+    pub fn pop(&mut self) -> Option<Bytes> {
+        let b = self.events.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(b.len());
+        if self.events.is_empty() && self.events.capacity() > 1 {
+            // Back to one slot once a burst is over: idle streams are many.
+            self.events = VecDeque::new();
+        }
+        Some(b)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.partial.is_empty()
+    }
+
+    pub(super) fn push(&mut self, b: Bytes) {
+        self.bytes += b.len();
+        self.queue(b);
+    }
+
+    /// Queues without counting (the caller already did). One event at a time, the common case,
+    /// lives in a one-slot buffer that stays: no allocation per event, 32 bytes per idle stream.
+    pub(super) fn queue(&mut self, b: Bytes) {
+        if self.events.capacity() == 0 {
+            self.events.reserve_exact(1);
+        }
+        self.events.push_back(b);
+    }
+}
+
+/// A stream's socket, seen from the hub: the transport frames events its own way (HTTP/1.1
+/// chunks), the hub decides when to write. No method waits.
+pub trait Wire: Send + 'static {
+    /// Writes the outbox, framed, as far as the socket takes it, removing what was written.
+    /// `Ok(true)`: everything went; `Ok(false)`: the socket is full.
+    fn write(&mut self, out: &mut Outbox) -> io::Result<bool>;
+    /// Ready once the socket may take more after a write that filled it.
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Ready once the client has closed its side, sent anything at all (a stream is one-way), or
+    /// the connection failed.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Ends the stream in the transport's way (the last chunk) and closes the sending side.
+    fn end(&mut self);
+}
