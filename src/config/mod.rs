@@ -2,12 +2,27 @@
 //!
 //! Parsing is a pure function of a lookup closure, so it is unit-tested without touching the process
 //! environment. Every error names the variable; the JWT secret's value is never printed.
+//!
+//! - this file: the settings and the table of variables they are read from;
+//! - [`secrets`]: the secret type and which secrets production refuses;
+//! - [`tenants`]: each application's own settings;
+//! - [`values`]: reading numbers and durations, and errors naming the variable.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
+
+mod secrets;
+mod tenants;
+mod values;
+
+use self::secrets::weak_secrets;
+pub use self::secrets::{EXAMPLE_SECRET, MIN_SECRET_BYTES, Secret};
+pub use self::tenants::Tenant;
+use self::tenants::tenants;
+use self::values::{duration_or, invalid, parse_or, positive, secs};
 
 /// What is wrong with the configuration; `main` prints it as one line and exits with status 78.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,45 +112,6 @@ pub struct Config {
     pub retention: crate::broker::Retention,
     /// When a durable publish counts as acknowledged.
     pub durability: crate::broker::Durability,
-}
-
-/// One application's own settings. Every field is optional; absent ones fall back to the global
-/// setting.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tenant {
-    /// This application's HS256 secret.
-    pub secret: Option<Secret>,
-    /// The secret being rotated out: still accepted until `previous_secret_until`.
-    pub previous_secret: Option<Secret>,
-    /// Seconds since the epoch after which `previous_secret` is refused.
-    pub previous_secret_until: Option<u64>,
-    /// Browser origins allowed to open this application's streams.
-    pub cors_origins: Option<Vec<String>>,
-    /// Streams this application may hold across the cluster.
-    pub max_connections: Option<u64>,
-    /// Streams one of its users may hold across the cluster.
-    pub max_user_connections: Option<u64>,
-}
-
-/// A secret that never shows up in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
 }
 
 impl Config {
@@ -242,7 +218,7 @@ impl Config {
         };
 
         let (tenants_name, tenants) = tenants(get("TENANTS"), get("TENANTS_FILE"))?;
-        let jwt_secret = get("JWT_SECRET").map(Secret);
+        let jwt_secret = get("JWT_SECRET").map(Secret::new);
         if jwt_secret.is_none() && tenants.values().all(|t| t.secret.is_none()) {
             return Err(ConfigError::Missing("JWT_SECRET"));
         }
@@ -392,200 +368,6 @@ impl Config {
 /// which is often taken on the same host.
 pub const DEFAULT_OPERATOR_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9180);
-
-/// `.env.example`'s placeholder `JWT_SECRET`: public, so production refuses it whatever its length
-/// (a unit test keeps the two equal).
-pub const EXAMPLE_SECRET: &str = "change-me-to-a-long-random-secret";
-
-/// Shortest secret production accepts: 256 bits, the size of HS256's hash. Shorter ones (and
-/// anything a person typed) fall to an offline guess from a single token.
-pub const MIN_SECRET_BYTES: usize = 32;
-
-/// How to make a secret; every refusal and warning ends with it.
-const MAKE_ONE: &str = "make one with `openssl rand -hex 32`";
-
-/// Every secret that opens tokens (the global one, each tenant's current and previous one) should be
-/// long and not the example's. Production refuses the first weak current secret (one line, naming
-/// where it is but never its value); debug mode accepts them, with one warning each. A weak
-/// `previous_secret` is only warned about in production too: it is on its way out (until its
-/// cut-off), and refusing it would make rotating away from a weak secret impossible without a cut.
-fn weak_secrets(
-    mode: Mode,
-    global: Option<&Secret>,
-    tenants_name: &'static str,
-    tenants: &HashMap<String, Tenant>,
-) -> Result<Vec<String>, ConfigError> {
-    // (variable, what it is in the message, the secret, whether it is being rotated out)
-    let mut found: Vec<(&'static str, String, &Secret, bool)> = Vec::new();
-    if let Some(s) = global {
-        found.push(("JWT_SECRET", "it".into(), s, false));
-    }
-    let mut apps: Vec<&String> = tenants.keys().collect();
-    apps.sort();
-    for app in apps {
-        let t = &tenants[app];
-        if let Some(s) = &t.secret {
-            found.push((
-                tenants_name,
-                format!("application {app:?}'s secret"),
-                s,
-                false,
-            ));
-        }
-        if let Some(s) = &t.previous_secret {
-            let what = format!("application {app:?}'s previous_secret");
-            found.push((tenants_name, what, s, true));
-        }
-    }
-    let mut warnings = Vec::new();
-    for (name, what, secret, outgoing) in found {
-        let problem = if secret.expose() == EXAMPLE_SECRET.as_bytes() {
-            format!("{what} is .env.example's public placeholder")
-        } else if secret.expose().len() < MIN_SECRET_BYTES {
-            format!(
-                "{what} is {} bytes long, under {MIN_SECRET_BYTES}",
-                secret.expose().len()
-            )
-        } else {
-            continue;
-        };
-        match (mode, outgoing) {
-            (Mode::Production, false) => {
-                return Err(invalid(
-                    name,
-                    format!("{problem}; production refuses it: {MAKE_ONE}"),
-                ));
-            }
-            (Mode::Production, true) => warnings.push(format!(
-                "{name}: {problem}; accepted until its previous_secret_until only: {MAKE_ONE}"
-            )),
-            (Mode::Debug, _) => warnings.push(format!(
-                "{name}: {problem}; accepted in debug mode only, production refuses it: {MAKE_ONE}"
-            )),
-        }
-    }
-    Ok(warnings)
-}
-
-/// Reads the tenants from inline JSON or a file (not both), and checks them. Returns the name of
-/// the variable they came from, for error messages.
-fn tenants(
-    inline: Option<String>,
-    file: Option<String>,
-) -> Result<(&'static str, HashMap<String, Tenant>), ConfigError> {
-    let (name, text) = match (inline, file) {
-        (None, None) => return Ok(("TENANTS", HashMap::new())),
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "TENANTS",
-                "set TENANTS or TENANTS_FILE, not both".into(),
-            ));
-        }
-        (Some(text), None) => ("TENANTS", text),
-        (None, Some(path)) => (
-            "TENANTS_FILE",
-            std::fs::read_to_string(&path)
-                .map_err(|e| invalid("TENANTS_FILE", format!("{path}: {e}")))?,
-        ),
-    };
-    // Errors name the field but never quote the input: it holds secrets.
-    let tenants: HashMap<String, Tenant> = serde_json::from_str(&text).map_err(|e| {
-        invalid(
-            name,
-            format!(
-                "not a JSON object of applications (line {}, column {}): {}",
-                e.line(),
-                e.column(),
-                match e.classify() {
-                    serde_json::error::Category::Data => "a field is unknown or of the wrong type",
-                    _ => "malformed JSON",
-                }
-            ),
-        )
-    })?;
-    for (app, t) in &tenants {
-        let problem = if !crate::ids::is_safe_id(app) {
-            Some("is not a valid application id".to_string())
-        } else if [&t.secret, &t.previous_secret]
-            .iter()
-            .any(|s| s.as_ref().is_some_and(|s| s.0.is_empty()))
-        {
-            Some("has an empty secret".into())
-        } else if t.previous_secret.is_some() != t.previous_secret_until.is_some() {
-            Some("needs previous_secret and previous_secret_until together".into())
-        } else if t.previous_secret.is_some() && t.secret.is_none() {
-            Some("has a previous_secret but no secret".into())
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            return Err(invalid(name, format!("application {app:?} {p}")));
-        }
-    }
-    Ok((name, tenants))
-}
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
-fn invalid(name: &'static str, reason: String) -> ConfigError {
-    ConfigError::Invalid { name, reason }
-}
-
-fn parse_or<T: std::str::FromStr>(
-    name: &'static str,
-    value: Option<String>,
-    default: T,
-) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    match value {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|e| invalid(name, format!("{v:?}: {e}"))),
-    }
-}
-
-fn positive(
-    name: &'static str,
-    value: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let d = duration_or(name, value, default)?;
-    if d.is_zero() {
-        return Err(invalid(name, "must be greater than zero".into()));
-    }
-    Ok(d)
-}
-
-/// Durations are whole seconds (`30`) or carry a unit: `250ms`, `30s`, `5m`.
-fn duration_or(
-    name: &'static str,
-    value: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some(v) = value else { return Ok(default) };
-    let (digits, unit) = match v.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => v.split_at(i),
-        None => (v.as_str(), "s"),
-    };
-    let n: u64 = digits.parse().map_err(|_| {
-        invalid(
-            name,
-            format!("{v:?} is not a duration like 30, 30s, 250ms or 5m"),
-        )
-    })?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(invalid(
-            name,
-            format!("{v:?} is not a duration like 30, 30s, 250ms or 5m"),
-        )),
-    }
-}
 
 #[cfg(test)]
 mod tests {
