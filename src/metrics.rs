@@ -42,15 +42,6 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
-/// Why a stream ended, as counted in `sse_connections_closed_total`.
-pub mod close_reason {
-    pub const CLIENT_GONE: &str = "client_gone";
-    pub const SLOW: &str = "slow_client";
-    pub const SHUTDOWN: &str = "shutdown";
-    pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
-    pub const TOKEN_EXPIRED: &str = "token_expired";
-}
-
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<AppLabel, Gauge>,

@@ -44,8 +44,8 @@ pub struct Registry {
     tx: mpsc::UnboundedSender<Op>,
 }
 
-/// The writer side, run by [`Writer::run`].
-pub struct Writer {
+/// The writer side, run by [`RegistryWriter::run`].
+pub struct RegistryWriter {
     rx: mpsc::UnboundedReceiver<Op>,
     broker: Arc<dyn Broker>,
     instance: Arc<str>,
@@ -59,11 +59,11 @@ impl Registry {
         instance: &str,
         ttl: Duration,
         metrics: Arc<Metrics>,
-    ) -> (Registry, Writer) {
+    ) -> (Registry, RegistryWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Registry { tx },
-            Writer {
+            RegistryWriter {
                 rx,
                 broker,
                 instance: Arc::from(instance),
@@ -105,7 +105,7 @@ impl Registry {
     }
 }
 
-impl Writer {
+impl RegistryWriter {
     pub async fn run(mut self) {
         // Deletes that failed (Redis down) are retried; puts and touches need no retry, the
         // heartbeat comes back to them.

@@ -3,12 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::broker::Broker;
 use crate::http::server::Connections;
 use crate::hub::Hub;
-use crate::sse::Event;
+use crate::sse;
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn signal() {
@@ -34,19 +32,6 @@ pub async fn signal() {
     }
 }
 
-/// The last event of every stream: a `shutdown` event with a `retry:` hint spread between one and
-/// two `retry_ms`, so that a large instance's clients do not all reconnect in the same instant.
-pub fn farewell(retry_ms: u64, conn_key: u128) -> Bytes {
-    let jitter = (conn_key % 1000) as u64 * retry_ms / 1000;
-    Event {
-        event: Some("shutdown".into()),
-        data: r#"{"reconnect":true}"#.into(),
-        retry: Some(retry_ms + jitter),
-        ..Event::default()
-    }
-    .encode()
-}
-
 /// Stops the streams, drains connections within `timeout`, removes this instance's registry
 /// entries and closes the broker. The listener must already be closed.
 pub async fn drain(
@@ -61,7 +46,7 @@ pub async fn drain(
         streams,
         "shutting down: telling every stream to reconnect elsewhere"
     );
-    hub.close_all(|conn| farewell(retry_ms, conn.id.as_u128()));
+    hub.close_all(|conn| sse::farewell(retry_ms, conn.id.as_u128()));
     let Connections { graceful, tasks } = connections;
     let drained = async {
         graceful.shutdown().await;
@@ -82,19 +67,4 @@ pub async fn drain(
     }
     broker.stop().await;
     tracing::info!("shutdown complete");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn farewell_spreads_retry_hints() {
-        let a = farewell(1000, 7);
-        let text = std::str::from_utf8(&a).unwrap();
-        assert!(text.starts_with("event: shutdown\nretry: 1007\n"), "{text}");
-        assert!(text.ends_with("\n\n"));
-        let b = farewell(1000, 999_999);
-        assert!(std::str::from_utf8(&b).unwrap().contains("retry: 1999\n"));
-    }
 }

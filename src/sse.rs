@@ -242,6 +242,19 @@ fn parse_envelope(mut map: serde_json::Map<String, Value>) -> Option<Parsed> {
     })
 }
 
+/// The last event of every stream: a `shutdown` event with a `retry:` hint spread between one and
+/// two `retry_ms`, so that a large instance's clients do not all reconnect in the same instant.
+pub fn farewell(retry_ms: u64, conn_key: u128) -> Bytes {
+    let jitter = (conn_key % 1000) as u64 * retry_ms / 1000;
+    Event {
+        event: Some("shutdown".into()),
+        data: r#"{"reconnect":true}"#.into(),
+        retry: Some(retry_ms + jitter),
+        ..Event::default()
+    }
+    .encode()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +349,15 @@ mod tests {
     fn empty_fields_are_omitted() {
         assert_eq!(wire(r#"{"id":"","type":"","data":{}}"#), "data: {}\n\n");
         assert_eq!(wire(r#"{"id":"\n","data":{}}"#), "data: {}\n\n");
+    }
+
+    #[test]
+    fn farewell_spreads_retry_hints() {
+        let a = farewell(1000, 7);
+        let text = std::str::from_utf8(&a).unwrap();
+        assert!(text.starts_with("event: shutdown\nretry: 1007\n"), "{text}");
+        assert!(text.ends_with("\n\n"));
+        let b = farewell(1000, 999_999);
+        assert!(std::str::from_utf8(&b).unwrap().contains("retry: 1999\n"));
     }
 }

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::stream::close_reason;
 use super::{Hub, State, Stream};
 use crate::broker::{Admission, Admitted, BrokerError, app_channel, user_channel};
-use crate::metrics::{AppReasonLabel, Metrics, close_reason};
+use crate::metrics::{AppReasonLabel, Metrics};
 
 /// What a new stream is, before it joins the hub.
 pub struct NewStream {

@@ -41,10 +41,11 @@ pub use self::attach::{AttachError, Caps, Lease, NewStream};
 pub use self::outbox::{Outbox, OutboxLimits, Wire};
 use self::position::{AppPosition, PositionAnswer};
 use self::replay::Replays;
+use self::stream::close_reason;
 pub use self::stream::{Hold, Push, Stream};
 use self::writers::Writers;
 use crate::broker::Broker;
-use crate::metrics::{Metrics, close_reason};
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 #[derive(Default)]

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::replay::{self, BATCH, Replay};
+use super::stream::close_reason;
 use super::{Hold, Hub};
 use crate::broker::BrokerError;
 use crate::history::EventId;
 use crate::hub::stream::Stream;
-use crate::metrics::close_reason;
 
 /// Pause between attempts at a read that failed (the command link may come back after the
 /// subscriber link).

@@ -20,8 +20,16 @@ use super::outbox::{Outbox, OutboxLimits, Wire};
 use crate::broker::{ConnectionRecord, IdRef};
 use crate::clock;
 use crate::history::EventId;
-use crate::metrics::close_reason;
 use crate::registry::Entry;
+
+/// Why a stream ended, as counted in `sse_connections_closed_total`.
+pub mod close_reason {
+    pub const CLIENT_GONE: &str = "client_gone";
+    pub const SLOW: &str = "slow_client";
+    pub const SHUTDOWN: &str = "shutdown";
+    pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
+    pub const TOKEN_EXPIRED: &str = "token_expired";
+}
 
 /// One live stream.
 pub struct Stream {

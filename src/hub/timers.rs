@@ -9,8 +9,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Hub;
+use super::stream::close_reason;
 use crate::broker::Broker;
-use crate::metrics::close_reason;
 use crate::sse::Event;
 use crate::{clock, sse};
 
