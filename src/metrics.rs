@@ -8,7 +8,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::broker::LinkState;
+/// The broker links' health, as the metrics show it (the broker's `LinkState` is one).
+pub trait LinkHealth {
+    /// Each link by name, and whether it is up.
+    fn links(&self) -> [(&'static str, bool); 4];
+    /// Seconds since the end-to-end probe last came back, if it ever did.
+    fn probe_age(&self) -> Option<f64>;
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabel {
@@ -257,20 +263,13 @@ impl Metrics {
     }
 
     /// Renders the OpenMetrics text exposition, with the broker link state read at scrape time.
-    pub fn render(&self, link: LinkState) -> String {
-        self.broker_link_up
-            .get_or_create(&LinkLabel { link: "commands" })
-            .set(i64::from(link.commands));
-        self.broker_link_up
-            .get_or_create(&LinkLabel { link: "pubsub" })
-            .set(i64::from(link.pubsub));
-        self.broker_link_up
-            .get_or_create(&LinkLabel { link: "functions" })
-            .set(i64::from(link.functions));
-        self.broker_link_up
-            .get_or_create(&LinkLabel { link: "probe" })
-            .set(i64::from(link.probe));
-        self.probe_age.set(link.probe_age.unwrap_or(-1.0));
+    pub fn render(&self, link: impl LinkHealth) -> String {
+        for (name, up) in link.links() {
+            self.broker_link_up
+                .get_or_create(&LinkLabel { link: name })
+                .set(i64::from(up));
+        }
+        self.probe_age.set(link.probe_age().unwrap_or(-1.0));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

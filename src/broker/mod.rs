@@ -23,6 +23,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::history::{Backlog, EventId};
+use crate::metrics::LinkHealth;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -75,6 +76,21 @@ pub struct LinkState {
 impl LinkState {
     pub fn ready(&self) -> bool {
         self.commands && self.pubsub && self.functions && self.probe
+    }
+}
+
+impl LinkHealth for LinkState {
+    fn links(&self) -> [(&'static str, bool); 4] {
+        [
+            ("commands", self.commands),
+            ("pubsub", self.pubsub),
+            ("functions", self.functions),
+            ("probe", self.probe),
+        ]
+    }
+
+    fn probe_age(&self) -> Option<f64> {
+        self.probe_age
     }
 }
 
