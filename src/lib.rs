@@ -12,8 +12,9 @@
 //! - [`auth`]: token extraction and JWT verification into an identity (core).
 //! - [`ids`]: what may name an application or a user (core).
 //! - [`hub`]: which local streams belong to which app and user; subscription ref-counting,
-//!   fan-out of encoded events, replay and the re-sync after a lost broker link (core).
-//! - [`registry`]: the cluster-wide connection registry, its ordered writer and heartbeat (core).
+//!   fan-out of encoded events, replay, the re-sync after a lost broker link, and the timers
+//!   (ping, token expiry, registry heartbeat) beside the state they sweep (core).
+//! - [`registry`]: the cluster-wide connection registry and its ordered writer (core).
 //! - [`rate`]: request rates per token, user and application (token buckets; core).
 //! - [`history`]: event ids and their epochs, replay merging and reset reasons (core).
 //! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`], [`clock`]: settings, Prometheus
