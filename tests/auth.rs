@@ -354,11 +354,10 @@ async fn extra_algorithms_only_when_configured_and_the_original_vector() {
         .start()
         .await;
     let claims = json!({"iss": "app", "sub": "user", "exp": now() + 60});
-    let c = SseClient::open(http().get(gw.url("/sse")).bearer_auth(sign_with(
-        Algorithm::HS512,
-        &claims,
-        SECRET,
-    )))
+    let c = SseClient::open(
+        gw.sse()
+            .bearer_auth(sign_with(Algorithm::HS512, &claims, SECRET)),
+    )
     .await;
     assert_eq!(c.status, 200);
     let r = http()
@@ -388,7 +387,7 @@ async fn extra_algorithms_only_when_configured_and_the_original_vector() {
 async fn leeway_accepts_a_just_expired_token() {
     let gw = Gateway::builder().env("JWT_LEEWAY", "30").start().await;
     let just_expired = sign(&json!({"iss": "app", "sub": "user", "exp": now() - 5}));
-    let c = SseClient::open(http().get(gw.url("/sse")).bearer_auth(&just_expired)).await;
+    let c = gw.open(&just_expired).await;
     assert_eq!(c.status, 200);
     let long_expired = sign(&json!({"iss": "app", "sub": "user", "exp": now() - 60}));
     let r = http()

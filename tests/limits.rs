@@ -155,12 +155,7 @@ async fn one_token_cannot_take_every_descriptor() {
         assert_eq!(health.status(), 200);
     }
     // Another user is answered (told to come back), not left hanging on a full accept queue.
-    let mut other = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
-            .bearer_auth(user_token("blog", "bob")),
-    )
-    .await;
+    let mut other = gw.open(&user_token("blog", "bob")).await;
     other.until_end(Duration::from_secs(5)).await;
     assert!(other.raw.starts_with("retry: "), "{:?}", other.raw);
     assert!(!gw.logs().contains("accept failed"), "{}", gw.logs());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use common::external::{repo, run_bounded, tool};
-use common::{Gateway, SseClient, TempDir, http, now, sign, user_token};
+use common::{Gateway, SseClient, TempDir, now, sign, user_token};
 
 const APP: &str = "shop";
 /// The longest one schemathesis run may take (each takes about 15 s).
@@ -65,8 +65,7 @@ async fn the_server_agrees_with_the_spec() {
     // A live stream, so that the spec's examples (`shop`, `alice`) list something: the 200 of
     // both /connections routes is checked, not only their 204.
     let stream = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
+        gw.sse()
             .bearer_auth(user_token(APP, "alice"))
             .header("user-agent", "sse-gateway-tests/openapi"),
     )

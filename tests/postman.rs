@@ -220,8 +220,7 @@ async fn collection_passes_under_newman() {
 
     // A stream for the *Connections* folder to find, open for the whole run.
     let stream = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
+        gw.sse()
             .bearer_auth(common::user_token(APP, USER))
             .header("user-agent", "sse-gateway-tests/postman"),
     )

@@ -34,8 +34,7 @@ async fn entries_carry_the_fields_and_vanish_on_disconnect() {
     let gw = Gateway::with_redis(&redis).await;
     let r = redis.client().await;
     let c = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
+        gw.sse()
             .header("user-agent", "test-agent/1.0")
             .bearer_auth(user_token("shop", "alice")),
     )

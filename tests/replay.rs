@@ -273,7 +273,7 @@ async fn ids_too_old_or_unknown_get_a_reset_event() {
             "{bad}"
         );
     }
-    let mut c = SseClient::open(http().get(gw.url("/sse")).query(&[
+    let mut c = SseClient::open(gw.sse().query(&[
         ("access_token", user_token("blog", "alice")),
         ("last_event_id", newest.clone()),
     ]))
@@ -438,7 +438,7 @@ async fn a_stream_ends_when_its_token_expires() {
     let gw = Gateway::embedded().await;
     let exp = now() + 2;
     let token = sign(&json!({"iss": "shop", "sub": "alice", "exp": exp}));
-    let mut c = SseClient::open(http().get(gw.url("/sse")).bearer_auth(token)).await;
+    let mut c = gw.open(&token).await;
     assert_eq!(c.status, 200);
     let started = std::time::Instant::now();
     let events = c.until_end(Duration::from_secs(6)).await;
@@ -497,12 +497,7 @@ async fn connection_limits_and_their_policies() {
     // Per instance: the fourth stream on `a` is shed with 200 + a long retry, and closed.
     let _c1 = a.connect("shop", "u1").await;
     let _c2 = a.connect("blog", "u2").await;
-    let mut shed = SseClient::open(
-        http()
-            .get(a.url("/sse"))
-            .bearer_auth(user_token("blog", "u3")),
-    )
-    .await;
+    let mut shed = a.open(&user_token("blog", "u3")).await;
     assert_eq!(shed.status, 200);
     shed.until_end(Duration::from_secs(5)).await;
     assert!(shed.raw.starts_with("retry: 10000\n"), "{:?}", shed.raw);
@@ -515,12 +510,7 @@ async fn connection_limits_and_their_policies() {
     // Per application, across the cluster: shop has 3 streams; a fourth fits, a fifth is shed.
     let _c3 = b.connect("shop", "u4").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut shed = SseClient::open(
-        http()
-            .get(b.url("/sse"))
-            .bearer_auth(user_token("shop", "u5")),
-    )
-    .await;
+    let mut shed = b.open(&user_token("shop", "u5")).await;
     assert_eq!(shed.status, 200);
     shed.until_end(Duration::from_secs(5)).await;
     assert!(shed.raw.starts_with("retry: 30000\n"), "{:?}", shed.raw);

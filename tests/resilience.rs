@@ -52,12 +52,7 @@ async fn redis_killed_and_restarted_mid_stream() {
         resp.json::<Value>().await.unwrap()["error"],
         "broker_unavailable"
     );
-    let mut refused = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
-            .bearer_auth(user_token("shop", "carol")),
-    )
-    .await;
+    let mut refused = gw.open(&user_token("shop", "carol")).await;
     assert_eq!(refused.status, 200);
     refused.until_end(Duration::from_secs(10)).await;
     assert!(refused.raw.starts_with("retry: "), "{:?}", refused.raw);

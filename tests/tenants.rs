@@ -42,7 +42,7 @@ async fn per_application_secrets_rotation_origins_and_limits() {
     ];
     let mut open = Vec::new();
     for (t, reason, ok) in cases {
-        let c = SseClient::open(http().get(gw.url("/sse")).bearer_auth(&t)).await;
+        let c = gw.open(&t).await;
         if ok {
             assert_eq!(c.status, 200, "{t}");
             open.push(c);
@@ -69,8 +69,7 @@ async fn per_application_secrets_rotation_origins_and_limits() {
         "origin_not_allowed"
     );
     let c = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
+        gw.sse()
             .bearer_auth(token("shop", "d", "shop-current"))
             .header("origin", "https://shop.example"),
     )
@@ -79,8 +78,7 @@ async fn per_application_secrets_rotation_origins_and_limits() {
     open.push(c);
     // Other applications are not restricted by shop's list.
     let c = SseClient::open(
-        http()
-            .get(gw.url("/sse"))
+        gw.sse()
             .bearer_auth(token("news", "x", SECRET))
             .header("origin", "https://evil.example"),
     )
@@ -96,12 +94,7 @@ async fn per_application_secrets_rotation_origins_and_limits() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    let second = SseClient::open(http().get(gw.url("/sse")).bearer_auth(token(
-        "blog",
-        "a",
-        "blog-current",
-    )))
-    .await;
+    let second = gw.open(&token("blog", "a", "blog-current")).await;
     assert_eq!(second.status, 200);
 }
 
@@ -115,12 +108,7 @@ async fn tenants_from_a_file_and_no_global_secret() {
         .env("TENANTS_FILE", path.to_str().unwrap())
         .start()
         .await;
-    let c = SseClient::open(http().get(gw.url("/sse")).bearer_auth(token(
-        "shop",
-        "a",
-        "from-file",
-    )))
-    .await;
+    let c = gw.open(&token("shop", "a", "from-file")).await;
     assert_eq!(c.status, 200);
     // With no global secret, an application the gateway does not know is refused.
     let r = http()

@@ -722,14 +722,19 @@ impl Gateway {
         v["ids"][0].as_str().expect("an event id").to_string()
     }
 
+    /// A `GET /sse` request to this gateway, to be completed (token, headers) by the caller.
+    pub fn sse(&self) -> reqwest::RequestBuilder {
+        http().get(self.url("/sse"))
+    }
+
+    /// Opens `/sse` with `token` as the bearer, whatever the answer (see [`Gateway::connect`]).
+    pub async fn open(&self, token: &str) -> SseClient {
+        SseClient::open(self.sse().bearer_auth(token)).await
+    }
+
     /// Opens `/sse` for a user with the token in the Authorization header.
     pub async fn connect(&self, app: &str, user: &str) -> SseClient {
-        let c = SseClient::open(
-            http()
-                .get(self.url("/sse"))
-                .bearer_auth(user_token(app, user)),
-        )
-        .await;
+        let c = self.open(&user_token(app, user)).await;
         assert_eq!(c.status, 200, "connect {app}/{user}");
         c
     }
@@ -737,8 +742,7 @@ impl Gateway {
     /// Opens `/sse` for a user resuming after `last` (sent as `Last-Event-ID`).
     pub async fn resume(&self, app: &str, user: &str, last: &str) -> SseClient {
         let c = SseClient::open(
-            http()
-                .get(self.url("/sse"))
+            self.sse()
                 .bearer_auth(user_token(app, user))
                 .header("last-event-id", last),
         )
