@@ -1,6 +1,6 @@
 # Shared by bench/scenarios/run.sh and the bench/peers/* scripts (sourced, not run): paths, the
-# release build, free ports, starting and stopping the servers under test (sse-gateway, Redis,
-# Nchan, Pushpin) and running sse-bench into the results directory.
+# release build, free ports, starting and stopping the servers under test (sse-gateway, Redis or a
+# Redis Cluster, Nchan, Pushpin) and running sse-bench into the results directory.
 #
 # Only processes started here are stopped here, by their pid.
 
@@ -92,6 +92,70 @@ start_redis() {
   REDIS_PID=$!
   STARTED_PIDS+=("$REDIS_PID")
   wait_port "$REDIS_PORT"
+}
+
+# start_cluster: a Redis Cluster of six nodes (three primaries, three replicas) on free ports, bus
+# ports chosen explicitly, no persistence, each node's files in its own directory under $WORK; waits
+# until every node says the cluster is ok and every primary has its replica in sync. Sets
+# CLUSTER_PORTS and CLUSTER_PIDS (node 0 first); stop_cluster stops them.
+start_cluster() {
+  local dir i port bus state ok primaries
+  command -v redis-cli >/dev/null || die "redis-cli is not installed"
+  CLUSTER_PORTS=() CLUSTER_PIDS=()
+  for ((i = 0; i < 6; i++)); do
+    port=$(free_port)
+    bus=$(free_port)
+    while [ "$bus" = "$port" ]; do bus=$(free_port); done
+    dir="$WORK/cluster-$port"
+    mkdir -p "$dir"
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --cluster-port "$bus" --dir "$dir" --maxclients 10000 --logfile "$dir/redis.log" &
+    CLUSTER_PIDS+=("$!")
+    STARTED_PIDS+=("$!")
+    CLUSTER_PORTS+=("$port")
+    # Listening before the next free_port, so no two nodes pick the same port.
+    wait_port "$port"
+  done
+  timeout 60 redis-cli --cluster create "${CLUSTER_PORTS[@]/#/127.0.0.1:}" --cluster-replicas 1 \
+    --cluster-yes >"$WORK/cluster-create.log" 2>&1 ||
+    die "redis-cli --cluster create failed, see $WORK/cluster-create.log"
+  for ((i = 0; i < 300; i++)); do
+    ok=0 primaries=0
+    for port in "${CLUSTER_PORTS[@]}"; do
+      redis-cli -p "$port" CLUSTER INFO 2>/dev/null | grep -q '^cluster_state:ok' && ok=$((ok + 1))
+      state=$(redis-cli -p "$port" INFO replication 2>/dev/null || true)
+      grep -q '^role:master' <<<"$state" && grep -q 'state=online' <<<"$state" &&
+        primaries=$((primaries + 1))
+    done
+    [ "$ok" = 6 ] && [ "$primaries" = 3 ] && return 0
+    sleep 0.1
+  done
+  die "the cluster on ports ${CLUSTER_PORTS[*]} is not ok after 30 s"
+}
+
+# cluster_primary KEY: the port of the primary that holds KEY's slot now.
+cluster_primary() {
+  local slot port
+  slot=$(redis-cli -p "${CLUSTER_PORTS[0]}" CLUSTER KEYSLOT "$1")
+  port=$(redis-cli -p "${CLUSTER_PORTS[0]}" CLUSTER NODES | awk -v s="$slot" '
+    $3 ~ /master/ {
+      for (i = 9; i <= NF; i++) {
+        n = split($i, r, "-")
+        if (n == 1) r[2] = r[1]
+        if (s + 0 >= r[1] + 0 && s + 0 <= r[2] + 0) { split($2, a, "[:@]"); print a[2]; exit }
+      }
+    }')
+  [ -n "$port" ] || die "no primary holds slot $slot of $1"
+  echo "$port"
+}
+
+# stop_cluster: every node at once (TERM, then the bounded wait of stop_pid each).
+stop_cluster() {
+  local pid
+  for pid in "${CLUSTER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${CLUSTER_PIDS[@]}"; do stop_started "$pid"; done
+  CLUSTER_PIDS=() CLUSTER_PORTS=()
 }
 
 # start_gateway PORT [REDIS_URL]: sets GATEWAY_PID, and OPERATOR_PORT (its /metrics; a free port

@@ -3,9 +3,10 @@
 #
 #   bench/scenarios/run.sh [--target gateway|nchan|pushpin] [SCENARIO ...]
 #
-# SCENARIO is any of: idle idle-multi unicast unicast-search broadcast storm durable resync
-# (default: all; the peers skip idle-multi, durable and resync, which are the gateway's own). Results: one JSON summary
-# per run in $RESULTS (default bench/results/<date>-<target>), progress logs beside them.
+# SCENARIO is any of: idle idle-multi unicast unicast-search broadcast storm durable durable-cluster
+# resync (default: all; the peers skip idle-multi, durable, durable-cluster and resync, which are the
+# gateway's own). Results: one JSON summary per run in $RESULTS (default
+# bench/results/<date>-<target>), progress logs beside them.
 #
 # Sizes and rates come from the environment, defaults being the documented scenario set:
 #   IDLE_SIZES="10000:1000 19500:5000"   streams:connect-rate pairs, one fresh server each
@@ -15,6 +16,7 @@
 #   BROADCAST_CONNS=5000 BROADCAST_MESSAGES=200 BROADCAST_RATES="10 20 0"   (0 = one burst)
 #   STORM_CONNS=19500 STORM_PROCS=2 STORM_PUB_RATE=20 STORM_PUB_SECS=6
 #   DURABLE_RATES="1000 2000 5000 10000" DURABLE_SECS=4   durable unicast, through FCALL and POST
+#     (durable-cluster: the same on a fresh 6-node Redis Cluster per repeat, redis-cli needed)
 #   RESYNC_CONNS=19500 RESYNC_EVENTS=20   open streams re-synced after a Redis restart (AOF)
 #   HOLD=35 PING_INTERVAL=30 REPEAT=1 (REPEAT=3 for medians of three)
 # SMOKE=1 shrinks everything to a quick check (at most 2,000 streams, runs of a few seconds).
@@ -55,7 +57,8 @@ fi
 : "${HOLD:=35}" "${REPEAT:=1}" "${PER_PROC:=10000}"
 export PING_INTERVAL=${PING_INTERVAL:-30}
 
-# Per target: how streams are opened and messages published.
+# Per target: how streams are opened and messages published. start_target [REDIS_URL]: the
+# gateway's Redis (default: the run's standalone Redis; PUB_ARGS still publish there).
 SUB_URL="" SUB_ARGS=() PUB_ARGS=() PID_ARGS=()
 start_target() {
   local port
@@ -63,7 +66,7 @@ start_target() {
   PID_ARGS=()
   case $TARGET in
     gateway)
-      start_gateway "$port" "redis://127.0.0.1:$REDIS_PORT"
+      start_gateway "$port" "${1:-redis://127.0.0.1:$REDIS_PORT}"
       SERVER_PID=$GATEWAY_PID
       SUB_URL="http://127.0.0.1:$port/sse"
       SUB_ARGS=(--url "$SUB_URL" --token-in header --secret "$SECRET")
@@ -297,25 +300,55 @@ scenario_storm() {
 # 5. The durable path: unicast to UNICAST_USERS users, each message through `FCALL sse_publish`
 #    (history, then publish) and, separately, `POST /publish` (durable): per rate, the rate the
 #    publisher sustained, the delivery p99 and losses (none allowed).
+# durable_runs NAME SUFFIX FCALL-ARGS...: every rate through the FCALL (these publish arguments),
+# then every rate through POST /publish, against the target started.
+durable_runs() {
+  local name=$1 sfx=$2 via rate pub
+  shift 2
+  for via in fcall http; do
+    for rate in $DURABLE_RATES; do
+      pub=("$@")
+      [ "$via" = http ] && pub=(--publish http --http-style gateway-durable --http-publish-conns 8)
+      bench "$name-$via-$rate$sfx" "${SUB_ARGS[@]}" "${PID_ARGS[@]}" "${pub[@]}" \
+        --connections "$UNICAST_USERS" --connect-rate 2000 --hold 1 --pattern unicast \
+        --user-prefix "d${via}${rate}u" --messages "$((rate * DURABLE_SECS))" --rate "$rate" \
+        --drain 5 || true
+    done
+  done
+}
+
 scenario_durable() {
   [ "$TARGET" = gateway ] || {
     log "durable: gateway only"
     return 0
   }
-  local rate via r pub
+  local r
   for r in $(seq "$REPEAT"); do
     start_target
-    for via in fcall http; do
-      for rate in $DURABLE_RATES; do
-        pub=(--publish durable --redis-url "redis://127.0.0.1:$REDIS_PORT")
-        [ "$via" = http ] && pub=(--publish http --http-style gateway-durable --http-publish-conns 8)
-        bench "durable-$via-$rate$(suffix "$r")" "${SUB_ARGS[@]}" "${PID_ARGS[@]}" "${pub[@]}" \
-          --connections "$UNICAST_USERS" --connect-rate 2000 --hold 1 --pattern unicast \
-          --user-prefix "d${via}${rate}u" --messages "$((rate * DURABLE_SECS))" --rate "$rate" \
-          --drain 5 || true
-      done
-    done
+    durable_runs durable "$(suffix "$r")" --publish durable --redis-url "redis://127.0.0.1:$REDIS_PORT"
     stop_target
+  done
+}
+
+# 5b. The durable path on Redis Cluster: as `durable`, on a fresh cluster of six nodes per repeat
+#     (three primaries, three replicas, no persistence), the gateway's REDIS_URL naming node 0 only.
+#     The FCALL takes the cluster form, `FCALL sse_publish 1 {app0} app0 <user> <envelope>`, on
+#     one connection to the primary that holds the slot of {app0} (every stream is in app0).
+scenario_durable_cluster() {
+  [ "$TARGET" = gateway ] || {
+    log "durable-cluster: gateway only"
+    return 0
+  }
+  local r primary
+  for r in $(seq "$REPEAT"); do
+    start_cluster
+    primary=$(cluster_primary "{app0}")
+    log "durable-cluster: nodes on ${CLUSTER_PORTS[*]}, {app0} on the primary at $primary"
+    start_target "redis-cluster://127.0.0.1:${CLUSTER_PORTS[0]}"
+    durable_runs durable-cluster "$(suffix "$r")" --publish durable --durable-keyed \
+      --redis-url "redis://127.0.0.1:$primary"
+    stop_target
+    stop_cluster
   done
 }
 
@@ -387,7 +420,7 @@ scenario_resync() {
 main() {
   local scenarios=("$@") s
   if [ ${#scenarios[@]} -eq 0 ]; then
-    scenarios=(idle idle-multi unicast unicast-search broadcast storm durable resync)
+    scenarios=(idle idle-multi unicast unicast-search broadcast storm durable durable-cluster resync)
   fi
   command -v jq >/dev/null || die "jq is needed (apt-get install jq)"
   command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
@@ -410,6 +443,7 @@ main() {
       broadcast) scenario_broadcast ;;
       storm) scenario_storm ;;
       durable) scenario_durable ;;
+      durable-cluster) scenario_durable_cluster ;;
       resync) scenario_resync ;;
       *) die "unknown scenario $s" ;;
     esac

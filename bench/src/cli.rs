@@ -218,6 +218,11 @@ pub struct RunArgs {
     pub event_type: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// With `--publish durable`: the Redis Cluster form, `FCALL sse_publish 1 {<app>} <app> ...`
+    /// (the application's hash tag as the one key). `--redis-url` must name the primary that holds
+    /// the slot of `{<app>}`: the tool keeps one connection and follows no redirect.
+    #[arg(long)]
+    pub durable_keyed: bool,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// A user's channel name, {app} and {user} substituted. Default: `{app}:channel:{user}` for
@@ -334,6 +339,9 @@ impl RunArgs {
             && self.secret.is_none()
         {
             return Err("the gateway publish style needs --secret for publisher tokens".into());
+        }
+        if self.durable_keyed && self.publish != PublishVia::Durable {
+            return Err("--durable-keyed goes with --publish durable".into());
         }
         Ok(())
     }

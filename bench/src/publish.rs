@@ -295,6 +295,10 @@ pub enum RedisCommand {
     Publish,
     /// `FCALL sse_publish 0 <app> <user or ""> {"type","data"}`: sse-gateway's durable path.
     Durable,
+    /// `FCALL sse_publish 1 {<app>} <app> <user or ""> {"type","data"}`: the durable path in its
+    /// Redis Cluster form, the application's hash tag declared as the one key (the connection
+    /// must go to the primary that holds its slot).
+    DurableKeyed,
 }
 
 /// Redis `PUBLISH` (or the durable `FCALL`) over one pipelined connection; a reader task counts
@@ -368,7 +372,7 @@ impl Redis {
                     &[b"PUBLISH", channel.as_bytes(), envelope.as_bytes()],
                 );
             }
-            RedisCommand::Durable => {
+            RedisCommand::Durable | RedisCommand::DurableKeyed => {
                 // The function assigns the id; the envelope must not carry one.
                 let envelope = format!("{{\"type\":\"{et}\",\"data\":{data}}}");
                 let (app, user) = match target {
@@ -376,17 +380,8 @@ impl Redis {
                     Target::App(a) => (a, String::new()),
                 };
                 let app = self.layout.app_name(app);
-                resp_command(
-                    &mut self.buf,
-                    &[
-                        b"FCALL",
-                        b"sse_publish",
-                        b"0",
-                        app.as_bytes(),
-                        user.as_bytes(),
-                        envelope.as_bytes(),
-                    ],
-                );
+                let keyed = self.command == RedisCommand::DurableKeyed;
+                durable_command(&mut self.buf, keyed, &app, &user, &envelope);
             }
         }
         self.written += 1;
@@ -421,6 +416,20 @@ impl Redis {
         }
         self.reader.abort();
     }
+}
+
+/// Appends one durable publish: `FCALL sse_publish 0 <app> ...`, or with `keyed` the cluster form
+/// `FCALL sse_publish 1 {<app>} <app> ...`.
+fn durable_command(buf: &mut Vec<u8>, keyed: bool, app: &str, user: &str, envelope: &str) {
+    let tag = format!("{{{app}}}");
+    let mut parts: Vec<&[u8]> = vec![b"FCALL", b"sse_publish"];
+    if keyed {
+        parts.extend([b"1" as &[u8], tag.as_bytes()]);
+    } else {
+        parts.push(b"0");
+    }
+    parts.extend([app.as_bytes(), user.as_bytes(), envelope.as_bytes()]);
+    resp_command(buf, &parts);
 }
 
 /// Appends one RESP array-of-bulk-strings command.
@@ -809,6 +818,33 @@ mod tests {
         assert_eq!(parse_reply(b"*2\r\n$5\r\n1-234\r\n"), None);
         assert_eq!(parse_reply(b"*-1\r\n"), Some(Reply::Ok(5)));
         assert_eq!(parse_reply(b"%1\r\n"), Some(Reply::Unsupported));
+    }
+
+    #[test]
+    fn durable_forms() {
+        let env = r#"{"type":"t","data":1}"#;
+        let mut b = Vec::new();
+        durable_command(&mut b, false, "app0", "u1", env);
+        let mut want = Vec::new();
+        resp_command(
+            &mut want,
+            &[
+                b"FCALL",
+                b"sse_publish",
+                b"0",
+                b"app0",
+                b"u1",
+                env.as_bytes(),
+            ],
+        );
+        assert_eq!(b, want);
+        b.clear();
+        durable_command(&mut b, true, "app0", "", env);
+        assert_eq!(
+            b,
+            b"*7\r\n$5\r\nFCALL\r\n$11\r\nsse_publish\r\n$1\r\n1\r\n$6\r\n{app0}\r\n\
+              $4\r\napp0\r\n$0\r\n\r\n$21\r\n{\"type\":\"t\",\"data\":1}\r\n"
+        );
     }
 
     #[test]

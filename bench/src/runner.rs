@@ -251,6 +251,7 @@ pub async fn run(
                 (PublishVia::Http, HttpStyle::GatewayDurable) => "http-gateway-durable",
                 (PublishVia::Http, HttpStyle::Nchan) => "http-nchan",
                 (PublishVia::Http, HttpStyle::Pushpin) => "http-pushpin",
+                (PublishVia::Durable, _) if args.durable_keyed => "durable-keyed",
                 (p, _) => p.name(),
             };
             let (counts, s, w) = publish::run(&plan, transport, &layout, mode).await;
@@ -526,10 +527,10 @@ async fn make_transport(
                 .and_then(|(_, rest)| rest.split_once('@'))
                 .and_then(|(cred, _)| cred.rsplit_once(':').map(|(_, p)| p.to_string()))
                 .filter(|p| !p.is_empty());
-            let command = if args.publish == PublishVia::Durable {
-                publish::RedisCommand::Durable
-            } else {
-                publish::RedisCommand::Publish
+            let command = match (args.publish, args.durable_keyed) {
+                (PublishVia::Durable, false) => publish::RedisCommand::Durable,
+                (PublishVia::Durable, true) => publish::RedisCommand::DurableKeyed,
+                _ => publish::RedisCommand::Publish,
             };
             Ok(Transport::Redis(
                 publish::Redis::connect(
