@@ -34,6 +34,7 @@ async fn example_page_reconnects_by_itself_across_a_restart() {
     let site = StaticSite::serve(repo().join("docs/examples/browser")).await;
     let gateway = |port: Option<u16>| {
         let b = Gateway::builder()
+            .process()
             .redis(&redis)
             .env("RETRY_MS", "500")
             // The page's origin, listed: the gateway must echo it for Chromium to read the stream.
@@ -107,6 +108,7 @@ async fn example_page_renews_an_expired_token_and_resumes() {
     let _one = ONE_BROWSER.lock().await;
     let site = StaticSite::serve(repo().join("docs/examples/browser")).await;
     let gw = Gateway::builder()
+        .process()
         .env("JWT_LEEWAY", "0")
         .env("CORS_ALLOWED_ORIGINS", &site.origin())
         .start()

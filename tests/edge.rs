@@ -21,7 +21,7 @@ async fn raw_request(port: u16, request: &[u8]) -> String {
 
 #[tokio::test]
 async fn routes_methods_and_json_errors() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let c = http();
 
     let r = c.get(gw.url("/health")).send().await.unwrap();
@@ -83,7 +83,7 @@ async fn routes_methods_and_json_errors() {
 
 #[tokio::test]
 async fn cors_preflight_and_exposed_connection_id() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let c = http();
     let r = c
         .request(reqwest::Method::OPTIONS, gw.url("/sse"))
@@ -142,6 +142,7 @@ async fn cors_preflight_and_exposed_connection_id() {
 #[tokio::test]
 async fn cors_with_an_origin_list_echoes_only_listed_origins_with_credentials() {
     let gw = Gateway::builder()
+        .process()
         .env(
             "CORS_ALLOWED_ORIGINS",
             "https://good.example,https://also.example",
@@ -177,7 +178,7 @@ async fn cors_with_an_origin_list_echoes_only_listed_origins_with_credentials() 
 
 #[tokio::test]
 async fn http2_prior_knowledge_streams() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
@@ -204,7 +205,7 @@ async fn http2_prior_knowledge_streams() {
 
 #[tokio::test]
 async fn odd_requests_get_answers_not_crashes() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let big_header = format!(
         "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "a".repeat(100_000)
@@ -241,7 +242,7 @@ async fn odd_requests_get_answers_not_crashes() {
 /// A gateway with alice's stream (returned, to keep it open), one delivered publish and one refused
 /// `/sse` behind it, so that every kind of metric has samples.
 async fn gateway_with_traffic() -> (Gateway, SseClient) {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let stream = gw.connect("shop", "alice").await;
     gw.publish("shop", json!({"user": "alice", "data": 1}))
         .await;
@@ -442,7 +443,7 @@ async fn metrics_in_prometheus_text_when_asked() {
 
 #[tokio::test]
 async fn embedded_mode_end_to_end() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     assert!(
         gw.logs().contains("embedded in-process broker"),
         "says so: {}",
@@ -510,7 +511,7 @@ async fn bad_configuration_stops_start_up_with_one_line_naming_it() {
         ("PING_INTERVAL", "0"),
         ("REDIS_URL", "http://nope"),
     ] {
-        let mut gw = Gateway::builder().env(var, value).spawn();
+        let mut gw = Gateway::builder().process().env(var, value).spawn();
         let code = gw.wait_exit(Duration::from_secs(10));
         assert_eq!(code, Some(78), "{var}={value:?}");
         let logs = gw.logs();
@@ -523,6 +524,7 @@ async fn bad_configuration_stops_start_up_with_one_line_naming_it() {
 async fn secrets_and_tokens_never_reach_the_logs() {
     let redis = RedisServer::start();
     let gw = Gateway::builder()
+        .process()
         .redis(&redis)
         .env(
             "REDIS_URL",
@@ -557,6 +559,7 @@ async fn secrets_and_tokens_never_reach_the_logs() {
 #[tokio::test]
 async fn production_logs_are_json_lines_naming_the_connection() {
     let gw = Gateway::builder()
+        .process()
         .env("APP_MODE", "production")
         .start()
         .await;
@@ -598,7 +601,7 @@ fn status_and_json(resp: &str) -> (u16, Value) {
 /// path and through hyper; equal repeated values are accepted on both, as hyper does.
 #[tokio::test]
 async fn differing_content_lengths_are_a_json_400_on_both_paths() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let token = user_token("shop", "alice");
     let publisher = publisher_token("shop");
     let body = r#"{"user":"alice","data":1}"#;
@@ -682,7 +685,7 @@ async fn differing_content_lengths_are_a_json_400_on_both_paths() {
 /// may leave it out, and HTTP/2 names its authority elsewhere.
 #[tokio::test]
 async fn a_missing_or_repeated_host_is_a_json_400_on_both_paths() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let token = user_token("shop", "alice");
     let sse = |host_lines: &str| {
         format!(
@@ -788,7 +791,7 @@ async fn send_junk(s: &mut tokio::net::TcpStream, total: usize) -> usize {
 /// for as long as the client sent them.)
 #[tokio::test]
 async fn junk_on_an_open_stream_ends_it_and_costs_nothing() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let mut bob = gw.connect("shop", "bob").await;
     let mut junk = raw_sse_request(gw.port, "shop", "alice", None).await;
     let head = read_stream_start(&mut junk).await;
@@ -835,7 +838,7 @@ async fn junk_on_an_open_stream_ends_it_and_costs_nothing() {
 /// junk fills the socket buffers and then waits, costing no CPU, while events still flow.
 #[tokio::test]
 async fn junk_on_a_stream_served_by_hyper_is_never_read() {
-    let gw = Gateway::embedded().await;
+    let gw = Gateway::builder().process().start().await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .unwrap();

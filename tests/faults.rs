@@ -23,7 +23,10 @@ fn secs(s: f64) -> Duration {
 /// A gateway on `redis` with a short `retry:` hint (clients come back within half a second), and
 /// `env` on top.
 async fn gateway(redis: &RedisServer, env: &[(&str, &str)]) -> Gateway {
-    let mut b = Gateway::builder().redis(redis).env("RETRY_MS", "500");
+    let mut b = Gateway::builder()
+        .process()
+        .redis(redis)
+        .env("RETRY_MS", "500");
     for (k, v) in env {
         b = b.env(k, v);
     }
@@ -202,6 +205,7 @@ async fn sigterm_while_redis_is_down_exits_in_bounded_time() {
     // stream (an event acknowledged in Redis's last moment may only be in history by then).
     tokio::task::block_in_place(|| redis.restart());
     let _back = Gateway::builder()
+        .process()
         .redis(&redis)
         .port(port)
         .env("RETRY_MS", "500")

@@ -102,7 +102,7 @@ fn sse_token_refuses_what_the_gateway_would() {
 async fn a_taken_port_suggests_app_port() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let mut gw = Gateway::builder().port(port).spawn();
+    let mut gw = Gateway::builder().process().port(port).spawn();
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(1));
     let logs = gw.logs();
     assert!(
@@ -126,6 +126,7 @@ fn example_secret() -> String {
 /// status 78 and one line that names JWT_SECRET and says how to make one.
 fn assert_production_refuses(secret: &str, why: &str) {
     let mut gw = Gateway::builder()
+        .process()
         .env("APP_MODE", "production")
         .env("JWT_SECRET", secret)
         .spawn();
@@ -157,6 +158,7 @@ fn production_refuses_a_secret_under_32_bytes() {
 #[tokio::test]
 async fn debug_mode_warns_about_a_weak_secret_and_starts() {
     let gw = Gateway::builder()
+        .process()
         .env("APP_MODE", "debug")
         .env("JWT_SECRET", &example_secret())
         .start()
@@ -276,6 +278,7 @@ fn json_lines(logs: &str, message: &str) -> Vec<Value> {
 async fn an_unreachable_redis_is_named_with_a_hint() {
     let port = free_port();
     let gw = Gateway::builder()
+        .process()
         .env("APP_MODE", "production")
         .env("REDIS_URL", &format!("redis://127.0.0.1:{port}"))
         .spawn();
@@ -309,6 +312,7 @@ async fn next_second() {
 #[tokio::test]
 async fn auth_failures_are_logged_at_info_a_line_a_second() {
     let gw = Gateway::builder()
+        .process()
         .env("APP_MODE", "production")
         .start()
         .await;

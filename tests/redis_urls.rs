@@ -47,7 +47,11 @@ async fn acl_user_and_password_in_the_url() {
         "+@all",
     ]);
     let url = format!("redis://gateway:gateway-pw-7c1@127.0.0.1:{}", redis.port);
-    let gw = Gateway::builder().env("REDIS_URL", &url).start().await;
+    let gw = Gateway::builder()
+        .process()
+        .env("REDIS_URL", &url)
+        .start()
+        .await;
     wait_ready(&gw, 200).await;
     round_trip(&gw).await;
     assert!(!gw.logs().contains("gateway-pw-7c1"), "password logged");
@@ -144,8 +148,10 @@ async fn tls_with_rediss() {
         "--tls-auth-clients",
         "no",
     ]);
-    // The gateway trusts the system roots; SSL_CERT_FILE points them at the test CA.
+    // The gateway trusts the system roots; SSL_CERT_FILE (read from the process environment)
+    // points them at the test CA: a process of its own each.
     let gw = Gateway::builder()
+        .process()
         .env("REDIS_URL", &format!("rediss://127.0.0.1:{}", redis.port))
         .env("SSL_CERT_FILE", &p("ca.pem"))
         .start()
@@ -155,6 +161,7 @@ async fn tls_with_rediss() {
 
     // Trusting another CA, the link does not come up: the certificate is really checked.
     let untrusting = Gateway::builder()
+        .process()
         .env("REDIS_URL", &format!("rediss://127.0.0.1:{}", redis.port))
         .env("SSL_CERT_FILE", &p("other-ca.pem"))
         .start()

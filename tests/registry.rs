@@ -199,6 +199,7 @@ async fn entries_of_a_killed_instance_expire_by_themselves() {
     let redis = RedisServer::start();
     let r = redis.client().await;
     let mut doomed = Gateway::builder()
+        .process()
         .redis(&redis)
         .env("REGISTRY_TTL", "2")
         .start()
@@ -258,6 +259,7 @@ async fn graceful_shutdown_tells_streams_to_reconnect_and_leaves_no_entries() {
     let redis = RedisServer::start();
     let r = redis.client().await;
     let mut gw = Gateway::builder()
+        .process()
         .redis(&redis)
         .env("RETRY_MS", "1000")
         .start()
@@ -289,6 +291,7 @@ async fn graceful_shutdown_tells_streams_to_reconnect_and_leaves_no_entries() {
 async fn shutdown_is_bounded_even_when_a_client_never_reads() {
     let redis = RedisServer::start();
     let mut gw = Gateway::builder()
+        .process()
         .redis(&redis)
         .env("SHUTDOWN_TIMEOUT", "1")
         .start()

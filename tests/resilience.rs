@@ -146,6 +146,7 @@ async fn a_client_that_vanishes_is_cleaned_up() {
 async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
     let redis = RedisServer::start();
     let gw = Gateway::builder()
+        .process()
         .redis(&redis)
         .env("CLIENT_QUEUE", "64")
         .start()

@@ -508,22 +508,34 @@ impl Drop for RedisServer {
     }
 }
 
-/// The real gateway binary, on a free port (and its operator listener on another); SIGKILLed when
-/// dropped.
+/// A gateway on a free port (and its operator listener on another), stopped outright when dropped.
+///
+/// Two tiers: by default `sse_gateway::run` on a runtime of its own inside the test process (over
+/// real sockets, against real Redis); with [`GatewayBuilder::process`], the real binary, for what
+/// needs a process: signals, exit codes, logs, CPU time, open-file limits.
 pub struct Gateway {
     pub port: u16,
     /// The operator listener's port (`/metrics`, `/health`, `/ready`), on 127.0.0.1.
     pub operator_port: u16,
     pub instance: String,
     child: Option<Child>,
+    task: Option<InProcess>,
     log: PathBuf,
     _dir: TempDir,
+}
+
+/// A gateway run in this process: its runtime, and the signal that starts its graceful shutdown.
+struct InProcess {
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 pub struct GatewayBuilder {
     env: HashMap<String, String>,
     port: Option<u16>,
     open_files: Option<u64>,
+    process: bool,
 }
 
 impl GatewayBuilder {
@@ -539,6 +551,12 @@ impl GatewayBuilder {
     /// Runs the process with this open-file limit (soft and hard).
     pub fn open_files(mut self, n: u64) -> Self {
         self.open_files = Some(n);
+        self.process()
+    }
+
+    /// Runs the real binary rather than in this process.
+    pub fn process(mut self) -> Self {
+        self.process = true;
         self
     }
 
@@ -549,24 +567,101 @@ impl GatewayBuilder {
     }
 
     pub async fn start(self) -> Gateway {
-        let g = self.spawn();
+        let g = if self.process {
+            self.spawn()
+        } else {
+            self.run_here()
+        };
         g.wait_healthy().await;
         g
+    }
+
+    /// The settings every test gateway gets, then the test's own.
+    fn settings(&self, port: u16, operator_addr: &str, instance: &str) -> HashMap<String, String> {
+        let mut vars: HashMap<String, String> = [
+            ("APP_HOST", "127.0.0.1".to_string()),
+            ("APP_PORT", port.to_string()),
+            ("OPERATOR_ADDR", operator_addr.to_string()),
+            ("JWT_SECRET", SECRET.to_string()),
+            ("APP_MODE", "debug".to_string()),
+            ("INSTANCE_ID", instance.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        vars.extend(self.env.clone());
+        vars
+    }
+
+    /// The operator address (a free port unless the test set one) and its port.
+    fn operator_addr(&self) -> (String, u16) {
+        // The default operator address is one fixed port: parallel gateways need one each.
+        let addr = self
+            .env
+            .get("OPERATOR_ADDR")
+            .cloned()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0);
+        (addr, port)
+    }
+
+    /// Runs `sse_gateway::run` on a runtime of its own (two workers, as on the CI machine).
+    fn run_here(self) -> Gateway {
+        let port = self.port.unwrap_or_else(free_port);
+        let (operator_addr, operator_port) = self.operator_addr();
+        let instance = format!("gw-{port}");
+        let vars = self.settings(port, &operator_addr, &instance);
+        let config = sse_gateway::config::Config::from_lookup(|k| vars.get(k).cloned())
+            .unwrap_or_else(|e| panic!("test gateway settings: {e}"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the gateway");
+        let (public, operator) = {
+            let _in = runtime.enter();
+            let public = sse_gateway::http::server::listen(config.listen).expect("listen");
+            let operator = config.operator_listen.map(|addr| {
+                let l = std::net::TcpListener::bind(addr).expect("operator listen");
+                l.set_nonblocking(true).expect("nonblocking");
+                tokio::net::TcpListener::from_std(l).expect("operator listener")
+            });
+            (public, operator)
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let listeners = sse_gateway::Listeners { public, operator };
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = sse_gateway::run(config, listeners, shutdown).await {
+                eprintln!("gateway: {e}");
+            }
+            let _ = done_tx.send(());
+        });
+        Gateway {
+            port,
+            operator_port,
+            instance,
+            child: None,
+            task: Some(InProcess {
+                runtime: Some(runtime),
+                stop: Some(stop),
+                done,
+            }),
+            log: PathBuf::new(),
+            _dir: TempDir::new(),
+        }
     }
 
     /// Starts the process without waiting for it to be healthy.
     pub fn spawn(self) -> Gateway {
         let port = self.port.unwrap_or_else(free_port);
-        // The default operator address is one fixed port: parallel gateways need one each.
-        let operator_addr = self
-            .env
-            .get("OPERATOR_ADDR")
-            .cloned()
-            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
-        let operator_port = operator_addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(0);
+        let (operator_addr, operator_port) = self.operator_addr();
         let dir = TempDir::new();
         let log = dir.path.join("gateway.log");
         let instance = format!("gw-{port}");
@@ -581,14 +676,8 @@ impl GatewayBuilder {
         };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .current_dir(&dir.path)
-            .env("APP_HOST", "127.0.0.1")
-            .env("APP_PORT", port.to_string())
-            .env("OPERATOR_ADDR", &operator_addr)
-            .env("JWT_SECRET", SECRET)
-            .env("APP_MODE", "debug")
-            .env("INSTANCE_ID", &instance);
-        for (k, v) in &self.env {
+            .current_dir(&dir.path);
+        for (k, v) in self.settings(port, &operator_addr, &instance) {
             cmd.env(k, v);
         }
         let out = File::create(&log).expect("log file");
@@ -603,6 +692,7 @@ impl GatewayBuilder {
             operator_port,
             instance,
             child: Some(child),
+            task: None,
             log,
             _dir: dir,
         }
@@ -615,6 +705,7 @@ impl Gateway {
             env: HashMap::new(),
             port: None,
             open_files: None,
+            process: false,
         }
     }
 
@@ -652,11 +743,20 @@ impl Gateway {
         }
     }
 
+    /// What the process logged; a gateway run in this process has no log of its own (a test that
+    /// reads logs asks for [`GatewayBuilder::process`]).
     pub fn logs(&self) -> String {
+        if self.task.is_some() {
+            return "(run in the test process: no log; see GatewayBuilder::process)".into();
+        }
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn signal(&self, sig: &str) {
+        assert!(
+            self.task.is_none(),
+            "signals need a process: GatewayBuilder::process"
+        );
         if let Some(c) = &self.child {
             let status = Command::new("kill")
                 .args([&format!("-{sig}"), &c.id().to_string()])
@@ -668,6 +768,10 @@ impl Gateway {
 
     /// Waits for the process to exit, returning its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        assert!(
+            self.task.is_none(),
+            "exit codes need a process: GatewayBuilder::process"
+        );
         let mut child = self.child.take()?;
         let deadline = Instant::now() + within;
         loop {
@@ -683,15 +787,44 @@ impl Gateway {
         }
     }
 
+    /// Stops the gateway outright: SIGKILL for a process; for one in this process, its runtime is
+    /// dropped with every task (sockets close, nothing is drained or cleaned up).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(mut t) = self.task.take()
+            && let Some(rt) = t.runtime.take()
+        {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Starts a graceful shutdown, as SIGTERM does, and waits (at most `within`) until it is done.
+    pub fn shut_down(&mut self, within: Duration) {
+        if self.child.is_some() {
+            self.signal("TERM");
+            let _ = self.wait_exit(within);
+            return;
+        }
+        if let Some(t) = &mut self.task {
+            if let Some(stop) = t.stop.take() {
+                let _ = stop.send(());
+            }
+            t.done
+                .recv_timeout(within)
+                .expect("the gateway shut down in time");
+        }
+        self.kill();
     }
 
     /// CPU time (user + system, every thread) the process has used so far, from `/proc`.
     pub fn cpu_seconds(&self) -> f64 {
+        assert!(
+            self.task.is_none(),
+            "CPU time needs a process: GatewayBuilder::process"
+        );
         let pid = self.child.as_ref().expect("gateway running").id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
         // Fields after the command name, which is in parentheses and may hold spaces.
