@@ -174,13 +174,6 @@ async fn every_feature_works_from_any_node() {
     assert_eq!(holders.len(), 3);
 }
 
-enum Fault {
-    /// `CLUSTER FAILOVER` on the replica: the primary, still running, hands its slots over.
-    Failover,
-    /// The primary is SIGKILLed; the cluster promotes its replica.
-    KillPrimary,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_failover_loses_no_acknowledged_event() {
     through("cluster_failover", Fault::Failover).await;
@@ -256,55 +249,14 @@ async fn through(scenario: &str, fault: Fault) {
     if let Fault::KillPrimary = fault {
         tokio::task::block_in_place(|| cluster.nodes[old].restart());
     }
-    let since_failover = load.ledger().acked();
-    eventually(
-        Duration::from_secs(30),
-        "acknowledged publishes again",
-        || async { load.ledger().acked() > since_failover + 300 },
-    )
-    .await;
-    for gw in &gateways {
-        assert_eq!(ready(gw).await, 200);
-    }
-
-    let (ledger, verdict) = finish(load, fleet).await;
-    println!(
-        "{scenario} ({:.1} s): {ledger}\n{verdict}",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(verdict.total.delivered > 0, "{scenario}: nothing delivered");
-    verdict.assert_clean();
+    let ready_again = async {
+        for gw in &gateways {
+            assert_eq!(ready(gw).await, 200);
+        }
+    };
+    let ledger = recovers(scenario, started, load, fleet, ready_again).await;
 
     // Every acknowledged event is on the new primary.
-    let primary = RedisServer::attach(cluster.nodes[new].port);
-    let primary = primary.client().await;
-    let mut kept: HashSet<(String, u64)> = HashSet::new();
-    let mut streams: Vec<String> = users(50)
-        .iter()
-        .map(|u| format!("{{{app}}}:history:user:{u}"))
-        .collect();
-    streams.push(format!("{{{app}}}:history:app"));
-    for stream in streams {
-        let entries: Vec<(String, Vec<String>)> = primary
-            .custom(fred::cmd!("XRANGE"), vec![stream.as_str(), "-", "+"])
-            .await
-            .expect("XRANGE on the new primary");
-        for (_, fields) in entries {
-            let m: Value = fields
-                .get(1)
-                .and_then(|m| serde_json::from_str(m).ok())
-                .unwrap_or_default();
-            if let (Some(topic), Some(n)) = (m["data"]["topic"].as_str(), m["data"]["n"].as_u64()) {
-                kept.insert((topic.to_string(), n));
-            }
-        }
-    }
-    let acked = ledger.acked_events();
-    let missing: Vec<&(String, u64)> = acked.iter().filter(|e| !kept.contains(e)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events are not on the new primary: {:?}",
-        missing.len(),
-        missing.iter().take(10).collect::<Vec<_>>()
-    );
+    let primary = RedisServer::attach(cluster.nodes[new].port).client().await;
+    assert_acknowledged_kept(&primary, &format!("{{{app}}}"), &ledger).await;
 }

@@ -8,23 +8,12 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::chaos::*;
 use common::*;
-use fred::interfaces::ClientLike;
-use serde_json::Value;
 
 const APP: &str = "shop";
-
-enum Fault {
-    /// `SENTINEL FAILOVER`: the primary is demoted while it still runs.
-    Failover,
-    /// The primary is killed; the Sentinels notice and promote the replica. It comes back as the
-    /// new primary's replica, so that acknowledgements (one replica) are possible again.
-    KillPrimary,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_failover_loses_no_acknowledged_event() {
@@ -65,16 +54,9 @@ async fn through(scenario: &str, fault: Fault) {
     if let Fault::KillPrimary = fault {
         tokio::task::block_in_place(|| set.primary.restart());
     }
-    let since_failover = load.ledger().acked();
     let gw = &gateways[0];
-    eventually(
-        Duration::from_secs(20),
-        "acknowledged publishes again",
-        || async { load.ledger().acked() > since_failover + 300 },
-    )
-    .await;
-    assert_eq!(
-        poll_until(
+    let ready_again = async {
+        let status = poll_until(
             || async {
                 http()
                     .get(gw.url("/ready"))
@@ -82,51 +64,15 @@ async fn through(scenario: &str, fault: Fault) {
                     .await
                     .map(|r| r.status().as_u16())
             },
-            |s| matches!(s, Ok(200))
+            |s| matches!(s, Ok(200)),
         )
-        .await
-        .ok(),
-        Some(200)
-    );
-
-    let (ledger, verdict) = finish(load, fleet).await;
-    println!(
-        "{scenario} ({:.1} s): {ledger}\n{verdict}",
-        started.elapsed().as_secs_f64()
-    );
-    assert!(verdict.total.delivered > 0, "{scenario}: nothing delivered");
-    verdict.assert_clean();
+        .await;
+        assert_eq!(status.ok(), Some(200));
+    };
+    let ledger = recovers(scenario, started, load, fleet, ready_again).await;
 
     // Every acknowledged event is on the new primary: a replica held it before it was
     // acknowledged, and the Sentinels promote the replica.
     let primary = RedisServer::attach(new).client().await;
-    let mut kept: HashSet<(String, u64)> = HashSet::new();
-    let mut streams: Vec<String> = users(50)
-        .iter()
-        .map(|u| format!("{APP}:history:user:{u}"))
-        .collect();
-    streams.push(format!("{APP}:history:app"));
-    for stream in streams {
-        let entries: Vec<(String, Vec<String>)> = primary
-            .custom(fred::cmd!("XRANGE"), vec![stream.as_str(), "-", "+"])
-            .await
-            .unwrap();
-        for (_, fields) in entries {
-            let m: Value = fields
-                .get(1)
-                .and_then(|m| serde_json::from_str(m).ok())
-                .unwrap_or_default();
-            if let (Some(topic), Some(n)) = (m["data"]["topic"].as_str(), m["data"]["n"].as_u64()) {
-                kept.insert((topic.to_string(), n));
-            }
-        }
-    }
-    let acked = ledger.acked_events();
-    let missing: Vec<&(String, u64)> = acked.iter().filter(|e| !kept.contains(e)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events are not on the new primary: {:?}",
-        missing.len(),
-        missing.iter().take(10).collect::<Vec<_>>()
-    );
+    assert_acknowledged_kept(&primary, APP, &ledger).await;
 }
