@@ -187,20 +187,20 @@ const CHUNK_SIZE_MAX: usize = 18;
 impl Wire for Chunked {
     fn write(&mut self, out: &mut Outbox) -> io::Result<bool> {
         while !out.is_empty() {
-            let count = out.events.len().min(WRITE_BATCH);
+            let count = out.events().len().min(WRITE_BATCH);
             let mut sizes = [[0u8; CHUNK_SIZE_MAX]; WRITE_BATCH];
             let mut size_lens = [0usize; WRITE_BATCH];
-            for (i, ev) in out.events.iter().take(count).enumerate() {
+            for (i, ev) in out.events().take(count).enumerate() {
                 size_lens[i] = chunk_size(ev.len(), &mut sizes[i]);
             }
             let written = {
                 let mut iov = [IoSlice::new(&[]); 1 + 3 * WRITE_BATCH];
                 let mut n = 0;
-                if !out.partial.is_empty() {
-                    iov[0] = IoSlice::new(&out.partial);
+                if !out.partial().is_empty() {
+                    iov[0] = IoSlice::new(out.partial());
                     n = 1;
                 }
-                for (i, ev) in out.events.iter().take(count).enumerate() {
+                for (i, ev) in out.events().take(count).enumerate() {
                     iov[n] = IoSlice::new(&sizes[i][..size_lens[i]]);
                     iov[n + 1] = IoSlice::new(ev);
                     iov[n + 2] = IoSlice::new(b"\r\n");
@@ -265,14 +265,11 @@ impl Wire for Chunked {
 /// are the chunk-size lines of the events written from). A chunk cut short leaves its framed rest
 /// as the next partial write.
 fn consume(out: &mut Outbox, mut n: usize, sizes: &[[u8; CHUNK_SIZE_MAX]], size_lens: &[usize]) {
-    if !out.partial.is_empty() {
-        let taken = out.partial.len().min(n);
-        out.partial.advance(taken);
-        n -= taken;
-        if !out.partial.is_empty() {
+    if !out.partial().is_empty() {
+        n -= out.advance_partial(n);
+        if !out.partial().is_empty() {
             return;
         }
-        out.partial = Bytes::new(); // let go of the buffer it pointed into
     }
     let mut i = 0;
     while n > 0 {
@@ -295,7 +292,7 @@ fn consume(out: &mut Outbox, mut n: usize, sizes: &[[u8; CHUNK_SIZE_MAX]], size_
                 n = 0;
             }
         }
-        out.partial = Bytes::from(rest);
+        out.set_partial(Bytes::from(rest));
         return;
     }
 }
@@ -524,21 +521,22 @@ mod tests {
 
     /// The outbox after `n` bytes of `partial` + chunks of `events` were written.
     fn after(partial: &'static str, events: &[&'static str], n: usize) -> (String, Vec<String>) {
-        let mut out = Outbox {
-            partial: Bytes::from_static(partial.as_bytes()),
-            ..Outbox::default()
-        };
+        let mut out = Outbox::holding(
+            Bytes::from_static(partial.as_bytes()),
+            events.iter().map(|e| Bytes::from_static(e.as_bytes())),
+        );
         let mut sizes = [[0u8; CHUNK_SIZE_MAX]; WRITE_BATCH];
         let mut lens = [0usize; WRITE_BATCH];
         for (i, e) in events.iter().enumerate() {
-            out.events.push_back(Bytes::from_static(e.as_bytes()));
-            out.bytes += e.len();
             lens[i] = chunk_size(e.len(), &mut sizes[i]);
         }
         consume(&mut out, n, &sizes, &lens);
-        let text = |b: &Bytes| String::from_utf8(b.to_vec()).unwrap();
-        assert_eq!(out.bytes, out.events.iter().map(Bytes::len).sum::<usize>());
-        (text(&out.partial), out.events.iter().map(text).collect())
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+        assert_eq!(
+            out.counted_bytes(),
+            out.events().map(Bytes::len).sum::<usize>()
+        );
+        (text(out.partial()), out.events().map(|b| text(b)).collect())
     }
 
     #[test]
