@@ -17,8 +17,8 @@
 
 mod body;
 mod cors;
+mod h1;
 pub mod operator;
-mod raw;
 mod routes;
 pub mod server;
 mod strict;
@@ -35,7 +35,7 @@ pub use body::Body;
 /// The request paths' pure parsers, for the fuzz targets in `fuzz/`: not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use super::raw::{Parsed, parse as parse_head};
+    pub use super::h1::{Parsed, parse as parse_head};
     pub use super::routes::{PlanError, PublishPlan, Target, parse_publish};
     pub use super::strict::{Refusal, check as check_head};
 }
