@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::response::{TOO_LARGE_HEAD, write_full};
+use crate::http::errors::ApiError;
 use crate::http::strict::{self, Refusal};
 
 /// Largest request head read (as hyper's limit); beyond it, 431.
@@ -42,7 +43,7 @@ pub async fn read_head(stream: &mut TcpStream, timeout: Duration) -> Head {
                 Parsed::Complete(req) => return Head::Sse(req),
                 Parsed::Hyper => return Head::Other(buf.split().freeze()),
                 Parsed::Refused(refusal) => {
-                    let _ = write_full(stream, crate::http::refused(refusal)).await;
+                    let _ = write_full(stream, ApiError::from(refusal).into_response()).await;
                     return Head::Done;
                 }
                 Parsed::Partial if buf.len() >= MAX_HEAD => {
