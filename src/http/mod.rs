@@ -71,6 +71,68 @@ pub struct AppState {
 
 pub type HttpResponse = Response<Body>;
 
+/// One route of the public listener: a path pattern, whose `{name}` segments each match one
+/// non-empty, percent-decoded segment, and the methods it answers besides OPTIONS (every route
+/// answers the CORS preflight).
+pub struct Route {
+    pub pattern: &'static str,
+    pub methods: &'static [Method],
+    endpoint: Endpoint,
+}
+
+/// Which handler a route calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Root,
+    Health,
+    Ready,
+    Sse,
+    Publish,
+    Connections,
+}
+
+const GET: &[Method] = &[Method::GET, Method::HEAD];
+
+/// The public listener's routes. The router reads them, and so does `tests/openapi.rs`, which
+/// checks that `docs/openapi.yaml` documents exactly these paths and methods.
+pub static ROUTES: &[Route] = &[
+    Route {
+        pattern: "/",
+        methods: GET,
+        endpoint: Endpoint::Root,
+    },
+    Route {
+        pattern: "/health",
+        methods: GET,
+        endpoint: Endpoint::Health,
+    },
+    Route {
+        pattern: "/ready",
+        methods: GET,
+        endpoint: Endpoint::Ready,
+    },
+    Route {
+        pattern: "/sse",
+        methods: &[Method::GET],
+        endpoint: Endpoint::Sse,
+    },
+    Route {
+        pattern: "/publish",
+        methods: &[Method::POST],
+        endpoint: Endpoint::Publish,
+    },
+    Route {
+        pattern: "/connections/{app}",
+        methods: &[Method::GET],
+        endpoint: Endpoint::Connections,
+    },
+    Route {
+        pattern: "/connections/{app}/{user}",
+        methods: &[Method::GET],
+        endpoint: Endpoint::Connections,
+    },
+];
+
 /// Serves one request. Never fails: every error is a response.
 pub async fn handle<B>(
     state: Arc<AppState>,
@@ -82,81 +144,73 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let mut resp = route(&state, peer, req).await;
+    let mut resp = dispatch(&state, peer, req).await;
     cors::apply(&state.config.cors, origin.as_ref(), resp.headers_mut());
     Ok(resp)
 }
 
-enum Route {
-    Root,
-    Health,
-    Ready,
-    Sse,
-    Publish,
-    Connections { app: String, user: Option<String> },
-}
-
-async fn route<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> HttpResponse
+async fn dispatch<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> HttpResponse
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    const GET: &[Method] = &[Method::GET, Method::HEAD];
     // Before routing: a request whose host or framing is in doubt gets no answer but this one.
     if let Err(refusal) = strict::check(req.version(), req.headers()) {
         return ApiError::from(refusal).into_response();
     }
-    let path = req.uri().path().to_string();
-    let (allowed, route): (&'static [Method], Route) = match path.as_str() {
-        "/" => (GET, Route::Root),
-        "/health" => (GET, Route::Health),
-        "/ready" => (GET, Route::Ready),
-        "/sse" => (&[Method::GET], Route::Sse),
-        "/publish" => (&[Method::POST], Route::Publish),
-        p => match connections_path(p) {
-            Some((app, user)) => (&[Method::GET], Route::Connections { app, user }),
-            None => return ApiError::NotFound("no such route").into_response(),
-        },
+    let Some((route, params)) = find(req.uri().path()) else {
+        return ApiError::NotFound("no such route").into_response();
     };
     if req.method() == Method::OPTIONS {
-        return cors::preflight(allowed);
+        return cors::preflight(route.methods);
     }
-    if !allowed.contains(req.method()) {
-        return ApiError::MethodNotAllowed(allowed).into_response();
+    if !route.methods.contains(req.method()) {
+        return ApiError::MethodNotAllowed(route.methods).into_response();
     }
-    let answer = match route {
-        Route::Root => Ok(probes::root()),
-        Route::Health => Ok(probes::health()),
-        Route::Ready => Ok(probes::ready(state)),
+    let answer = match (route.endpoint, params.as_slice()) {
+        (Endpoint::Root, _) => Ok(probes::root()),
+        (Endpoint::Health, _) => Ok(probes::health()),
+        (Endpoint::Ready, _) => Ok(probes::ready(state)),
         // hyper's adapter of the domain result: the lease becomes the response body.
-        Route::Sse => {
+        (Endpoint::Sse, _) => {
             return match sse::open(state, peer, &req).await {
                 Ok(opened) => opened.into_response(),
                 Err(refused) => refused.into_response(),
             };
         }
-        Route::Publish => publish::publish(state, req).await,
-        Route::Connections { app, user } => {
-            connections::list(state, &req, &app, user.as_deref()).await
+        (Endpoint::Publish, _) => publish::publish(state, req).await,
+        (Endpoint::Connections, [app]) => connections::list(state, &req, app, None).await,
+        (Endpoint::Connections, [app, user]) => {
+            connections::list(state, &req, app, Some(user)).await
         }
+        // A pattern with captures its handler does not take: none in `ROUTES`.
+        (Endpoint::Connections, _) => Err(ApiError::NotFound("no such route")),
     };
     answer.unwrap_or_else(ApiError::into_response)
 }
 
-/// `/connections/{app}` or `/connections/{app}/{user}`, segments percent-decoded; no trailing slash.
-fn connections_path(path: &str) -> Option<(String, Option<String>)> {
-    let rest = path.strip_prefix("/connections/")?;
-    let mut parts = rest.split('/');
-    let app = percent_decode(parts.next()?)?;
-    let user = parts.next().map(percent_decode);
-    if parts.next().is_some() || app.is_empty() {
-        return None;
+/// The route `path` matches, and its captured segments in order.
+fn find(path: &str) -> Option<(&'static Route, Vec<String>)> {
+    ROUTES
+        .iter()
+        .find_map(|route| Some((route, captures(route.pattern, path)?)))
+}
+
+/// The `{name}` segments of `pattern` in `path`, percent-decoded; `None` unless `path` has exactly
+/// the pattern's segments (so no trailing slash), each literal equal and each capture non-empty.
+fn captures(pattern: &str, path: &str) -> Option<Vec<String>> {
+    let mut found = Vec::new();
+    let mut segments = path.split('/');
+    for want in pattern.split('/') {
+        let got = segments.next()?;
+        if want.starts_with('{') {
+            let value = percent_decode(got).filter(|v| !v.is_empty())?;
+            found.push(value);
+        } else if want != got {
+            return None;
+        }
     }
-    match user {
-        None => Some((app, None)),
-        Some(Some(u)) if !u.is_empty() => Some((app, Some(u))),
-        Some(_) => None,
-    }
+    segments.next().is_none().then_some(found)
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -190,6 +244,14 @@ fn allow_header(methods: &[Method]) -> HeaderValue {
 mod tests {
     use super::*;
 
+    /// `/connections/{app}` or `/connections/{app}/{user}`, segments percent-decoded.
+    fn connections_path(path: &str) -> Option<(String, Option<String>)> {
+        let (route, params) = find(path)?;
+        assert_eq!(route.endpoint, Endpoint::Connections, "{path}");
+        let mut params = params.into_iter();
+        Some((params.next()?, params.next()))
+    }
+
     #[test]
     fn connection_paths() {
         assert_eq!(connections_path("/connections/a"), Some(("a".into(), None)));
@@ -206,6 +268,25 @@ mod tests {
             "/connections/%zz",
         ] {
             assert_eq!(connections_path(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn literal_routes_match_exactly() {
+        let endpoint = |p: &str| find(p).map(|(r, _)| r.endpoint);
+        assert_eq!(endpoint("/"), Some(Endpoint::Root));
+        assert_eq!(endpoint("/health"), Some(Endpoint::Health));
+        assert_eq!(endpoint("/sse"), Some(Endpoint::Sse));
+        for other in [
+            "",
+            "/health/",
+            "/h%65alth",
+            "/sse/",
+            "/ssex",
+            "//",
+            "/connections",
+        ] {
+            assert_eq!(endpoint(other), None, "{other}");
         }
     }
 }
