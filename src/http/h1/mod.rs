@@ -63,7 +63,9 @@ pub async fn serve(
             return;
         }
     };
-    drop(req); // neither the request nor the header map is needed for the stream's life
+    // Neither the request nor the state is needed for the stream's life.
+    drop(req);
+    drop(state);
     // From here on the hub writes the stream's events; this task only wakes when the socket is
     // full, when the stream ends, or when the client leaves.
     let conn = lease.conn();
