@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::http::{Body, HttpResponse};
 
-/// The answer to a request head larger than [`super::head::MAX_HEAD`] (as hyper's).
+/// The answer to a request head larger than `head::MAX_HEAD` (64 KiB, as hyper's limit).
 pub const TOO_LARGE_HEAD: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
