@@ -182,12 +182,6 @@ impl ApiError {
     }
 }
 
-impl From<ApiError> for HttpResponse {
-    fn from(e: ApiError) -> HttpResponse {
-        e.into_response()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
