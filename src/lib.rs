@@ -4,7 +4,9 @@
 //!
 //! Protocol and I/O at the edges, a small core in the middle:
 //!
-//! - [`http`]: the hyper server, routes, CORS and JSON errors, and the operator listener (edge).
+//! - [`http`]: the accept loop, the lean HTTP/1.1 stream path and hyper, the route table, one
+//!   handler module per route family, typed refusals mapped to JSON errors in one place, CORS, and
+//!   the operator listener (edge).
 //! - [`sse`]: the `text/event-stream` wire encoding of published payloads (edge).
 //! - [`broker`]: the [`broker::Broker`] trait, with the Redis implementation (all fred use: the
 //!   functions library, the subscriber, the probe per shard, the registry's keys, Redis Cluster's

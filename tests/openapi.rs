@@ -5,11 +5,11 @@
 //!   type and body conform, documented headers conform, undocumented methods get a 405 with the
 //!   documented `Allow`, invalid data is refused, valid data accepted, a missing token refused.
 //! - A cheap check, without any YAML crate, that the spec's paths and methods are exactly the
-//!   routes of the router in `src/http/mod.rs`.
+//!   routes of the router's table (`sse_gateway::http::ROUTES`).
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -123,74 +123,19 @@ async fn the_server_agrees_with_the_spec() {
     drop(stream);
 }
 
-/// Methods per path, as the router in `src/http/mod.rs` has them.
+/// Methods per path, from the router's own table.
 fn router_routes() -> BTreeMap<String, BTreeSet<String>> {
-    let src = std::fs::read_to_string(repo().join("src/http/mod.rs")).expect("src/http/mod.rs");
-    let start = src
-        .find("async fn route<")
-        .expect("fn route in src/http/mod.rs");
-    let body = &src[start..];
-    let body = &body[..body.find("\n}\n").expect("end of fn route")];
-
-    // `const GET: &[Method] = &[Method::GET, Method::HEAD];`
-    let methods_of = |expr: &str| -> Vec<String> {
-        expr.trim_start_matches('&')
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .split(',')
-            .map(|m| m.trim().trim_start_matches("Method::").to_string())
-            .filter(|m| !m.is_empty())
-            .collect()
-    };
-    let mut consts: HashMap<String, Vec<String>> = HashMap::new();
-    for line in body.lines() {
-        if let Some(rest) = line.trim().strip_prefix("const ")
-            && let Some((name, value)) = rest.split_once(": &[Method] = ")
-        {
-            consts.insert(name.to_string(), methods_of(value.trim_end_matches(';')));
-        }
-    }
-
-    // `/connections/{app}` or `/connections/{app}/{user}`, from the doc comment of the parser.
-    let doc = src
-        .lines()
-        .take_while(|l| !l.starts_with("fn connections_path"))
-        .last()
-        .unwrap_or_default();
-    let connection_paths: Vec<String> = doc
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect();
-    assert!(
-        connection_paths.len() >= 2 && connection_paths.iter().all(|p| p.starts_with('/')),
-        "cannot read the connection paths from the comment above fn connections_path: {doc:?}"
-    );
-
-    let mut routes = BTreeMap::new();
-    for line in body.lines() {
-        let Some((pattern, target)) = line.trim().split_once(" => (") else {
-            continue;
-        };
-        let Some((methods, route)) = target.split_once(", Route::") else {
-            continue;
-        };
-        let methods = match consts.get(methods.trim()) {
-            Some(list) => list.clone(),
-            None => methods_of(methods),
-        };
-        assert!(!methods.is_empty(), "no methods in {line:?}");
-        let paths = if let Some(literal) = pattern.strip_prefix('"') {
-            vec![literal.trim_end_matches('"').to_string()]
-        } else if route.starts_with("Connections") {
-            connection_paths.clone()
-        } else {
-            panic!("a route this test cannot read: {line:?}: teach router_routes()");
-        };
-        for p in paths {
-            routes.insert(p, methods.iter().cloned().collect());
-        }
+    let mut routes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for route in sse_gateway::http::ROUTES {
+        assert!(
+            !route.methods.is_empty(),
+            "no methods for {}",
+            route.pattern
+        );
+        routes
+            .entry(route.pattern.to_string())
+            .or_default()
+            .extend(route.methods.iter().map(|m| m.as_str().to_string()));
     }
     routes
 }
@@ -248,7 +193,7 @@ fn the_spec_lists_exactly_the_routes_of_the_router() {
         expected.insert("OPTIONS".into());
         assert_eq!(
             documented, &expected,
-            "methods of {path}: docs/openapi.yaml vs src/http/mod.rs"
+            "methods of {path}: docs/openapi.yaml vs http::ROUTES"
         );
     }
     for path in spec.keys() {

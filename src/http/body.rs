@@ -1,12 +1,15 @@
-//! The response body: either a complete buffer or a live event stream read from a hub queue.
+//! The response body (a complete buffer, or a live event stream read from the stream's outbox),
+//! and the constructors of the complete responses handlers answer with.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
 use http_body::{Frame, SizeHint};
 
+use super::HttpResponse;
 use crate::hub::Lease;
 
 pub enum Body {
@@ -54,4 +57,27 @@ impl http_body::Body for Body {
             Body::Stream(_) => SizeHint::default(),
         }
     }
+}
+
+/// A response with no body: 204s, the redirect of `/`.
+pub fn empty(status: StatusCode) -> HttpResponse {
+    let mut resp = HttpResponse::new(Body::empty());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
+    json_bytes(status, value.to_string().into_bytes())
+}
+
+/// A JSON response already serialised (to keep the fields in the order they were written).
+pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut resp = HttpResponse::new(Body::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }

@@ -1,4 +1,5 @@
-//! The HTTP edge: routing, request handlers, CORS and JSON error responses.
+//! The HTTP edge: the route table and dispatch; the handlers, the lean HTTP/1.1 stream path, CORS
+//! and the one mapping of refusals to responses are in the modules below.
 //!
 //! | route | methods | what |
 //! |---|---|---|
@@ -14,12 +15,23 @@
 //!
 //! `/metrics` is not among them: it names every application, so it is served only by the operator
 //! listener ([`operator`], with `/health` and `/ready`), on an address of its own.
+//!
+//! A request flows edge → handler → core and back out as a result:
+//! - [`server`] accepts connections; [`h1`] reads each one's first request head and serves a plain
+//!   HTTP/1.1 `GET /sse` on the bare socket, hyper (h1 and h2) everything else, through
+//!   [`handle`];
+//! - [`strict`] refuses heads whose framing or host is in doubt, on both paths;
+//! - [`handlers`] answer a response, a typed refusal ([`errors::ApiError`], turned into a response
+//!   in [`errors`] only) or, for `GET /sse`, a domain result each stack adapts;
+//! - [`cors`] adds the CORS headers to every answer; [`body`] is the response body.
 
 mod body;
 mod cors;
+mod errors;
+mod h1;
+mod handlers;
 pub mod operator;
-mod raw;
-mod routes;
+mod read_body;
 pub mod server;
 mod strict;
 
@@ -27,24 +39,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use serde_json::json;
+use http::{HeaderValue, Method, Request, Response, header};
 
 pub use body::Body;
+
+use self::errors::ApiError;
+use self::handlers::{connections, probes, publish, sse};
+use crate::auth::Verifier;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 /// The request paths' pure parsers, for the fuzz targets in `fuzz/`: not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use super::raw::{Parsed, parse as parse_head};
-    pub use super::routes::{PlanError, PublishPlan, Target, parse_publish};
+    pub use super::h1::{Parsed, parse as parse_head};
+    pub use super::handlers::publish::{PlanError, PublishPlan, Target, parse_publish};
     pub use super::strict::{Refusal, check as check_head};
 }
-
-use crate::auth::{AuthError, Verifier};
-use crate::broker::Broker;
-use crate::config::Config;
-use crate::hub::Hub;
-use crate::metrics::{Metrics, ReasonLabel};
 
 /// Everything a request handler can reach.
 pub struct AppState {
@@ -58,6 +71,68 @@ pub struct AppState {
 
 pub type HttpResponse = Response<Body>;
 
+/// One route of the public listener: a path pattern, whose `{name}` segments each match one
+/// non-empty, percent-decoded segment, and the methods it answers besides OPTIONS (every route
+/// answers the CORS preflight).
+pub struct Route {
+    pub pattern: &'static str,
+    pub methods: &'static [Method],
+    endpoint: Endpoint,
+}
+
+/// Which handler a route calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Root,
+    Health,
+    Ready,
+    Sse,
+    Publish,
+    Connections,
+}
+
+const GET: &[Method] = &[Method::GET, Method::HEAD];
+
+/// The public listener's routes. The router reads them, and so does `tests/openapi.rs`, which
+/// checks that `docs/openapi.yaml` documents exactly these paths and methods.
+pub static ROUTES: &[Route] = &[
+    Route {
+        pattern: "/",
+        methods: GET,
+        endpoint: Endpoint::Root,
+    },
+    Route {
+        pattern: "/health",
+        methods: GET,
+        endpoint: Endpoint::Health,
+    },
+    Route {
+        pattern: "/ready",
+        methods: GET,
+        endpoint: Endpoint::Ready,
+    },
+    Route {
+        pattern: "/sse",
+        methods: &[Method::GET],
+        endpoint: Endpoint::Sse,
+    },
+    Route {
+        pattern: "/publish",
+        methods: &[Method::POST],
+        endpoint: Endpoint::Publish,
+    },
+    Route {
+        pattern: "/connections/{app}",
+        methods: &[Method::GET],
+        endpoint: Endpoint::Connections,
+    },
+    Route {
+        pattern: "/connections/{app}/{user}",
+        methods: &[Method::GET],
+        endpoint: Endpoint::Connections,
+    },
+];
+
 /// Serves one request. Never fails: every error is a response.
 pub async fn handle<B>(
     state: Arc<AppState>,
@@ -69,77 +144,73 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let mut resp = route(&state, peer, req).await;
+    let mut resp = dispatch(&state, peer, req).await;
     cors::apply(&state.config.cors, origin.as_ref(), resp.headers_mut());
     Ok(resp)
 }
 
-async fn route<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> HttpResponse
+async fn dispatch<B>(state: &AppState, peer: SocketAddr, req: Request<B>) -> HttpResponse
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    use routes::*;
-    const GET: &[Method] = &[Method::GET, Method::HEAD];
     // Before routing: a request whose host or framing is in doubt gets no answer but this one.
     if let Err(refusal) = strict::check(req.version(), req.headers()) {
-        return refused(refusal);
+        return ApiError::from(refusal).into_response();
     }
-    let path = req.uri().path().to_string();
-    let (allowed, route): (&[Method], Route) = match path.as_str() {
-        "/" => (GET, Route::Root),
-        "/health" => (GET, Route::Health),
-        "/ready" => (GET, Route::Ready),
-        "/sse" => (&[Method::GET], Route::Sse),
-        "/publish" => (&[Method::POST], Route::Publish),
-        p => match connections_path(p) {
-            Some((app, user)) => (&[Method::GET], Route::Connections { app, user }),
-            None => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
-        },
+    let Some((route, params)) = find(req.uri().path()) else {
+        return ApiError::NotFound("no such route").into_response();
     };
     if req.method() == Method::OPTIONS {
-        return cors::preflight(allowed);
+        return cors::preflight(route.methods);
     }
-    if !allowed.contains(req.method()) {
-        let mut resp = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed on this route",
-        );
-        resp.headers_mut()
-            .insert(header::ALLOW, allow_header(allowed));
-        return resp;
+    if !route.methods.contains(req.method()) {
+        return ApiError::MethodNotAllowed(route.methods).into_response();
     }
-    match route {
-        Route::Root => {
-            let mut resp = Response::new(Body::empty());
-            *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-            resp.headers_mut()
-                .insert(header::LOCATION, HeaderValue::from_static("/health"));
-            resp
+    let answer = match (route.endpoint, params.as_slice()) {
+        (Endpoint::Root, _) => Ok(probes::root()),
+        (Endpoint::Health, _) => Ok(probes::health()),
+        (Endpoint::Ready, _) => Ok(probes::ready(state)),
+        // hyper's adapter of the domain result: the lease becomes the response body.
+        (Endpoint::Sse, _) => {
+            return match sse::open(state, peer, &req).await {
+                Ok(opened) => opened.into_response(),
+                Err(refused) => refused.into_response(),
+            };
         }
-        Route::Health => health(),
-        Route::Ready => ready(state),
-        Route::Sse => sse(state, peer, req).await,
-        Route::Publish => publish(state, req).await,
-        Route::Connections { app, user } => connections(state, &req, &app, user.as_deref()).await,
-    }
+        (Endpoint::Publish, _) => publish::publish(state, req).await,
+        (Endpoint::Connections, [app]) => connections::list(state, &req, app, None).await,
+        (Endpoint::Connections, [app, user]) => {
+            connections::list(state, &req, app, Some(user)).await
+        }
+        // A pattern with captures its handler does not take: none in `ROUTES`.
+        (Endpoint::Connections, _) => Err(ApiError::NotFound("no such route")),
+    };
+    answer.unwrap_or_else(ApiError::into_response)
 }
 
-/// `/connections/{app}` or `/connections/{app}/{user}`, segments percent-decoded; no trailing slash.
-fn connections_path(path: &str) -> Option<(String, Option<String>)> {
-    let rest = path.strip_prefix("/connections/")?;
-    let mut parts = rest.split('/');
-    let app = percent_decode(parts.next()?)?;
-    let user = parts.next().map(percent_decode);
-    if parts.next().is_some() || app.is_empty() {
-        return None;
+/// The route `path` matches, and its captured segments in order.
+fn find(path: &str) -> Option<(&'static Route, Vec<String>)> {
+    ROUTES
+        .iter()
+        .find_map(|route| Some((route, captures(route.pattern, path)?)))
+}
+
+/// The `{name}` segments of `pattern` in `path`, percent-decoded; `None` unless `path` has exactly
+/// the pattern's segments (so no trailing slash), each literal equal and each capture non-empty.
+fn captures(pattern: &str, path: &str) -> Option<Vec<String>> {
+    let mut found = Vec::new();
+    let mut segments = path.split('/');
+    for want in pattern.split('/') {
+        let got = segments.next()?;
+        if want.starts_with('{') {
+            let value = percent_decode(got).filter(|v| !v.is_empty())?;
+            found.push(value);
+        } else if want != got {
+            return None;
+        }
     }
-    match user {
-        None => Some((app, None)),
-        Some(Some(u)) if !u.is_empty() => Some((app, Some(u))),
-        Some(_) => None,
-    }
+    segments.next().is_none().then_some(found)
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -159,6 +230,7 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The `Allow` value of a route: its methods and OPTIONS.
 fn allow_header(methods: &[Method]) -> HeaderValue {
     let list: Vec<&str> = methods
         .iter()
@@ -168,52 +240,17 @@ fn allow_header(methods: &[Method]) -> HeaderValue {
     HeaderValue::from_str(&list.join(", ")).unwrap_or(HeaderValue::from_static("GET"))
 }
 
-/// Liveness: the process serves HTTP. The same on both listeners.
-fn health() -> HttpResponse {
-    json_response(StatusCode::OK, &json!({"status": "ok"}))
-}
-
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> HttpResponse {
-    json_bytes(status, value.to_string().into_bytes())
-}
-
-pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> HttpResponse {
-    let mut resp = Response::new(Body::full(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-pub fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
-    json_response(status, &json!({"error": code, "message": message}))
-}
-
-/// The 400 for a request head that breaks the rules of [`strict`].
-fn refused(refusal: strict::Refusal) -> HttpResponse {
-    error(StatusCode::BAD_REQUEST, refusal.code, refusal.message)
-}
-
-/// The 401 for a refused token: `WWW-Authenticate: Bearer error="invalid_token"` for every reason
-/// (including a missing token, so that clients need one rule), and the reason in the JSON body.
-pub fn unauthorized(metrics: &Metrics, e: AuthError) -> HttpResponse {
-    metrics
-        .auth_failures
-        .get_or_create(&ReasonLabel { reason: e.reason() })
-        .inc();
-    let mut resp = error(StatusCode::UNAUTHORIZED, e.reason(), &e.to_string());
-    resp.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer error=\"invalid_token\""),
-    );
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/connections/{app}` or `/connections/{app}/{user}`, segments percent-decoded.
+    fn connections_path(path: &str) -> Option<(String, Option<String>)> {
+        let (route, params) = find(path)?;
+        assert_eq!(route.endpoint, Endpoint::Connections, "{path}");
+        let mut params = params.into_iter();
+        Some((params.next()?, params.next()))
+    }
 
     #[test]
     fn connection_paths() {
@@ -231,6 +268,25 @@ mod tests {
             "/connections/%zz",
         ] {
             assert_eq!(connections_path(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn literal_routes_match_exactly() {
+        let endpoint = |p: &str| find(p).map(|(r, _)| r.endpoint);
+        assert_eq!(endpoint("/"), Some(Endpoint::Root));
+        assert_eq!(endpoint("/health"), Some(Endpoint::Health));
+        assert_eq!(endpoint("/sse"), Some(Endpoint::Sse));
+        for other in [
+            "",
+            "/health/",
+            "/h%65alth",
+            "/sse/",
+            "/ssex",
+            "//",
+            "/connections",
+        ] {
+            assert_eq!(endpoint(other), None, "{other}");
         }
     }
 }

@@ -12,7 +12,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{AppState, HttpResponse, allow_header, error, health, routes};
+use super::body::empty;
+use super::errors::ApiError;
+use super::handlers::probes;
+use super::{AppState, HttpResponse, allow_header};
 
 /// A scraper sends its request at once; anything slower is not one.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,31 +62,23 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
 fn route<B>(state: &AppState, req: &Request<B>) -> HttpResponse {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/health" | "/ready") {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
+        return ApiError::NotFound(
             "no such route: the operator listener serves /metrics, /health and /ready",
-        );
+        )
+        .into_response();
     }
     const GET: &[Method] = &[Method::GET, Method::HEAD];
     if req.method() == Method::OPTIONS {
-        let mut resp = HttpResponse::new(super::Body::empty());
-        *resp.status_mut() = StatusCode::NO_CONTENT;
+        let mut resp = empty(StatusCode::NO_CONTENT);
         resp.headers_mut().insert(header::ALLOW, allow_header(GET));
         return resp;
     }
     if !GET.contains(req.method()) {
-        let mut resp = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed on this route",
-        );
-        resp.headers_mut().insert(header::ALLOW, allow_header(GET));
-        return resp;
+        return ApiError::MethodNotAllowed(GET).into_response();
     }
     match path {
-        "/metrics" => routes::metrics(state, req),
-        "/ready" => routes::ready(state),
-        _ => health(),
+        "/metrics" => probes::metrics(state, req),
+        "/ready" => probes::ready(state),
+        _ => probes::health(),
     }
 }

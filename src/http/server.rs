@@ -1,4 +1,4 @@
-//! The accept loop: HTTP/1.1 event streams on the raw socket (see [`super::raw`]), everything else
+//! The accept loop: HTTP/1.1 event streams on the raw socket (see [`super::h1`]), everything else
 //! (h1 and h2 prior knowledge) through hyper-util's auto builder.
 
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::raw::{self, Head, Rewind};
+use super::h1::{self, Head, Rewind};
 use super::{AppState, handle};
 
 /// A client must send its request head within this time (slowloris guard).
@@ -118,10 +118,10 @@ async fn connection(
 ) {
     // The branches are boxed so that each connection's task is only as large as what it runs:
     // an idle event stream does not carry room for a hyper connection.
-    match Box::pin(raw::read_head(&mut stream, HEADER_READ_TIMEOUT)).await {
+    match Box::pin(h1::read_head(&mut stream, HEADER_READ_TIMEOUT)).await {
         Head::Sse(request) => {
             drop(watcher);
-            Box::pin(raw::serve(stream, peer, state, request)).await;
+            Box::pin(h1::serve(stream, peer, state, request)).await;
         }
         Head::Other(prefix) => {
             let service = service_fn(move |req| handle(state.clone(), peer, req));

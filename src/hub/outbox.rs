@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 /// How much a stream may have waiting before its client counts as too slow.
 #[derive(Debug, Clone, Copy)]
@@ -15,17 +15,46 @@ pub struct OutboxLimits {
 }
 
 /// Events waiting for a stream's socket.
+///
+/// The fields are the hub's (it counts the budget); a [`Wire`] reads and takes events through the
+/// methods below.
 #[derive(Default)]
 pub struct Outbox {
     /// Encoded events not yet started, oldest first.
-    pub events: VecDeque<Bytes>,
+    pub(super) events: VecDeque<Bytes>,
     /// Their total size, for the byte budget.
-    pub bytes: usize,
+    pub(super) bytes: usize,
     /// What is left of a write cut short, already framed: it goes out before `events`.
-    pub partial: Bytes,
+    pub(super) partial: Bytes,
 }
 
 impl Outbox {
+    /// The events not yet started, oldest first (a wire frames and writes them in this order).
+    pub fn events(&self) -> std::collections::vec_deque::Iter<'_, Bytes> {
+        self.events.iter()
+    }
+
+    /// What is left of a write cut short, already framed: it goes out before [`Outbox::events`].
+    pub fn partial(&self) -> &[u8] {
+        &self.partial
+    }
+
+    /// Marks up to `n` bytes of the partial write as written; returns how many it took.
+    pub fn advance_partial(&mut self, n: usize) -> usize {
+        let taken = self.partial.len().min(n);
+        self.partial.advance(taken);
+        if self.partial.is_empty() {
+            self.partial = Bytes::new(); // let go of the buffer it pointed into
+        }
+        taken
+    }
+
+    /// Keeps `rest`, the framed remainder of an event the socket took only part of, to go out
+    /// first next time.
+    pub fn set_partial(&mut self, rest: Bytes) {
+        self.partial = rest;
+    }
+
     /// Takes the oldest event off the queue.
     pub fn pop(&mut self) -> Option<Bytes> {
         let b = self.events.pop_front()?;
@@ -37,10 +66,30 @@ impl Outbox {
         Some(b)
     }
 
+    /// An outbox holding `partial`, then `events` (counted): for the tests of a wire.
+    #[cfg(test)]
+    pub fn holding(partial: Bytes, events: impl IntoIterator<Item = Bytes>) -> Outbox {
+        let mut out = Outbox {
+            partial,
+            ..Outbox::default()
+        };
+        for b in events {
+            out.push(b);
+        }
+        out
+    }
+
+    /// The size the budget counts: for tests, which check it matches what is queued.
+    #[cfg(test)]
+    pub fn counted_bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.events.is_empty() && self.partial.is_empty()
     }
 
+    /// Queues an event and counts it in the budget.
     pub(super) fn push(&mut self, b: Bytes) {
         self.bytes += b.len();
         self.queue(b);

@@ -1,0 +1,133 @@
+//! `POST /publish`: a publisher token's request, validated ([`plan`]), published through the
+//! broker to each target, exactly like a Redis `PUBLISH` (durable by default: with an id and
+//! history).
+
+mod plan;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use serde_json::json;
+
+use super::admission::{authenticate_token, check_rate};
+use crate::auth::Identity;
+use crate::broker::{BrokerError, app_channel, user_channel};
+use crate::http::body::json_response;
+use crate::http::errors::ApiError;
+use crate::http::read_body::read_body;
+use crate::http::{AppState, HttpResponse};
+use crate::metrics::OutcomeLabel;
+use crate::rate::{Action, Scope};
+use crate::sse::EnvelopeError;
+
+pub use self::plan::{PlanError, PublishPlan, Target, parse_publish};
+
+pub async fn publish<B>(state: &AppState, req: Request<B>) -> Result<HttpResponse, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let (identity, token) = authenticate_token(state, &req)?;
+    let result = publish_as(state, &identity, &token, req.into_body()).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => outcome(e),
+    };
+    state
+        .metrics
+        .publish_requests
+        .get_or_create(&OutcomeLabel {
+            app: identity.app,
+            outcome,
+        })
+        .inc();
+    result
+}
+
+/// The `outcome` label of `sse_publish_requests_total` for a refused publish.
+fn outcome(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::PublisherRoleRequired => "forbidden",
+        ApiError::RateLimited(_) => "rate_limited",
+        ApiError::BodyTooLarge { .. } | ApiError::Envelope(EnvelopeError::TooLarge(_)) => {
+            "too_large"
+        }
+        // `not_replicated` or `broker_unavailable`: the error's own code.
+        ApiError::PublishFailed { .. } => e.code(),
+        _ => "bad_request",
+    }
+}
+
+/// Everything after authentication: role, rate, body, plan, and the publishes.
+async fn publish_as<B>(
+    state: &AppState,
+    identity: &Identity,
+    token: &str,
+    body: B,
+) -> Result<HttpResponse, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    if !identity.roles.publisher {
+        return Err(ApiError::PublisherRoleRequired);
+    }
+    let app = identity.app.as_str();
+    check_rate(
+        state,
+        Action::Publish,
+        &[(Scope::Token, token), (Scope::App, app)],
+        app,
+    )?;
+    let body = read_body(body, state.config.max_publish_body_bytes).await?;
+    let plan = parse_publish(&body).map_err(ApiError::InvalidPublish)?;
+    // The checks every publish path shares (the Redis library makes the same ones).
+    crate::sse::check_envelope(&plan.envelope, state.config.max_message_bytes)
+        .map_err(ApiError::Envelope)?;
+    let mut subscribers = 0;
+    let mut ids = Vec::new();
+    for (done, target) in plan.targets.iter().enumerate() {
+        let user = match target {
+            Target::User(u) => Some(u.as_str()),
+            Target::Broadcast => None,
+        };
+        let sent = if plan.durable {
+            state
+                .broker
+                .publish_durable(app, user, plan.envelope.clone())
+                .await
+                .map(|(id, n)| {
+                    state.hub.published(app, id);
+                    ids.push(id.to_string());
+                    n
+                })
+        } else {
+            let channel = match user {
+                Some(u) => user_channel(app, u),
+                None => app_channel(app),
+            };
+            state.broker.publish(channel, plan.envelope.clone()).await
+        };
+        match sent {
+            Ok(n) => subscribers += n,
+            Err(e) => {
+                // An event that reached too few replicas exists (it may be delivered, and a
+                // failover may lose it): the publisher gets its id, to retry knowingly.
+                if let BrokerError::NotReplicated { id, .. } = &e {
+                    state.hub.published(app, *id);
+                    ids.push(id.to_string());
+                }
+                tracing::warn!(%app, error = %e, "publish failed");
+                return Err(ApiError::PublishFailed {
+                    source: e,
+                    published: done,
+                    ids,
+                });
+            }
+        }
+    }
+    let mut body = json!({"published": plan.targets.len(), "subscribers": subscribers});
+    if plan.durable {
+        body["ids"] = json!(ids);
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
