@@ -7,7 +7,6 @@ use http::{HeaderValue, Method, StatusCode, header};
 use serde_json::json;
 
 use super::body::json_response;
-use super::handlers::publish::PlanError;
 use super::strict::Refusal;
 use super::{HttpResponse, allow_header};
 use crate::auth::AuthError;
@@ -56,9 +55,10 @@ pub enum ApiError {
     BodyTimeout,
     #[error("{0}")]
     UnreadableBody(String),
-    /// A publish request that does not validate, with the code that says which rule it broke.
+    /// A publish request that does not validate: the code of the rule it broke, and why (the
+    /// publish plan's `PlanError`).
     #[error("{}", .0.1)]
-    InvalidPublish(PlanError),
+    InvalidPublish((&'static str, String)),
     /// An envelope the publish paths that keep history refuse (the Redis library makes the same
     /// checks).
     #[error(transparent)]
