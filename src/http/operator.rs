@@ -28,17 +28,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "operator listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
+        let Some((stream, peer)) = super::server::accept(&listener, &stop, "operator").await else {
+            break;
         };
         let state = state.clone();
         let service = service_fn(move |req| {

@@ -83,17 +83,8 @@ pub async fn serve(
                 _ = stop.cancelled() => break,
             }
         }
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
+        let Some((stream, peer)) = accept(&listener, &stop, "public").await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
@@ -107,6 +98,27 @@ pub async fn serve(
     }
     tasks.close();
     Connections { graceful, tasks }
+}
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. A failed accept (out of
+/// file descriptors and the like) is logged and retried after a short pause instead of spinning.
+pub(super) async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    which: &'static str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(error) => {
+                    tracing::warn!(%error, listener = which, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.cancelled() => return None,
+        }
+    }
 }
 
 async fn connection(
