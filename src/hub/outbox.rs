@@ -16,16 +16,16 @@ pub struct OutboxLimits {
 
 /// Events waiting for a stream's socket.
 ///
-/// The fields are the hub's (it counts the budget); a [`Wire`] reads and takes events through the
-/// methods below.
+/// Its fields are private: the stream counts the budget and a [`Wire`] reads and takes events, both
+/// through the methods below.
 #[derive(Default)]
 pub struct Outbox {
     /// Encoded events not yet started, oldest first.
-    pub(super) events: VecDeque<Bytes>,
+    events: VecDeque<Bytes>,
     /// Their total size, for the byte budget.
-    pub(super) bytes: usize,
+    bytes: usize,
     /// What is left of a write cut short, already framed: it goes out before `events`.
-    pub(super) partial: Bytes,
+    partial: Bytes,
 }
 
 impl Outbox {
@@ -79,10 +79,25 @@ impl Outbox {
         out
     }
 
-    /// The size the budget counts: for tests, which check it matches what is queued.
-    #[cfg(test)]
+    /// The size the budget counts: what is queued, and the events held aside for the stream that
+    /// were counted when they arrived.
     pub fn counted_bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Events waiting (not counting a partial write).
+    pub(super) fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Counts `n` bytes held aside for the stream (live events held while it catches up).
+    pub(super) fn count(&mut self, n: usize) {
+        self.bytes += n;
+    }
+
+    /// Stops counting `n` bytes (a held event that was not queued after all).
+    pub(super) fn uncount(&mut self, n: usize) {
+        self.bytes = self.bytes.saturating_sub(n);
     }
 
     pub fn is_empty(&self) -> bool {

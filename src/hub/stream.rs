@@ -159,8 +159,9 @@ impl Stream {
         {
             return Push::Queued; // already delivered by replay
         }
-        let waiting = q.out.events.len() + q.held.as_ref().map_or(0, Vec::len);
-        if waiting >= self.limits.events || q.out.bytes + bytes.len() > self.limits.bytes {
+        let waiting = q.out.len() + q.held.as_ref().map_or(0, Vec::len);
+        if waiting >= self.limits.events || q.out.counted_bytes() + bytes.len() > self.limits.bytes
+        {
             let lost = waiting + 1;
             q.out = Outbox::default();
             q.held = None;
@@ -168,7 +169,7 @@ impl Stream {
             wake(q);
             return Push::CutOff(lost);
         }
-        q.out.bytes += bytes.len();
+        q.out.count(bytes.len());
         if let Some(held) = &mut q.held {
             held.push((id, bytes));
             return Push::Queued;
@@ -218,7 +219,7 @@ impl Stream {
     /// From now on events are written as they come; [`Stream::poll_drive`] writes what is queued.
     pub fn attach_wire(&self, wire: Box<dyn Wire>, head: Bytes) {
         let mut q = self.lock();
-        q.out.partial = head;
+        q.out.set_partial(head);
         q.wire = Some(wire);
     }
 
@@ -305,7 +306,7 @@ impl Stream {
     /// Bytes waiting: queued, and held back during a catch-up.
     #[cfg(test)]
     pub(super) fn queued_bytes(&self) -> usize {
-        self.lock().out.bytes
+        self.lock().out.counted_bytes()
     }
 
     /// Ready once the outbox has gone to the socket (`true`), or the stream is over (`false`):
@@ -342,7 +343,7 @@ impl Stream {
         for (id, b) in held {
             match (id, q.floor) {
                 (Some(id), Some(f)) if f.covers(&id) => {
-                    q.out.bytes = q.out.bytes.saturating_sub(b.len());
+                    q.out.uncount(b.len());
                 }
                 _ => {
                     if let Some(id) = id {
@@ -571,18 +572,18 @@ mod tests {
         fn write(&mut self, out: &mut Outbox) -> io::Result<bool> {
             let mut s = self.socket();
             loop {
-                if out.partial.is_empty() {
+                if out.partial().is_empty() {
                     let Some(ev) = out.pop() else {
                         return Ok(true);
                     };
-                    out.partial = [&ev[..], b"|"].concat().into();
+                    out.set_partial([&ev[..], b"|"].concat().into());
                 }
                 if s.room == 0 {
                     return Ok(false);
                 }
-                let n = s.room.min(out.partial.len());
-                let chunk = out.partial.split_to(n);
-                s.written.extend_from_slice(&chunk);
+                let n = s.room.min(out.partial().len());
+                s.written.extend_from_slice(&out.partial()[..n]);
+                out.advance_partial(n);
                 s.room -= n;
             }
         }
@@ -676,7 +677,11 @@ mod tests {
             out,
             [b("hist1"), b("hist2"), b("hist3"), b("plain"), b("live4")]
         );
-        assert_eq!(c.lock().out.bytes, 0, "the budget is back to empty");
+        assert_eq!(
+            c.lock().out.counted_bytes(),
+            0,
+            "the budget is back to empty"
+        );
         // A copy of a replayed event arriving late (still in flight during the catch-up) is dropped.
         assert_eq!(c.push(b("late3"), id(3)), Push::Queued);
         assert_eq!(c.push(b("live5"), id(5)), Push::Queued);
@@ -704,7 +709,11 @@ mod tests {
             out,
             [b("live1"), b("live2"), b("hist3"), b("hist4"), b("hist5")]
         );
-        assert_eq!(c.lock().out.bytes, 0, "the budget is back to empty");
+        assert_eq!(
+            c.lock().out.counted_bytes(),
+            0,
+            "the budget is back to empty"
+        );
         // A second resync from an older position replays nothing twice.
         assert_eq!(c.hold(), Hold::Held);
         assert!(c.catch_up(vec![hist(4), hist(5), hist(6)], id(6)));
