@@ -3,8 +3,14 @@
 //!
 //! See `docs/benchmarks.md` for the scenarios and how to run them.
 
+// The gateway's start-up code for the open-file limit, compiled here from its one file: the tool
+// measures any SSE server and needs nothing else of the gateway (nor the gateway's other uses of
+// that file).
 mod cli;
 mod conn;
+#[allow(dead_code)]
+#[path = "../../src/fds.rs"]
+mod fds;
 mod floor;
 mod http;
 mod procfs;
@@ -53,8 +59,8 @@ fn main() -> ExitCode {
 fn run(args: cli::RunArgs) -> Result<(), String> {
     args.validate()?;
     // Before any thread: the open-file limit up, and the file table grown once for it (growing it
-    // later, with threads, stalls the connect that needs it; see sse_gateway::fds).
-    let fds = sse_gateway::fds::prepare();
+    // later, with threads, stalls the connect that needs it; see the gateway's src/fds.rs).
+    let fds = fds::prepare();
     // Every phase has its own deadline; this is the backstop if something still hangs.
     let max_run = Duration::from_secs_f64(args.max_run);
     std::thread::spawn(move || {
@@ -92,7 +98,7 @@ fn run_floor(
     if !(rate > 0.0 && rate <= 10_000.0) || f64::from(messages) / rate > 600.0 {
         return Err("--rate must be above 0 and at most 10000, and the run at most 600 s".into());
     }
-    let fds = sse_gateway::fds::prepare();
+    let fds = fds::prepare();
     if u64::from(streams) + 64 > fds.limit {
         return Err(format!(
             "{streams} sockets but only {} file descriptors",

@@ -34,7 +34,7 @@ fn log(quiet: bool, msg: impl AsRef<str>) {
 pub async fn run(
     args: RunArgs,
     argv: Vec<String>,
-    fds: sse_gateway::fds::Fds,
+    fds: crate::fds::Fds,
 ) -> Result<Summary, String> {
     args.validate()?;
     let wall = Instant::now();
