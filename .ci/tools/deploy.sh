@@ -1,5 +1,5 @@
-# tests/deploy.rs checks the files under docker/ without a Docker engine, and tests/stack.rs runs
-# the whole stack on one. They need:
+# tests/nginx.rs, tests/compose.rs and tests/dockerfile.rs check the files under docker/ without a
+# Docker engine, and tests/stack.rs runs the whole stack on one. They need:
 #   - nginx, to run docker/nginx.conf in front of a real gateway (Debian package);
 #   - Docker Compose v2, for `docker compose config` and `make up`;
 #   - hadolint, the Dockerfile linter;

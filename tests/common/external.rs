@@ -95,3 +95,32 @@ pub fn spawn_lines(
     });
     (child, lines)
 }
+
+/// A file of the repository, as text.
+pub fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A finished command's status and output, for failure messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// "10s", "1h", "500ms", "20s" (nginx and Compose durations) in seconds.
+pub fn seconds(v: &str) -> f64 {
+    let i = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let n: f64 = v[..i].parse().unwrap_or_else(|_| panic!("duration {v:?}"));
+    n * match &v[i..] {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        u => panic!("duration unit {u:?} in {v:?}"),
+    }
+}

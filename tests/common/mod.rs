@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod deployment;
 pub mod external;
 
 use std::collections::HashMap;
