@@ -260,6 +260,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn envelope_numbers_are_read_exactly() {
+        // Shortest spellings of doubles that a best-effort float parser reads one unit off.
+        let p = parse_payload(br#"{"id":117.63331139400017,"data":0.09144338512092887}"#);
+        assert_eq!(p.kind, PayloadKind::Envelope);
+        assert_eq!(p.event.id.as_deref(), Some("117.63331139400017"));
+        assert_eq!(p.event.data, "0.09144338512092887");
+    }
+
+    #[test]
     fn envelopes_are_checked_as_the_redis_library_checks_them() {
         let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
         let ok = |p: &str| check_envelope(p.as_bytes(), 4096);

@@ -146,6 +146,26 @@ mod tests {
         parse_publish(body.to_string().as_bytes())
     }
 
+    /// Doubles as JavaScript writes them (shortest spelling) that a best-effort float parser reads
+    /// one unit in the last place off: the publish path parses the body, writes the envelope and
+    /// the delivery path parses it again, so each must reach subscribers spelt as published.
+    #[test]
+    fn published_numbers_are_delivered_exactly() {
+        for n in [
+            "0.09144338512092887",
+            "117.63331139400017",
+            "1.5777777777770001",
+            "10587.436593658975",
+            "0.9215686321258545",
+        ] {
+            let body = format!(r#"{{"user":"u","data":[{n},{{"x":{n}}}]}}"#);
+            let p = parse_publish(body.as_bytes()).unwrap();
+            let data = format!(r#"[{n},{{"x":{n}}}]"#);
+            assert_eq!(p.envelope, format!(r#"{{"data":{data}}}"#));
+            assert_eq!(crate::sse::parse_payload(&p.envelope).event.data, data);
+        }
+    }
+
     #[test]
     fn publish_targets() {
         let p = plan(json!({"user":"u","type":"t","data":{"a":1}})).unwrap();
