@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use fred::clients::Client;
 use fred::interfaces::{ClientLike, ClusterInterface};
 use fred::types::{ClusterHash, CustomCommand, Value};
 
@@ -98,9 +99,9 @@ impl Links {
 
     /// `FCALL` on `client`, loading the library first if this Redis lost it (restarted without
     /// persistence, or a replica promoted before the library reached it).
-    async fn fcall_on<C: ClientLike>(
+    async fn fcall_on(
         &self,
-        client: &C,
+        client: &Client,
         function: &str,
         key: Option<&str>,
         args: Vec<Value>,
@@ -139,25 +140,9 @@ impl Links {
         ];
         let client = self.durable.as_ref().unwrap_or(&self.client);
         let key = cluster::base(self.cluster, app);
-        // `WAIT` counts the replicas of the node it runs on: on a cluster, both go to the node
-        // that holds the application's slot.
-        let node = match self.cluster {
-            true => client
-                .cached_cluster_state()
-                .and_then(|state| state.get_server(cluster::slot(&key)).cloned()),
-            false => None,
-        };
-        let answer = match &node {
-            Some(node) => {
-                let pinned = client.with_cluster_node(node.clone());
-                self.fcall_on(&pinned, "sse_publish", Some(&key), args)
-                    .await?
-            }
-            None => {
-                self.fcall_on(client, "sse_publish", Some(&key), args)
-                    .await?
-            }
-        };
+        let answer = self
+            .fcall_on(client, "sse_publish", Some(&key), args)
+            .await?;
         let bad = || BrokerError::Command("unexpected answer from sse_publish".into());
         let Value::Array(items) = answer else {
             return Err(bad());
@@ -172,16 +157,10 @@ impl Links {
         if want > 0 {
             let wait_ms = self.durability.wait.as_millis().max(1) as u64;
             let args = vec![want.to_string(), wait_ms.to_string()];
-            let acked: i64 = match node {
-                Some(node) => {
-                    client
-                        .with_cluster_node(node)
-                        .custom(fred::cmd!("WAIT"), args)
-                        .await
-                }
-                None => client.custom(fred::cmd!("WAIT"), args).await,
-            }
-            .map_err(command_error)?;
+            // `WAIT` counts the replicas of the node it runs on: routed by the same slot as the
+            // publish, it runs where the publish ran.
+            let wait = CustomCommand::new("WAIT", ClusterHash::Custom(cluster::slot(&key)), false);
+            let acked: i64 = client.custom(wait, args).await.map_err(command_error)?;
             if acked < i64::from(want) {
                 return Err(BrokerError::NotReplicated {
                     id,
