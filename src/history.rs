@@ -12,6 +12,7 @@
 //! that a gateway had already seen. Ids of another epoch are never compared with the current ones:
 //! a client holding one gets a `reset` (`history_lost`), never a silent gap.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
@@ -158,6 +159,85 @@ impl EventId {
             _ => to,
         }
     }
+}
+
+/// Most histories one application may be spread over.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// How an application's users are spread over histories. With one partition (a single Redis,
+/// Sentinel, or a cluster that keeps each application in one slot) an application has one
+/// history, named after it. With `n` (Redis Cluster, `CLUSTER_PARTITIONS`), user `u` of `app`
+/// belongs to the history `app#k`, `k = djb2(u) mod n`: each history is its own sequence of ids,
+/// with its users' own events and a copy of every broadcast, in its own slot. A stream lives in
+/// exactly one history, so one id still places it exactly. (`#` is never part of an application
+/// id, so a history name cannot be mistaken for one.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitions(u32);
+
+impl Default for Partitions {
+    fn default() -> Partitions {
+        Partitions::ONE
+    }
+}
+
+impl Partitions {
+    pub const ONE: Partitions = Partitions(1);
+
+    /// `n` partitions, 1 to [`MAX_PARTITIONS`].
+    pub fn new(n: u32) -> Option<Partitions> {
+        (1..=MAX_PARTITIONS).contains(&n).then_some(Partitions(n))
+    }
+
+    pub fn count(self) -> u32 {
+        self.0
+    }
+
+    /// The partition of `user`: djb2 (`h = h * 33 + byte`, from 5381, modulo 2^32) modulo the
+    /// count. Chosen because any backend (and the Redis library's Lua) computes it in a line.
+    pub fn of(self, user: &str) -> u32 {
+        let h = user
+            .bytes()
+            .fold(5381u32, |h, b| h.wrapping_mul(33).wrapping_add(u32::from(b)));
+        h % self.0
+    }
+
+    /// The history `user` of `app` belongs to.
+    pub fn history<'a>(self, app: &'a str, user: &str) -> Cow<'a, str> {
+        if self.0 == 1 {
+            Cow::Borrowed(app)
+        } else {
+            Cow::Owned(format!("{app}#{}", self.of(user)))
+        }
+    }
+
+    /// Every history of `app` (its broadcasts are written to each).
+    pub fn histories(self, app: &str) -> Vec<Cow<'_, str>> {
+        if self.0 == 1 {
+            return vec![Cow::Borrowed(app)];
+        }
+        (0..self.0).map(|k| Cow::Owned(format!("{app}#{k}"))).collect()
+    }
+
+    /// The share of an application-wide cap each history enforces: the caps are checked
+    /// atomically in one slot, and a partitioned application has one per history. Rounded up, so
+    /// the whole application never holds more than `cap + count - 1`.
+    pub fn share(self, cap: u64) -> u64 {
+        if cap == 0 {
+            0
+        } else {
+            cap.div_ceil(u64::from(self.0))
+        }
+    }
+}
+
+/// The application a history belongs to (`shop#3` → `shop`; `shop` → `shop`).
+pub fn tenant(history: &str) -> &str {
+    history.split_once('#').map_or(history, |(app, _)| app)
+}
+
+/// Whether `name` is a history name of a partitioned application (`<app>#<k>`).
+pub fn is_partition(name: &str) -> bool {
+    name.contains('#')
 }
 
 /// Why replay could not give a stream everything it missed.
@@ -399,6 +479,35 @@ mod tests {
         );
         assert_eq!(stamp(b"[1]", id), None);
         assert_eq!(stamp(b"plain", id), None);
+    }
+
+    #[test]
+    fn users_spread_over_partitions_by_djb2() {
+        let p = Partitions::new(16).unwrap();
+        // A fixed vector, for backends that compute the partition themselves.
+        assert_eq!(p.of("alice"), 253_185_475 % 16);
+        let djb2 = |s: &str| {
+            s.bytes()
+                .fold(5381u64, |h, b| (h * 33 + u64::from(b)) % (1 << 32))
+        };
+        for user in ["alice", "bob", "", "a-very-long-user-id@example.com", "é"] {
+            assert_eq!(u64::from(p.of(user)), djb2(user) % 16, "{user}");
+        }
+        assert_eq!(p.history("shop", "alice"), format!("shop#{}", p.of("alice")));
+        assert_eq!(Partitions::ONE.history("shop", "alice"), "shop");
+        assert_eq!(tenant("shop#3"), "shop");
+        assert_eq!(tenant("shop"), "shop");
+        assert_eq!(p.histories("a").len(), 16);
+        assert_eq!(Partitions::ONE.histories("a"), vec!["a"]);
+        // 1,000 users land in every one of 16 partitions.
+        let used: std::collections::HashSet<u32> =
+            (0..1000).map(|i| p.of(&format!("user-{i}"))).collect();
+        assert_eq!(used.len(), 16);
+        assert_eq!(p.share(100), 7);
+        assert_eq!(p.share(0), 0);
+        assert_eq!(Partitions::ONE.share(5), 5);
+        assert_eq!(Partitions::new(0), None);
+        assert_eq!(Partitions::new(MAX_PARTITIONS + 1), None);
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub async fn run(
                 config.durability,
                 &config.instance_id,
                 metrics.clone(),
+                config.partitions,
             )?)
         }
     };
@@ -136,6 +137,7 @@ pub async fn run(
             registry_ttl_secs: config.registry_ttl.as_secs().max(1),
             hello: Bytes::from(format!("retry: {}\n\n", config.retry_ms)),
             broker_timeout: config.subscribe_timeout,
+            partitions: config.partitions,
         },
     ));
     if let Err(error) = broker.start(hub.clone()).await {

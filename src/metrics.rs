@@ -256,9 +256,10 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The label of an application, or of one of its histories (`shop#3` counts as `shop`).
     pub fn app(app: &str) -> AppLabel {
         AppLabel {
-            app: app.to_string(),
+            app: crate::history::tenant(app).to_string(),
         }
     }
 

@@ -13,18 +13,24 @@ use common::*;
 use fred::interfaces::{ClientLike, PubsubInterface};
 use fred::types::{ClusterHash, Value as RedisValue};
 use serde_json::{Value, json};
+use sse_gateway::history::Partitions;
 
-/// Three applications whose slots are on three different primaries, as `redis-cli --cluster
-/// create` splits the slots (0-5460, 5461-10922, 10923-16383).
+/// The shard that holds `key`'s slot when `redis-cli --cluster create` split the slots
+/// (0-5460, 5461-10922, 10923-16383).
+fn shard_of(key: &str) -> usize {
+    match fred::util::redis_keyslot(key.as_bytes()) {
+        0..=5460 => 0,
+        5461..=10922 => 1,
+        _ => 2,
+    }
+}
+
+/// Three applications whose slots are on three different primaries.
 fn apps_on_every_shard() -> Vec<String> {
     let mut apps = vec![String::new(); 3];
     for n in 0.. {
         let app = format!("app{n}");
-        let shard = match fred::util::redis_keyslot(app.as_bytes()) {
-            0..=5460 => 0,
-            5461..=10922 => 1,
-            _ => 2,
-        };
+        let shard = shard_of(&app);
         if apps[shard].is_empty() {
             apps[shard] = app;
         }
@@ -174,17 +180,160 @@ async fn every_feature_works_from_any_node() {
     assert_eq!(holders.len(), 3);
 }
 
+/// With `CLUSTER_PARTITIONS`, one application's users spread over every shard: each user's
+/// history lives in their partition's slot, broadcasts are written to every partition, and every
+/// feature still works from any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_application_spreads_over_every_shard() {
+    let _serial = serial().await;
+    let cluster = ClusterSet::start().await;
+    let partitions = Partitions::new(12).expect("12 partitions");
+    let app = "big";
+    let mut gateways = Vec::new();
+    for i in 0..3 {
+        let gw = Gateway::builder()
+            .env("REDIS_URL", &cluster.url(i * 2))
+            .env("CLUSTER_PARTITIONS", "12")
+            .start()
+            .await;
+        gateways.push(gw);
+    }
+    for gw in &gateways {
+        assert_eq!(ready(gw).await, 200);
+    }
+    let redis = cluster.client().await;
+    // Three users of one application whose partitions are on three different shards.
+    let mut users = vec![String::new(); 3];
+    for n in 0..1000 {
+        let user = format!("user{n}");
+        let shard = shard_of(&format!("{{{}}}", partitions.history(app, &user)));
+        if users[shard].is_empty() {
+            users[shard] = user;
+        }
+    }
+    assert!(users.iter().all(|u| !u.is_empty()), "{users:?}");
+    let history = |u: &str| partitions.history(app, u).into_owned();
+
+    let mut streams = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        streams.push(gateways[i].connect(app, user).await);
+    }
+    // Durable, from Redis: each user's event goes to their partition, in the cluster form.
+    let mut first = Vec::new();
+    for (user, stream) in users.iter().zip(&mut streams) {
+        let id = fcall_publish(&redis, &history(user), user, "one").await;
+        let e = stream.next().await;
+        assert_eq!((e.id.as_deref(), e.json()), (Some(id.as_str()), json!("one")));
+        first.push(id);
+    }
+    // The application's own key, or another partition, is refused with the call to make.
+    let user = &users[0];
+    let wrong = format!("{app}#{}", (partitions.of(user) + 1) % 12);
+    for (key_app, expected) in [
+        (app.to_string(), format!("{{{}}}", history(user))),
+        (wrong, format!("partition {}", history(user))),
+    ] {
+        let key = format!("{{{key_app}}}");
+        let refused: Result<RedisValue, _> = redis
+            .custom(
+                fred::cmd!("FCALL", hash: ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))),
+                vec!["sse_publish", "1", &key, &key_app, user, r#"{"data":"x"}"#],
+            )
+            .await;
+        let refused = refused.expect_err("an event nobody would read is refused");
+        assert!(refused.details().contains(&expected), "{refused:?}");
+    }
+
+    // A durable broadcast over HTTP: one id per partition, each stream gets it once.
+    let r = gateways[1]
+        .publish(app, json!({"broadcast": true, "type": "note", "data": "all"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.expect("publish answer");
+    assert_eq!(answer["ids"].as_array().map(Vec::len), Some(12), "{answer}");
+    let mut all = Vec::new();
+    for stream in &mut streams {
+        let e = stream.next().await;
+        assert_eq!(e.json(), json!("all"));
+        all.push(e.id.expect("a durable id"));
+    }
+    // Backends that PUBLISH to the application's own channel names still reach the streams,
+    // a broadcast once per stream.
+    let _: i64 = redis
+        .publish(format!("{app}:broadcast"), json!({"data": "plain-all"}).to_string())
+        .await
+        .expect("PUBLISH");
+    for (user, stream) in users.iter().zip(&mut streams) {
+        assert_eq!(stream.next().await.json(), json!("plain-all"));
+        let _: i64 = redis
+            .publish(format!("{app}:channel:{user}"), json!({"data": "plain"}).to_string())
+            .await
+            .expect("PUBLISH");
+        assert_eq!(stream.next().await.json(), json!("plain"), "no second copy first");
+    }
+
+    // Listing from any instance sees every user, under the application's name.
+    let listing: Value = http()
+        .get(gateways[2].url(&format!("/connections/{app}")))
+        .bearer_auth(operator_token(app))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let listed: HashSet<&str> = listing
+        .as_object()
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let wanted: HashSet<&str> = users.iter().map(String::as_str).collect();
+    assert_eq!(listed, wanted, "{listing}");
+    for entries in listing.as_object().into_iter().flat_map(|m| m.values()) {
+        for entry in entries.as_object().into_iter().flat_map(|m| m.values()) {
+            assert_eq!(entry["application"]["id"], json!(app), "{entry}");
+        }
+    }
+
+    // Replay across instances, from the first event: the broadcast, in the user's partition.
+    let user = users[0].clone();
+    drop(streams.remove(0));
+    let mut again = gateways[2].resume(app, &user, &first[0]).await;
+    assert_eq!(again.next().await.id.as_ref(), Some(&all[0]));
+
+    // Each user's history is on a different primary: one application, every shard.
+    let mut holders = HashSet::new();
+    for user in &users {
+        let key = format!("{{{}}}:history:user:{user}", history(user));
+        let node = cluster.primary_of(&key).await;
+        let direct = RedisServer::attach(cluster.nodes[node].port).client().await;
+        let exists: i64 = direct
+            .custom(fred::cmd!("EXISTS"), vec![key.as_str()])
+            .await
+            .expect("EXISTS");
+        assert_eq!(exists, 1, "{key} on node {node}");
+        holders.insert(node);
+    }
+    assert_eq!(holders.len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_failover_loses_no_acknowledged_event() {
-    through("cluster_failover", Fault::Failover).await;
+    through("cluster_failover", Fault::Failover, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_loses_no_acknowledged_event() {
-    through("cluster_primary_killed", Fault::KillPrimary).await;
+    through("cluster_primary_killed", Fault::KillPrimary, 1).await;
 }
 
-async fn through(scenario: &str, fault: Fault) {
+/// The same fault for an application spread over four partitions: its histories live on several
+/// shards, and the one killed holds some of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_loses_no_acknowledged_event_of_a_partitioned_application() {
+    through("cluster_partitioned_primary_killed", Fault::KillPrimary, 4).await;
+}
+
+async fn through(scenario: &str, fault: Fault, partitions: u32) {
     let _serial = serial().await;
     let started = Instant::now();
     let mut cluster = ClusterSet::start().await;
@@ -195,6 +344,7 @@ async fn through(scenario: &str, fault: Fault) {
             .env("REDIS_URL", &cluster.url(i * 2))
             .env("DURABLE_MIN_REPLICAS", "1")
             .env("RETRY_MS", "500")
+            .env("CLUSTER_PARTITIONS", &partitions.to_string())
             .start()
             .await;
         gateways.push(gw);
@@ -206,10 +356,17 @@ async fn through(scenario: &str, fault: Fault) {
     let mut cfg = LoadConfig::new(app);
     cfg.wait_replicas = 1;
     cfg.cluster = true;
+    cfg.partitions = partitions;
     let (fleet, load) = start(cfg, 1, &cluster.url(1), &bases).await;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let old = cluster.primary_of("{shop}").await;
+    // The shard of the application's slot, or (partitioned) of its first partition's.
+    let watched = if partitions == 1 {
+        format!("{{{app}}}")
+    } else {
+        format!("{{{app}#0}}")
+    };
+    let old = cluster.primary_of(&watched).await;
     match fault {
         Fault::Failover => {
             let replica = cluster.replica_of(old).await;
@@ -237,7 +394,7 @@ async fn through(scenario: &str, fault: Fault) {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let new = loop {
-        let now = cluster.primary_of("{shop}").await;
+        let now = cluster.primary_of(&watched).await;
         if now != old {
             break now;
         }
@@ -256,7 +413,13 @@ async fn through(scenario: &str, fault: Fault) {
     };
     let ledger = recovers(scenario, started, load, fleet, ready_again).await;
 
-    // Every acknowledged event is on the new primary.
-    let primary = RedisServer::attach(cluster.nodes[new].port).client().await;
-    assert_acknowledged_kept(&primary, &format!("{{{app}}}"), &ledger).await;
+    // Every acknowledged event is on the new primary (partitioned: in its histories, wherever
+    // they are now).
+    if partitions == 1 {
+        let primary = RedisServer::attach(cluster.nodes[new].port).client().await;
+        assert_acknowledged_kept(&primary, &format!("{{{app}}}"), &ledger).await;
+    } else {
+        let client = cluster.client().await;
+        assert_acknowledged_kept_partitioned(&client, app, partitions, &ledger).await;
+    }
 }

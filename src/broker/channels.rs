@@ -9,6 +9,15 @@ pub enum Topic<'a> {
     App { app: &'a str },
 }
 
+impl Topic<'_> {
+    /// The application (or history) the topic belongs to.
+    pub fn app(&self) -> &str {
+        match self {
+            Topic::User { app, .. } | Topic::App { app } => app,
+        }
+    }
+}
+
 pub fn user_channel(app: &str, user: &str) -> String {
     format!("{app}:channel:{user}")
 }

@@ -112,6 +112,9 @@ pub struct Config {
     pub retention: crate::broker::Retention,
     /// When a durable publish counts as acknowledged.
     pub durability: crate::broker::Durability,
+    /// How each application's users are spread over histories (Redis Cluster slots):
+    /// `CLUSTER_PARTITIONS`, 1 unless the broker is a Redis Cluster.
+    pub partitions: crate::history::Partitions,
 }
 
 impl Config {
@@ -284,6 +287,7 @@ impl Config {
             }
         };
 
+        let partitions = partitions(get("CLUSTER_PARTITIONS"), &broker)?;
         let config = Config {
             app_name,
             mode,
@@ -355,12 +359,37 @@ impl Config {
                 min_replicas: parse_or("DURABLE_MIN_REPLICAS", get("DURABLE_MIN_REPLICAS"), 0)?,
                 wait: positive("DURABLE_WAIT_TIMEOUT", get("DURABLE_WAIT_TIMEOUT"), secs(1))?,
             },
+            partitions,
         };
         if config.client_queue == 0 {
             return Err(invalid("CLIENT_QUEUE", "must be at least 1".into()));
         }
         Ok(config)
     }
+}
+
+/// `CLUSTER_PARTITIONS`: only a Redis Cluster has slots to spread an application over.
+fn partitions(
+    value: Option<String>,
+    broker: &BrokerConfig,
+) -> Result<crate::history::Partitions, ConfigError> {
+    use crate::history::{MAX_PARTITIONS, Partitions};
+    let n: u32 = parse_or("CLUSTER_PARTITIONS", value, 1)?;
+    let cluster = matches!(broker, BrokerConfig::Redis { url } if url.to_ascii_lowercase().contains("-cluster://"));
+    if n > 1 && !cluster {
+        return Err(invalid(
+            "CLUSTER_PARTITIONS",
+            "spreads applications over Redis Cluster slots: it needs REDIS_URL=redis-cluster://… \
+             (leave it at 1 on a single Redis or Sentinel)"
+                .into(),
+        ));
+    }
+    Partitions::new(n).ok_or_else(|| {
+        invalid(
+            "CLUSTER_PARTITIONS",
+            format!("must be 1 to {MAX_PARTITIONS}"),
+        )
+    })
 }
 
 /// The operator listener's address unless `OPERATOR_ADDR` says otherwise: loopback, so that only

@@ -1,6 +1,7 @@
 //! Streams joining and leaving: the instance's room and the cluster-wide caps, the subscriptions,
 //! the first position or a replay, and the lease whose drop removes a stream.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -69,7 +70,11 @@ impl Drop for Lease {
 impl Hub {
     /// Adds a stream, returning once its subscriptions are live and, when it resumes from an id,
     /// once what it missed is queued ahead of live events. On error the stream is already gone.
-    pub async fn attach(self: &Arc<Self>, new: NewStream) -> Result<Lease, AttachError> {
+    pub async fn attach(self: &Arc<Self>, mut new: NewStream) -> Result<Lease, AttachError> {
+        // From here on the stream's application is its user's history (see `Partitions`).
+        if let Cow::Owned(history) = self.config.partitions.history(&new.app, &new.user) {
+            new.app = history;
+        }
         let id = uuid::Uuid::new_v4();
         self.admit(&new, id).await?;
         let lease = match self.insert(id, &new) {
@@ -142,7 +147,7 @@ impl Hub {
             app: &new.app,
             user: &new.user,
             conn: &conn,
-            max_app: new.caps.app,
+            max_app: self.config.partitions.share(new.caps.app),
             max_user: new.caps.user,
             ttl_secs: self.config.registry_ttl_secs,
         };
@@ -249,7 +254,7 @@ impl Hub {
         self.metrics
             .connections_closed
             .get_or_create(&AppReasonLabel {
-                app: conn.app.to_string(),
+                app: conn.tenant().to_string(),
                 reason,
             })
             .inc();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::{Hub, Push, Stream};
 use crate::broker::{MessageSink, Topic, parse_channel};
 use crate::clock;
-use crate::history::EventId;
+use crate::history::{self, EventId};
 use crate::metrics::{KindLabel, Metrics, ReasonLabel};
 use crate::sse::{self, PayloadKind};
 
@@ -64,9 +64,7 @@ impl Hub {
         bytes: &Bytes,
         id: Option<EventId>,
     ) -> usize {
-        let app = match topic {
-            Topic::User { app, .. } | Topic::App { app } => *app,
-        };
+        let app = topic.app();
         let before = offer.delivered;
         {
             let mut guard = self.lock();
@@ -206,12 +204,29 @@ impl Hub {
             .then(|| parsed.event.id.as_deref().and_then(|s| s.parse().ok()))
             .flatten();
         let bytes = parsed.event.encode();
+        let partitions = self.config.partitions;
+        if partitions.count() > 1 && !history::is_partition(topic.app()) {
+            // A backend's PUBLISH to the application's own channel name, which a partitioned
+            // gateway also subscribes: to the user's history, or to every history for a broadcast.
+            // Never with an id of history: durable events come on a history's own channels.
+            match topic {
+                Topic::User { app, user } => {
+                    let history = partitions.history(app, user);
+                    let user = Topic::User { app: &history, user };
+                    self.offer_to(offer, &user, &bytes, None);
+                }
+                Topic::App { app } => {
+                    for history in partitions.histories(app) {
+                        self.offer_to(offer, &Topic::App { app: &history }, &bytes, None);
+                    }
+                }
+            }
+            return;
+        }
         if self.offer_to(offer, &topic, &bytes, id) > 0
             && let Some(id) = id
         {
-            let app = match topic {
-                Topic::User { app, .. } | Topic::App { app } => app,
-            };
+            let app = topic.app();
             let late_ms = clock::unix_ms().saturating_sub(id.ms);
             self.metrics
                 .delivery_latency

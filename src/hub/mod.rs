@@ -45,6 +45,7 @@ use self::stream::close_reason;
 pub use self::stream::{Hold, Push, Stream};
 use self::writers::Writers;
 use crate::broker::Broker;
+use crate::history::Partitions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -81,6 +82,9 @@ pub struct HubConfig {
     pub broker_timeout: Duration,
     /// How long a registry entry (and so an admitted place) lives unless kept alive.
     pub registry_ttl_secs: u64,
+    /// How applications are spread over histories: a stream is indexed, subscribed, registered
+    /// and replayed under its user's history name (`app`, or `app#k` on a partitioned cluster).
+    pub partitions: Partitions,
 }
 
 pub struct Hub {
@@ -149,6 +153,11 @@ impl Hub {
         self.registry.flush().await;
     }
 
+    /// How applications are spread over histories.
+    pub fn partitions(&self) -> Partitions {
+        self.config.partitions
+    }
+
     /// Live streams on this instance.
     pub fn streams(&self) -> usize {
         self.lock().len
@@ -189,6 +198,7 @@ mod tests {
                 hello: Bytes::new(),
                 broker_timeout: Duration::from_secs(5),
                 registry_ttl_secs: 60,
+                partitions: Partitions::ONE,
             },
         ));
         broker.start(hub.clone()).await.unwrap();

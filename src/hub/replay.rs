@@ -327,7 +327,7 @@ impl Hub {
                 self.metrics
                     .replay_resets
                     .get_or_create(&AppReasonLabel {
-                        app: conn.app.to_string(),
+                        app: conn.tenant().to_string(),
                         reason: reason.as_str(),
                     })
                     .inc();

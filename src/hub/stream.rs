@@ -34,6 +34,8 @@ pub mod close_reason {
 /// One live stream.
 pub struct Stream {
     pub id: uuid::Uuid,
+    /// The history the stream lives in: its application, or on a partitioned cluster its user's
+    /// partition of it (`shop#3`; see [`Stream::tenant`]).
     pub app: Arc<str>,
     pub user: Arc<str>,
     pub created_at: u64,
@@ -105,6 +107,14 @@ pub enum Push {
     CutOff(usize),
     /// The stream is already ending.
     Gone,
+}
+
+impl Stream {
+    /// The application the stream belongs to (`app` is its history: `shop#3` on a partitioned
+    /// cluster).
+    pub fn tenant(&self) -> &str {
+        crate::history::tenant(&self.app)
+    }
 }
 
 impl Stream {

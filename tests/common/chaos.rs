@@ -15,6 +15,7 @@ use fred::interfaces::ClientLike;
 use fred::types::Value as RedisValue;
 use fred::types::config::{Config, ReconnectPolicy};
 use serde_json::{Value, json};
+use sse_gateway::history::Partitions;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -426,6 +427,9 @@ pub struct LoadConfig {
     /// Redis Cluster: `FCALL` declares the application's key (`1 {app}`), and `WAIT` goes to the
     /// node that holds its slot.
     pub cluster: bool,
+    /// `CLUSTER_PARTITIONS` of the gateways: a user's `FCALL` goes to their partition's history
+    /// (`1 {app#k} app#k`), and a broadcast to every partition, one `FCALL` each.
+    pub partitions: u32,
 }
 
 impl LoadConfig {
@@ -439,6 +443,7 @@ impl LoadConfig {
             timeout: Duration::from_secs(2),
             wait_replicas: 0,
             cluster: false,
+            partitions: 1,
         }
     }
 }
@@ -505,6 +510,7 @@ impl Load {
                     timeout: cfg.timeout,
                     wait_replicas: cfg.wait_replicas,
                     cluster: cfg.cluster,
+                    partitions: Partitions::new(cfg.partitions).expect("1 to 1024 partitions"),
                     ledger: ledger.clone(),
                 };
                 // Staggered, so the publishers do not fire all at once.
@@ -557,6 +563,7 @@ struct Publisher {
     timeout: Duration,
     wait_replicas: u32,
     cluster: bool,
+    partitions: Partitions,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -612,25 +619,38 @@ impl Publisher {
         json!({"topic": self.topic, "n": n})
     }
 
-    /// `FCALL sse_publish 0 <app> <user or ""> <envelope>`: the event id, or the kind of failure.
+    /// `FCALL sse_publish 0 <app> <user or ""> <envelope>` (the cluster form on a cluster, to
+    /// every partition for a broadcast): the (first) event id, or the kind of failure.
     async fn fcall(&self, n: u64) -> Result<String, String> {
-        let user = if self.topic == BROADCAST {
-            ""
+        let (user, histories) = if self.topic == BROADCAST {
+            ("", self.partitions.histories(&self.app))
         } else {
-            &self.topic
+            (
+                self.topic.as_str(),
+                vec![self.partitions.history(&self.app, &self.topic)],
+            )
         };
+        let mut first = None;
+        for history in histories {
+            let id = self.fcall_one(&history, user, n).await?;
+            first.get_or_insert(id);
+        }
+        first.ok_or_else(|| "fcall to no history".into())
+    }
+
+    async fn fcall_one(&self, app: &str, user: &str, n: u64) -> Result<String, String> {
         let envelope = json!({"type": EVENT_TYPE, "data": self.data(n)}).to_string();
-        let key = format!("{{{}}}", self.app);
+        let key = format!("{{{app}}}");
         let slot = fred::util::redis_keyslot(key.as_bytes());
         let call = if self.cluster {
             self.redis.custom::<Vec<RedisValue>, _>(
                 fred::cmd!("FCALL", hash: fred::types::ClusterHash::Custom(slot)),
-                vec!["sse_publish", "1", &key, &self.app, user, &envelope],
+                vec!["sse_publish", "1", &key, app, user, &envelope],
             )
         } else {
             self.redis.custom::<Vec<RedisValue>, _>(
                 fred::cmd!("FCALL"),
-                vec!["sse_publish", "0", &self.app, user, &envelope],
+                vec!["sse_publish", "0", app, user, &envelope],
             )
         };
         let id = match tokio::time::timeout(self.timeout, call).await {
@@ -990,12 +1010,60 @@ pub async fn assert_acknowledged_kept(
     base: &str,
     ledger: &Ledger,
 ) {
-    let mut kept: HashSet<(String, u64)> = HashSet::new();
     let mut streams: Vec<String> = users(50)
         .iter()
         .map(|u| format!("{base}:history:user:{u}"))
         .collect();
     streams.push(format!("{base}:history:app"));
+    let kept = kept_events(primary, &streams).await;
+    assert_all_kept(&kept, ledger, "on the new primary");
+}
+
+/// As [`assert_acknowledged_kept`] for an application spread over `partitions` on a cluster
+/// (`client` routes each read to the primary holding its slot now): every acknowledged user
+/// event in its user's partition, every acknowledged broadcast in every partition.
+pub async fn assert_acknowledged_kept_partitioned(
+    client: &fred::clients::Client,
+    app: &str,
+    partitions: u32,
+    ledger: &Ledger,
+) {
+    let p = Partitions::new(partitions).expect("1 to 1024 partitions");
+    let streams: Vec<String> = users(50)
+        .iter()
+        .map(|u| format!("{{{}}}:history:user:{u}", p.history(app, u)))
+        .collect();
+    let mut kept = kept_events(client, &streams).await;
+    let mut everywhere: Option<HashSet<(String, u64)>> = None;
+    for history in p.histories(app) {
+        let stream = format!("{{{history}}}:history:app");
+        let here = kept_events(client, std::slice::from_ref(&stream)).await;
+        everywhere = Some(match everywhere {
+            None => here,
+            Some(all) => all.intersection(&here).cloned().collect(),
+        });
+    }
+    kept.extend(everywhere.unwrap_or_default());
+    assert_all_kept(&kept, ledger, "in every history that should hold them");
+}
+
+fn assert_all_kept(kept: &HashSet<(String, u64)>, ledger: &Ledger, place: &str) {
+    let acked = ledger.acked_events();
+    let missing: Vec<&(String, u64)> = acked.iter().filter(|e| !kept.contains(e)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events are not {place}: {:?}",
+        missing.len(),
+        missing.iter().take(10).collect::<Vec<_>>()
+    );
+}
+
+/// The `(topic, n)` of every load event in `streams`.
+async fn kept_events(
+    primary: &fred::clients::Client,
+    streams: &[String],
+) -> HashSet<(String, u64)> {
+    let mut kept: HashSet<(String, u64)> = HashSet::new();
     for stream in streams {
         let entries: Vec<(String, Vec<String>)> = primary
             .custom(fred::cmd!("XRANGE"), vec![stream.as_str(), "-", "+"])
@@ -1011,14 +1079,7 @@ pub async fn assert_acknowledged_kept(
             }
         }
     }
-    let acked = ledger.acked_events();
-    let missing: Vec<&(String, u64)> = acked.iter().filter(|e| !kept.contains(e)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events are not on the new primary: {:?}",
-        missing.len(),
-        missing.iter().take(10).collect::<Vec<_>>()
-    );
+    kept
 }
 
 /// How a primary is failed over in the Sentinel and Cluster scenarios.

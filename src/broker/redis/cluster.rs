@@ -6,9 +6,10 @@
 //! application lives on one. A single Redis keeps the untagged names, so nothing moves there.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use crate::broker::{Topic, parse_channel};
+use crate::broker::{Topic, app_channel, parse_channel, user_channel};
+use crate::history;
 
 /// The start of every key and channel name of `app`.
 pub fn base(cluster: bool, app: &str) -> Cow<'_, str> {
@@ -28,6 +29,26 @@ pub fn shard_channel(channel: &str) -> Option<String> {
     }
 }
 
+/// The name backends `PUBLISH` to for a partition's channel (`shop#3:channel:alice` →
+/// `shop:channel:alice`, `shop#3:broadcast` → `shop:broadcast`); `None` for any other channel.
+pub fn plain_name(channel: &str) -> Option<String> {
+    let topic = parse_channel(channel)?;
+    if !history::is_partition(topic.app()) {
+        return None;
+    }
+    let app = history::tenant(topic.app());
+    Some(match topic {
+        Topic::User { user, .. } => user_channel(app, user),
+        Topic::App { .. } => app_channel(app),
+    })
+}
+
+/// The plain names still needed by the partition channels in `wanted` (several partitions of one
+/// application share its broadcast name: it is unsubscribed only with the last).
+pub fn plain_names_wanted<'a>(wanted: impl IntoIterator<Item = &'a String>) -> HashSet<String> {
+    wanted.into_iter().filter_map(|c| plain_name(c)).collect()
+}
+
 pub fn slot(key: &str) -> u16 {
     fred::util::redis_keyslot(key.as_bytes())
 }
@@ -44,10 +65,19 @@ pub struct Plan {
 
 pub fn plan<'a>(channels: impl IntoIterator<Item = &'a String>) -> Plan {
     let mut plan = Plan::default();
+    let mut shared = HashSet::new();
     for channel in channels {
         let shard = match shard_channel(channel) {
             Some(shard) => {
-                plan.plain.push(channel.clone());
+                match plain_name(channel) {
+                    // A partition's broadcast shares its application's name with the others.
+                    Some(plain) => {
+                        if shared.insert(plain.clone()) {
+                            plan.plain.push(plain);
+                        }
+                    }
+                    None => plan.plain.push(channel.clone()),
+                }
                 shard
             }
             None => channel.clone(),
@@ -106,6 +136,27 @@ mod tests {
         );
         assert_eq!(p.sharded.get(&42), Some(&vec![probe]));
         assert_eq!(p.sharded.values().map(Vec::len).sum::<usize>(), 4);
+    }
+
+    #[test]
+    fn partitions_subscribe_their_applications_plain_names_once() {
+        let wanted: Vec<String> = ["s#1:channel:u", "s#1:broadcast", "s#2:broadcast", "t:broadcast"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = plan(&wanted);
+        assert_eq!(p.plain, ["s:channel:u", "s:broadcast", "t:broadcast"]);
+        assert_eq!(p.sharded.values().map(Vec::len).sum::<usize>(), 4);
+        assert_eq!(
+            p.sharded.get(&slot("s#1")).map(Vec::len),
+            Some(2),
+            "a partition's channels share its slot"
+        );
+        assert_eq!(plain_name("t:broadcast"), None);
+        assert_eq!(
+            plain_names_wanted(&wanted[2..]),
+            HashSet::from(["s:broadcast".to_string()])
+        );
     }
 
     #[test]

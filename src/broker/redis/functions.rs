@@ -9,6 +9,7 @@ use fred::interfaces::{ClientLike, ClusterInterface};
 use fred::types::{ClusterHash, CustomCommand, Value};
 
 use super::{Links, cluster, command_error};
+use crate::history::Partitions;
 use crate::broker::{BrokerError, Position, Retention};
 use crate::history::{Backlog, EventId, ResetReason};
 
@@ -16,9 +17,15 @@ use crate::history::{Backlog, EventId, ResetReason};
 const LIBRARY: &str = include_str!("sse_gateway.lua");
 
 /// The library with this deployment's history settings filled in; `cluster` for Redis Cluster
-/// (hash-tagged names, sharded pub/sub).
-pub fn library(retention: Retention, max_message_bytes: usize, cluster: bool) -> String {
+/// (hash-tagged names, sharded pub/sub), over which each application is spread in `partitions`.
+pub fn library(
+    retention: Retention,
+    max_message_bytes: usize,
+    cluster: bool,
+    partitions: Partitions,
+) -> String {
     LIBRARY
+        .replace("__PARTITIONS__", &partitions.count().to_string())
         .replace("__MAXLEN__", &retention.max_len.to_string())
         .replace("__TTL__", &retention.ttl_secs.to_string())
         .replace("__MAX_BYTES__", &max_message_bytes.to_string())

@@ -35,6 +35,7 @@ use super::{
     Admission, Admitted, BoxFuture, Broker, BrokerError, ConnectionRecord, Durability, LinkState,
     MessageSink, Position, RegistryOp, Retention,
 };
+use crate::history::Partitions;
 use crate::history::{Backlog, EventId};
 use crate::metrics::Metrics;
 
@@ -89,6 +90,7 @@ impl RedisBroker {
         durability: Durability,
         instance: &str,
         metrics: Arc<Metrics>,
+        partitions: Partitions,
     ) -> Result<RedisBroker, BrokerError> {
         let mut config =
             FredConfig::from_url(url).map_err(|e| BrokerError::Command(e.to_string()))?;
@@ -143,7 +145,7 @@ impl RedisBroker {
                 durability,
                 metrics,
                 cluster,
-                library: library(retention, max_message_bytes, cluster),
+                library: library(retention, max_message_bytes, cluster, partitions),
                 functions: AtomicBool::new(false),
                 probe: Arc::new(Probe::new(instance)),
                 admissions: registry::Admissions::default(),

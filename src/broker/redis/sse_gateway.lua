@@ -71,6 +71,7 @@ local TTL = __TTL__         -- seconds an entry is kept
 local MAX_BYTES = __MAX_BYTES__  -- largest message delivered (MAX_MESSAGE_BYTES)
 local MAX_DEPTH = 127       -- deepest nesting of an envelope (as the gateway's JSON parser)
 local CLUSTER = __CLUSTER__ -- Redis Cluster: hash-tagged names and sharded pub/sub
+local PARTITIONS = __PARTITIONS__ -- histories per application (CLUSTER_PARTITIONS; 1: one slot)
 local PUBLISH = CLUSTER and 'SPUBLISH' or 'PUBLISH'
 
 -- What every key and channel name of an application starts with. On Redis Cluster it is a hash
@@ -92,6 +93,43 @@ end
 
 local function valid_id(s)
   return type(s) == 'string' and #s >= 1 and #s <= 128 and not string.find(s, '[^%w%._~@%+=%-]')
+end
+
+-- The partition of a user: djb2 (h = h * 33 + byte from 5381, modulo 2^32) modulo PARTITIONS,
+-- as the gateway computes it. (Exact in Lua's doubles: h * 33 + 255 < 2^38.)
+local function partition(user)
+  local h = 5381
+  for i = 1, #user do h = (h * 33 + string.byte(user, i)) % 4294967296 end
+  return h % PARTITIONS
+end
+
+-- What the functions take as <app>: the application id, or with PARTITIONS > 1 one of its
+-- histories, "<app>#<k>" (k < PARTITIONS). Returns the application id, or nil.
+local function valid_app(s)
+  if PARTITIONS == 1 then return valid_id(s) and s or nil end
+  if type(s) ~= 'string' then return nil end
+  local app, k = string.match(s, '^(.+)#(%d+)$')
+  if not app or not valid_id(app) or #k > 4 or tonumber(k) >= PARTITIONS then return nil end
+  if #k > 1 and string.sub(k, 1, 1) == '0' then return nil end
+  return app
+end
+
+-- nil when a durable publish names the history its recipients read, else an error reply that
+-- names the call to make (on a partitioned cluster a user's events go to their partition, and a
+-- broadcast to every partition: an event written anywhere else would reach nobody).
+local function misplaced(app, user)
+  if PARTITIONS == 1 then return nil end
+  local tenant = string.match(app, '^(.+)#%d+$') or app
+  if user == '' then
+    if tenant ~= app then return nil end
+    return redis.error_reply('sse_publish: ' .. tenant .. ' is spread over ' .. PARTITIONS
+      .. ' partitions: publish a broadcast to each, FCALL sse_publish 1 {' .. tenant .. '#<k>} '
+      .. tenant .. '#<k> "" ... for k = 0..' .. (PARTITIONS - 1) .. ' (or use POST /publish)')
+  end
+  local history = tenant .. '#' .. partition(user)
+  if history == app then return nil end
+  return redis.error_reply('sse_publish: ' .. user .. ' is in partition ' .. history
+    .. ': FCALL sse_publish 1 {' .. history .. '} ' .. history .. ' ' .. user .. ' ...')
 end
 
 -- "<ms>-<seq>" (a stream entry id, or a marker) as { ms, seq }.
@@ -218,10 +256,16 @@ end
 
 local function sse_publish(keys, args)
   local app, user, payload = args[1], args[2], args[3]
-  if not valid_id(app) then return redis.error_reply('sse_publish: invalid application id') end
+  if PARTITIONS > 1 and valid_id(app) and (user == '' or valid_id(user)) then
+    local wrong = misplaced(app, user)
+    if wrong then return wrong end
+  end
+  if not valid_app(app) then return redis.error_reply('sse_publish: invalid application id') end
   local wrong = undeclared(keys, app, 'sse_publish')
   if wrong then return wrong end
   if user ~= '' and not valid_id(user) then return redis.error_reply('sse_publish: invalid user id') end
+  wrong = misplaced(app, user)
+  if wrong then return wrong end
   local invalid = invalid_envelope(payload)
   if invalid then return redis.error_reply('sse_publish: ' .. invalid) end
   local body = string.match(payload, '^%s*{(.*)}%s*$')
@@ -302,7 +346,7 @@ end
 
 local function sse_since(keys, args)
   local app, user, from = args[1], args[2], args[3]
-  if not valid_id(app) or not valid_id(user) then
+  if not valid_app(app) or not valid_id(user) then
     return redis.error_reply('sse_since: invalid application or user id')
   end
   local wrong = undeclared(keys, app, 'sse_since')
@@ -347,7 +391,7 @@ end
 
 local function sse_backlog(keys, args)
   local app, from = args[1], args[2]
-  if not valid_id(app) then return redis.error_reply('sse_backlog: invalid application id') end
+  if not valid_app(app) then return redis.error_reply('sse_backlog: invalid application id') end
   local wrong = undeclared(keys, app, 'sse_backlog')
   if wrong then return wrong end
   -- An optional "#<n>" (never a user id) reads a page: at most n entries of each stream.
@@ -380,7 +424,7 @@ end
 
 local function sse_position(keys, args)
   local app, seen = args[1], parse(args[2])
-  if not valid_id(app) then return redis.error_reply('sse_position: invalid application id') end
+  if not valid_app(app) then return redis.error_reply('sse_position: invalid application id') end
   local wrong = undeclared(keys, app, 'sse_position')
   if wrong then return wrong end
   local last = current(app)
@@ -430,7 +474,7 @@ local function sse_registry(keys, args)
     local n = REGISTRY_FIELDS[op]
     if not n or i + n > #args then return redis.error_reply('sse_registry: bad operation at ' .. i) end
     local app, user, conn = args[i + 1], args[i + 2], args[i + 3]
-    if not valid_id(app) or not valid_id(user) or not valid_id(conn) then
+    if not valid_app(app) or not valid_id(user) or not valid_id(conn) then
       return redis.error_reply('sse_registry: invalid application, user or connection id')
     end
     local wrong = undeclared(keys, app, 'sse_registry')
@@ -499,7 +543,7 @@ local function sse_admit(keys, args)
   for i = 2, #args, ADMIT_FIELDS do
     local app, user, conn = args[i], args[i + 1], args[i + 2]
     local max_app, max_user = tonumber(args[i + 3]), tonumber(args[i + 4])
-    if not valid_id(app) or not valid_id(user) or not valid_id(conn) or not max_app or not max_user then
+    if not valid_app(app) or not valid_id(user) or not valid_id(conn) or not max_app or not max_user then
       return redis.error_reply('sse_admit: invalid application, user, connection id or cap')
     end
     local wrong = undeclared(keys, app, 'sse_admit')

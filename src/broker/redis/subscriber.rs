@@ -292,7 +292,7 @@ pub async fn manage_subscriptions(
             }
         }
         if !to_unsub.is_empty()
-            && let Err(error) = unsubscribe(&subscriber, cluster, &to_unsub).await
+            && let Err(error) = unsubscribe(&subscriber, cluster, &to_unsub, &wanted).await
         {
             // Harmless: messages for nobody are dropped by the hub; a reconnect clears them.
             tracing::warn!(%error, "UNSUBSCRIBE failed");
@@ -408,13 +408,18 @@ async fn unsubscribe(
     subscriber: &SubscriberClient,
     cluster: bool,
     channels: &HashSet<String>,
+    wanted: &HashSet<String>,
 ) -> Result<(), FredError> {
     if !cluster {
         return subscriber
             .unsubscribe(channels.iter().cloned().collect::<Vec<_>>())
             .await;
     }
-    let plan = cluster::plan(channels);
+    let mut plan = cluster::plan(channels);
+    if channels.iter().any(|c| cluster::plain_name(c).is_some()) {
+        let still = cluster::plain_names_wanted(wanted);
+        plan.plain.retain(|plain| !still.contains(plain));
+    }
     subscriber.unsubscribe(plan.plain).await?;
     for group in plan.sharded.into_values() {
         subscriber.sunsubscribe(group).await?;

@@ -32,11 +32,20 @@ pub async fn list<B>(
     if user.is_some_and(|u| !crate::ids::is_safe_id(u)) {
         return Ok(empty(StatusCode::NO_CONTENT)); // no such user can exist: nothing to ask the broker
     }
-    let records = state
-        .broker
-        .registry_list(app, user)
-        .await
-        .map_err(ApiError::BrokerUnavailable)?;
+    // Each history of the application holds its own users' entries (one on a single Redis).
+    let partitions = state.hub.partitions();
+    let histories = match user {
+        Some(u) => vec![partitions.history(app, u)],
+        None => partitions.histories(app),
+    };
+    let mut records = Vec::new();
+    for history in &histories {
+        let read = state.broker.registry_list(history, user).await;
+        records.extend(read.map_err(ApiError::BrokerUnavailable)?);
+    }
+    for r in &mut records {
+        r.application.id = app.to_string();
+    }
     if records.is_empty() {
         return Ok(empty(StatusCode::NO_CONTENT));
     }

@@ -85,43 +85,48 @@ where
         .map_err(ApiError::Envelope)?;
     let mut subscribers = 0;
     let mut ids = Vec::new();
+    let partitions = state.hub.partitions();
     for (done, target) in plan.targets.iter().enumerate() {
-        let user = match target {
-            Target::User(u) => Some(u.as_str()),
-            Target::Broadcast => None,
+        // A user's events go to their history; a broadcast to every history of the application
+        // (one on a single Redis, one per partition on a partitioned cluster: one id each).
+        let (user, histories) = match target {
+            Target::User(u) => (Some(u.as_str()), vec![partitions.history(app, u)]),
+            Target::Broadcast => (None, partitions.histories(app)),
         };
-        let sent = if plan.durable {
-            state
-                .broker
-                .publish_durable(app, user, plan.envelope.clone())
-                .await
-                .map(|(id, n)| {
-                    state.hub.published(app, id);
-                    ids.push(id.to_string());
-                    n
-                })
-        } else {
-            let channel = match user {
-                Some(u) => user_channel(app, u),
-                None => app_channel(app),
+        for history in &histories {
+            let sent = if plan.durable {
+                state
+                    .broker
+                    .publish_durable(history, user, plan.envelope.clone())
+                    .await
+                    .map(|(id, n)| {
+                        state.hub.published(history, id);
+                        ids.push(id.to_string());
+                        n
+                    })
+            } else {
+                let channel = match user {
+                    Some(u) => user_channel(history, u),
+                    None => app_channel(history),
+                };
+                state.broker.publish(channel, plan.envelope.clone()).await
             };
-            state.broker.publish(channel, plan.envelope.clone()).await
-        };
-        match sent {
-            Ok(n) => subscribers += n,
-            Err(e) => {
-                // An event that reached too few replicas exists (it may be delivered, and a
-                // failover may lose it): the publisher gets its id, to retry knowingly.
-                if let BrokerError::NotReplicated { id, .. } = &e {
-                    state.hub.published(app, *id);
-                    ids.push(id.to_string());
+            match sent {
+                Ok(n) => subscribers += n,
+                Err(e) => {
+                    // An event that reached too few replicas exists (it may be delivered, and a
+                    // failover may lose it): the publisher gets its id, to retry knowingly.
+                    if let BrokerError::NotReplicated { id, .. } = &e {
+                        state.hub.published(history, *id);
+                        ids.push(id.to_string());
+                    }
+                    tracing::warn!(%app, %history, error = %e, "publish failed");
+                    return Err(ApiError::PublishFailed {
+                        source: e,
+                        published: done,
+                        ids,
+                    });
                 }
-                tracing::warn!(%app, error = %e, "publish failed");
-                return Err(ApiError::PublishFailed {
-                    source: e,
-                    published: done,
-                    ids,
-                });
             }
         }
     }
