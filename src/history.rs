@@ -195,9 +195,9 @@ impl Partitions {
     /// The partition of `user`: djb2 (`h = h * 33 + byte`, from 5381, modulo 2^32) modulo the
     /// count. Chosen because any backend (and the Redis library's Lua) computes it in a line.
     pub fn of(self, user: &str) -> u32 {
-        let h = user
-            .bytes()
-            .fold(5381u32, |h, b| h.wrapping_mul(33).wrapping_add(u32::from(b)));
+        let h = user.bytes().fold(5381u32, |h, b| {
+            h.wrapping_mul(33).wrapping_add(u32::from(b))
+        });
         h % self.0
     }
 
@@ -215,7 +215,9 @@ impl Partitions {
         if self.0 == 1 {
             return vec![Cow::Borrowed(app)];
         }
-        (0..self.0).map(|k| Cow::Owned(format!("{app}#{k}"))).collect()
+        (0..self.0)
+            .map(|k| Cow::Owned(format!("{app}#{k}")))
+            .collect()
     }
 
     /// The share of an application-wide cap each history enforces: the caps are checked
@@ -493,7 +495,10 @@ mod tests {
         for user in ["alice", "bob", "", "a-very-long-user-id@example.com", "é"] {
             assert_eq!(u64::from(p.of(user)), djb2(user) % 16, "{user}");
         }
-        assert_eq!(p.history("shop", "alice"), format!("shop#{}", p.of("alice")));
+        assert_eq!(
+            p.history("shop", "alice"),
+            format!("shop#{}", p.of("alice"))
+        );
         assert_eq!(Partitions::ONE.history("shop", "alice"), "shop");
         assert_eq!(tenant("shop#3"), "shop");
         assert_eq!(tenant("shop"), "shop");

@@ -223,7 +223,10 @@ async fn one_application_spreads_over_every_shard() {
     for (user, stream) in users.iter().zip(&mut streams) {
         let id = fcall_publish(&redis, &history(user), user, "one").await;
         let e = stream.next().await;
-        assert_eq!((e.id.as_deref(), e.json()), (Some(id.as_str()), json!("one")));
+        assert_eq!(
+            (e.id.as_deref(), e.json()),
+            (Some(id.as_str()), json!("one"))
+        );
         first.push(id);
     }
     // The application's own key, or another partition, is refused with the call to make.
@@ -246,7 +249,10 @@ async fn one_application_spreads_over_every_shard() {
 
     // A durable broadcast over HTTP: one id per partition, each stream gets it once.
     let r = gateways[1]
-        .publish(app, json!({"broadcast": true, "type": "note", "data": "all"}))
+        .publish(
+            app,
+            json!({"broadcast": true, "type": "note", "data": "all"}),
+        )
         .await;
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.expect("publish answer");
@@ -260,16 +266,26 @@ async fn one_application_spreads_over_every_shard() {
     // Backends that PUBLISH to the application's own channel names still reach the streams,
     // a broadcast once per stream.
     let _: i64 = redis
-        .publish(format!("{app}:broadcast"), json!({"data": "plain-all"}).to_string())
+        .publish(
+            format!("{app}:broadcast"),
+            json!({"data": "plain-all"}).to_string(),
+        )
         .await
         .expect("PUBLISH");
     for (user, stream) in users.iter().zip(&mut streams) {
         assert_eq!(stream.next().await.json(), json!("plain-all"));
         let _: i64 = redis
-            .publish(format!("{app}:channel:{user}"), json!({"data": "plain"}).to_string())
+            .publish(
+                format!("{app}:channel:{user}"),
+                json!({"data": "plain"}).to_string(),
+            )
             .await
             .expect("PUBLISH");
-        assert_eq!(stream.next().await.json(), json!("plain"), "no second copy first");
+        assert_eq!(
+            stream.next().await.json(),
+            json!("plain"),
+            "no second copy first"
+        );
     }
 
     // Listing from any instance sees every user, under the application's name.

@@ -520,6 +520,41 @@ mod tests {
     }
 
     #[test]
+    fn partitions_need_a_cluster() {
+        let cluster = [
+            ("JWT_SECRET", "s"),
+            ("REDIS_URL", "redis-cluster://h:7000"),
+            ("CLUSTER_PARTITIONS", "16"),
+        ];
+        assert_eq!(parse(&cluster).unwrap().partitions.count(), 16);
+        assert_eq!(parse(&cluster[..2]).unwrap().partitions.count(), 1);
+        for (url, n) in [
+            ("redis://h:6379", "16"),
+            ("redis-cluster://h:7000", "0"),
+            ("redis-cluster://h:7000", "1025"),
+            ("redis-cluster://h:7000", "many"),
+        ] {
+            let e = parse(&[
+                ("JWT_SECRET", "s"),
+                ("REDIS_URL", url),
+                ("CLUSTER_PARTITIONS", n),
+            ]);
+            assert!(
+                matches!(
+                    e,
+                    Err(ConfigError::Invalid {
+                        name: "CLUSTER_PARTITIONS",
+                        ..
+                    })
+                ),
+                "{url} {n}: {e:?}"
+            );
+        }
+        let embedded = parse(&[("JWT_SECRET", "s"), ("CLUSTER_PARTITIONS", "2")]);
+        assert!(embedded.is_err(), "no cluster, no partitions");
+    }
+
+    #[test]
     fn original_redis_host_and_port_still_work() {
         let c = parse(&[
             ("JWT_SECRET", "s"),

@@ -212,7 +212,10 @@ impl Hub {
             match topic {
                 Topic::User { app, user } => {
                     let history = partitions.history(app, user);
-                    let user = Topic::User { app: &history, user };
+                    let user = Topic::User {
+                        app: &history,
+                        user,
+                    };
                     self.offer_to(offer, &user, &bytes, None);
                 }
                 Topic::App { app } => {

@@ -140,10 +140,15 @@ mod tests {
 
     #[test]
     fn partitions_subscribe_their_applications_plain_names_once() {
-        let wanted: Vec<String> = ["s#1:channel:u", "s#1:broadcast", "s#2:broadcast", "t:broadcast"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let wanted: Vec<String> = [
+            "s#1:channel:u",
+            "s#1:broadcast",
+            "s#2:broadcast",
+            "t:broadcast",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let p = plan(&wanted);
         assert_eq!(p.plain, ["s:channel:u", "s:broadcast", "t:broadcast"]);
         assert_eq!(p.sharded.values().map(Vec::len).sum::<usize>(), 4);

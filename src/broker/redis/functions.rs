@@ -9,8 +9,8 @@ use fred::interfaces::{ClientLike, ClusterInterface};
 use fred::types::{ClusterHash, CustomCommand, Value};
 
 use super::{Links, cluster, command_error};
-use crate::history::Partitions;
 use crate::broker::{BrokerError, Position, Retention};
+use crate::history::Partitions;
 use crate::history::{Backlog, EventId, ResetReason};
 
 /// The library, shipped with the gateway.

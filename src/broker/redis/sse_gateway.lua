@@ -65,6 +65,14 @@
 -- On Redis Cluster every name above starts with "{<app>}" instead of "<app>" (one slot per
 -- application), and events go out with SPUBLISH on the shard channels "{<app>}:channel:<user>"
 -- and "{<app>}:broadcast".
+--
+-- With CLUSTER_PARTITIONS = n > 1 (Redis Cluster only) an application is split into n histories,
+-- and every <app> above is one of them, "<app>#<k>": user u belongs to k = djb2(u) mod n (see
+-- partition below), each history has its own ids and a copy of every broadcast. A durable publish
+-- to a user must name the user's partition, and a broadcast goes to each partition:
+--   FCALL sse_publish 1 {<app>#<k>} <app>#<k> <user> <payload>
+--   FCALL sse_publish 1 {<app>#<k>} <app>#<k> "" <payload>      for k = 0 .. n-1
+-- Anything else is refused with the call to make (an event where nobody reads would be lost).
 
 local MAXLEN = __MAXLEN__   -- entries kept per stream
 local TTL = __TTL__         -- seconds an entry is kept
