@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use fred::interfaces::{KeysInterface, PubsubInterface};
+use fred::interfaces::{ClientLike, KeysInterface, PubsubInterface};
 use serde_json::{Value, json};
 
 async fn list(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
@@ -321,4 +321,79 @@ async fn shutdown_is_bounded_even_when_a_client_never_reads() {
         .filter(|k| !k.contains(":history:"))
         .collect();
     assert_eq!(left, Vec::<String>::new(), "{}", gw.logs());
+}
+
+/// A large application is listed a page at a time (one function call per page, not one read per
+/// connection): 2,600 entries, several pages of a ZSCAN over a large index, each listed once;
+/// entries whose instance stopped touching them (expired in the index) are not.
+#[tokio::test]
+async fn a_large_application_is_listed_whole_a_page_at_a_time() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis).await;
+    let r = redis.client().await;
+    // Written as an instance writes them, in batches of the registry's own call.
+    let put = |user: String, conn: String| {
+        [
+            "put".to_string(),
+            "big".into(),
+            user,
+            conn,
+            "elsewhere".into(),
+            "127.0.0.1:1".into(),
+            "1700000000".into(),
+            "agent".into(),
+        ]
+    };
+    let mut expected = std::collections::HashSet::new();
+    for batch in 0..13 {
+        let mut args = vec!["sse_registry".to_string(), "0".into(), "600".into()];
+        for i in 0..200 {
+            let (user, conn) = (
+                format!("u{}", (batch * 200 + i) % 700),
+                format!("c{batch}-{i}"),
+            );
+            expected.insert(conn.clone());
+            args.extend(put(user, conn));
+        }
+        let _: fred::types::Value = r
+            .custom(fred::cmd!("FCALL"), args)
+            .await
+            .expect("sse_registry put");
+    }
+    // One more whose expiry has passed in the index (its instance died): never listed.
+    let mut args = vec!["sse_registry".to_string(), "0".into(), "600".into()];
+    args.extend(put("u1".into(), "dead".into()));
+    let _: fred::types::Value = r.custom(fred::cmd!("FCALL"), args).await.unwrap();
+    let _: i64 = r
+        .custom(
+            fred::cmd!("ZADD"),
+            vec!["big:connections", "XX", "1", "u1:dead"],
+        )
+        .await
+        .unwrap();
+
+    let (status, body) = list(&gw, "/connections/big", &operator_token("big")).await;
+    assert_eq!(status, 200);
+    let mut listed = Vec::new();
+    for entries in body.as_object().unwrap().values() {
+        listed.extend(entries.as_object().unwrap().keys().cloned());
+    }
+    let unique: std::collections::HashSet<String> = listed.iter().cloned().collect();
+    assert_eq!(listed.len(), unique.len(), "each entry once");
+    assert_eq!(unique, expected, "every live entry, and not the dead one");
+    assert_eq!(body.as_object().unwrap().len(), 700, "users");
+
+    // One user's listing reads that user's index.
+    let (status, body) = list(&gw, "/connections/big/u3", &operator_token("big")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        expected
+            .iter()
+            .filter(|c| {
+                let (b, i) = c[1..].split_once('-').unwrap();
+                (b.parse::<usize>().unwrap() * 200 + i.parse::<usize>().unwrap()) % 700 == 3
+            })
+            .count()
+    );
 }

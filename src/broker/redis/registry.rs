@@ -2,22 +2,25 @@
 //! tag `{<app>}` instead of `<app>`):
 //! - `{app}:client:{user}:{conn}`: a hash per live connection, expiring unless rewritten;
 //! - `{app}:connections` and `{app}:connections:{user}`: sorted-set indexes whose scores are the
-//!   entries' expiry times, so listing never scans the keyspace and dead instances' entries age out.
+//!   entries' expiry times, so listing never scans the keyspace and dead instances' entries age out;
+//!   a listing reads them a page per call (`sse_list`: the index members and their hashes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use fred::interfaces::{HashesInterface, SortedSetsInterface};
 use fred::types::Value;
 
-use super::{Links, cluster, unavailable};
+use super::Links;
 use crate::broker::{Admission, Admitted, BrokerError, ConnectionRecord, IdRef, RegistryOp};
-use crate::clock;
 
 /// Most admissions in one call.
 const ADMIT_BATCH: usize = 256;
+/// Entries read per listing call (the library's most is 1,000).
+const LIST_PAGE: usize = 500;
+/// A listing gives up after this many pages (10 million entries).
+const MAX_LIST_PAGES: usize = 20_000;
 
 /// An admission waiting for its batch.
 pub(super) struct Pending {
@@ -106,19 +109,6 @@ fn by_app<'a>(apps: impl Iterator<Item = &'a str>) -> Vec<(&'a str, Vec<usize>)>
         groups[g].1.push(i);
     }
     groups
-}
-
-/// A connection's hash; `base` is the application's key base ([`cluster::base`]).
-fn conn_key(base: &str, user: &str, id: &str) -> String {
-    format!("{base}:client:{user}:{id}")
-}
-
-/// The registry index of an application, or of one of its users.
-fn index(base: &str, user: Option<&str>) -> String {
-    match user {
-        Some(u) => format!("{base}:connections:{u}"),
-        None => format!("{base}:connections"),
-    }
 }
 
 impl Links {
@@ -216,48 +206,53 @@ impl Links {
         Ok(missing)
     }
 
+    /// The live entries of an application (or one user), a page per call: each page is read
+    /// inside Redis, so a large application costs one round trip per [`LIST_PAGE`] entries
+    /// instead of one read per connection.
     pub(super) async fn registry_list(
         &self,
         app: &str,
         user: Option<&str>,
     ) -> Result<Vec<ConnectionRecord>, BrokerError> {
-        self.commands_up()?;
-        let app = &*cluster::base(self.cluster, app);
-        let index = index(app, user);
-        let now = clock::unix_secs_f64();
-        // Entries of instances that died stay in the index until their score passes; prune them.
-        let _: i64 = self
-            .client
-            .zremrangebyscore(&index, "-inf".to_string(), now)
-            .await
-            .map_err(unavailable)?;
-        let members: Vec<String> = self
-            .client
-            .zrangebyscore(&index, now, "+inf".to_string(), false, None)
-            .await
-            .map_err(unavailable)?;
-        if members.is_empty() {
-            return Ok(Vec::new());
-        }
-        let pipe = self.client.pipeline();
-        for m in &members {
-            let key = match user {
-                Some(u) => conn_key(app, u, m),
-                None => match m.split_once(':') {
-                    Some((u, id)) => conn_key(app, u, id),
-                    None => continue,
-                },
+        let bad = || BrokerError::Command("unexpected answer from sse_list".into());
+        let mut records = Vec::new();
+        let mut seen = HashSet::new();
+        let mut cursor = "0".to_string();
+        for _ in 0..MAX_LIST_PAGES {
+            let mut args: Vec<Value> = vec![
+                app.into(),
+                cursor.as_str().into(),
+                LIST_PAGE.to_string().into(),
+            ];
+            args.extend(user.map(Value::from));
+            let Value::Array(items) = self.fcall("sse_list", app, args).await? else {
+                return Err(bad());
             };
-            let _: () = pipe.hgetall(key).await.map_err(unavailable)?;
-        }
-        let mut records = Vec::with_capacity(members.len());
-        for hash in pipe.try_all::<HashMap<String, String>>().await {
-            let hash = hash.map_err(|e| BrokerError::Command(e.to_string()))?;
-            if let Some(rec) = record_from_hash(hash) {
-                records.push(rec);
+            let mut items = items.into_iter();
+            cursor = items.next().and_then(|v| v.into_string()).ok_or_else(bad)?;
+            for entry in items {
+                let Value::Array(fields) = entry else {
+                    return Err(bad());
+                };
+                let mut hash = HashMap::with_capacity(fields.len() / 2);
+                let mut fields = fields.into_iter().filter_map(|v| v.into_string());
+                while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
+                    hash.insert(k, v);
+                }
+                // ZSCAN may return an entry twice (its index grew meanwhile).
+                if let Some(rec) = record_from_hash(hash)
+                    && seen.insert(rec.id.clone())
+                {
+                    records.push(rec);
+                }
+            }
+            if cursor == "0" {
+                return Ok(records);
             }
         }
-        Ok(records)
+        Err(BrokerError::Command(format!(
+            "listing {app} took more than {MAX_LIST_PAGES} pages"
+        )))
     }
 }
 

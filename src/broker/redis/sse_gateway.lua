@@ -51,6 +51,12 @@
 -- Keys: {app}:client:{user}:{conn} (hash), {app}:connections and {app}:connections:{user}
 -- (sorted sets scored by expiry time; their own expiry is only ever pushed out).
 --
+-- Listing (used by the gateway), a page at a time, each page one call: the live entries of an
+-- application's index (or of one user's) with their fields, read inside Redis.
+--   FCALL_RO sse_list 0 <app> <cursor> <count> [<user>]
+--   -> { <next cursor: "0" at the end>, { <field>, <value>, ... }... }
+-- The cursor is ZSCAN's: an entry live throughout is listed at least once (rarely twice).
+--
 -- Admission (used by the gateway before a stream's 200): the caps, checked and reserved at once.
 --   FCALL sse_admit 0 <ttl> { <app> <user> <conn> <max per app> <max per user> }...  (0: no cap)
 --   -> one answer per admission, in order: { "ok" } | { "user", <live streams> } | { "app", <n> }
@@ -513,8 +519,50 @@ local function sse_registry(keys, args)
     end
     i = i + n + 1
   end
-  for index in pairs(indexes) do extend(index, ttl) end
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  for index in pairs(indexes) do
+    -- Entries of instances that died stay until their score passes: pruned as the index is
+    -- written, so that listings and admissions do not walk them.
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+    extend(index, ttl)
+  end
   return missing
+end
+
+-- Most entries one listing page reads (a page is one call: it must stay short).
+local MAX_PAGE = 1000
+
+local function sse_list(keys, args)
+  local app, cursor, count, user = args[1], args[2], tonumber(args[3]), args[4]
+  if not valid_app(app) or (user ~= nil and not valid_id(user)) then
+    return redis.error_reply('sse_list: invalid application or user id')
+  end
+  if type(cursor) ~= 'string' or not string.match(cursor, '^%d+$') or not count or count < 1
+    or count > MAX_PAGE then
+    return redis.error_reply('sse_list: invalid cursor or page size')
+  end
+  local wrong = undeclared(keys, app, 'sse_list')
+  if wrong then return wrong end
+  local index = base(app) .. ':connections'
+  local prefix = base(app) .. ':client:'
+  if user then
+    index = index .. ':' .. user
+    prefix = prefix .. user .. ':'
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local page = redis.call('ZSCAN', index, cursor, 'COUNT', count)
+  local out = { page[1] }
+  local items = page[2]
+  for i = 1, #items, 2 do
+    -- An app index's members are "<user>:<conn>", a user index's "<conn>": either way the
+    -- entry's key is the prefix and the member.
+    if tonumber(items[i + 1]) > now then
+      local entry = redis.call('HGETALL', prefix .. items[i])
+      if #entry > 0 then out[#out + 1] = entry end
+    end
+  end
+  return out
 end
 
 local ADMIT_FIELDS = 5
@@ -568,3 +616,4 @@ redis.register_function('sse_position', sse_position)
 redis.register_function('sse_probe', sse_probe)
 redis.register_function({ function_name = 'sse_since', callback = sse_since, flags = { 'no-writes' } })
 redis.register_function({ function_name = 'sse_backlog', callback = sse_backlog, flags = { 'no-writes' } })
+redis.register_function({ function_name = 'sse_list', callback = sse_list, flags = { 'no-writes' } })
