@@ -167,11 +167,18 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::MessageSink;
     use crate::broker::Retention;
     use crate::broker::embedded::EmbeddedBroker;
+    use crate::history;
 
-    #[tokio::test]
-    async fn a_long_catch_up_is_held_a_page_at_a_time() {
+    const LIMITS: OutboxLimits = OutboxLimits {
+        events: 1024,
+        bytes: 256 << 10,
+    };
+
+    /// A hub on the embedded broker, with `LIMITS` per stream.
+    async fn hub() -> (Arc<EmbeddedBroker>, Arc<Hub>) {
         let broker = Arc::new(EmbeddedBroker::new(Retention {
             max_len: 1000,
             ttl_secs: 3600,
@@ -183,16 +190,12 @@ mod tests {
             Duration::from_secs(60),
             metrics.clone(),
         );
-        let limits = OutboxLimits {
-            events: 1024,
-            bytes: 256 << 10,
-        };
         let hub = Arc::new(Hub::new(
             broker.clone(),
             registry,
             metrics,
             HubConfig {
-                queue: limits,
+                queue: LIMITS,
                 max_message_bytes: 1 << 20,
                 max_connections: 0,
                 hello: Bytes::new(),
@@ -202,7 +205,23 @@ mod tests {
             },
         ));
         broker.start(hub.clone()).await.unwrap();
-        // 4 MB of history the stream missed: 1,000 broadcasts of 4 KB.
+        (broker, hub)
+    }
+
+    fn stream(last_event_id: Option<String>) -> NewStream {
+        NewStream {
+            app: "a".into(),
+            user: "u".into(),
+            exp: u64::MAX,
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            user_agent: String::new(),
+            last_event_id,
+            caps: Caps::default(),
+        }
+    }
+
+    /// 4 MB of history: 1,000 broadcasts of 4 KB; their ids.
+    async fn publish_4mb(broker: &EmbeddedBroker) -> Vec<history::EventId> {
         let envelope = Bytes::from(format!(r#"{{"data":"{}"}}"#, "x".repeat(4000)));
         let mut ids = Vec::new();
         for _ in 0..1000 {
@@ -212,27 +231,15 @@ mod tests {
                 .unwrap();
             ids.push(id);
         }
-        let lease = hub
-            .attach(NewStream {
-                app: "a".into(),
-                user: "u".into(),
-                exp: u64::MAX,
-                remote_addr: "127.0.0.1:1".parse().unwrap(),
-                user_agent: String::new(),
-                last_event_id: Some(ids[0].to_string()),
-                caps: Caps::default(),
-            })
-            .await
-            .unwrap();
-        let conn = lease.conn().clone();
-        // Nothing reads: the stream holds one page (half its budget, plus one event), not 4 MB.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let bound = limits.bytes / 2 + 4200;
-        assert!(conn.queued_bytes() <= bound, "{}", conn.queued_bytes());
-        // Read by a response body: the pages come as the outbox empties, all of it, in order,
-        // and never more than a page waits.
+        ids
+    }
+
+    /// Reads `conn` as a response body would until `n` events with ids came, checking that it
+    /// never holds more than a page (half its budget, plus one event); their ids.
+    async fn read_paged(conn: &Stream, n: usize) -> Vec<String> {
+        let bound = LIMITS.bytes / 2 + 4200;
         let mut got = Vec::new();
-        while got.len() < 999 {
+        while got.len() < n {
             assert!(conn.queued_bytes() <= bound, "{}", conn.queued_bytes());
             let next = tokio::time::timeout(
                 Duration::from_secs(5),
@@ -246,7 +253,51 @@ mod tests {
                 got.push(id.lines().next().unwrap_or_default().to_string());
             }
         }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_long_catch_up_is_held_a_page_at_a_time() {
+        let (broker, hub) = hub().await;
+        let ids = publish_4mb(&broker).await;
+        let lease = hub.attach(stream(Some(ids[0].to_string()))).await.unwrap();
+        let conn = lease.conn().clone();
+        // Nothing reads: the stream holds one page, not 4 MB; read, the pages come as the outbox
+        // empties, all of it, in order.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = read_paged(&conn, 999).await;
         let want: Vec<String> = ids[1..].iter().map(|id| id.to_string()).collect();
+        assert_eq!(got, want);
+    }
+
+    /// What was published while the subscriber link was down (4 MB of it) reaches an open
+    /// stream as a re-sync does it: a page at a time, in order, then live events.
+    #[tokio::test]
+    async fn a_resync_after_a_long_outage_is_sent_a_page_at_a_time() {
+        let (broker, hub) = hub().await;
+        let lease = hub.attach(stream(None)).await.unwrap();
+        let conn = lease.conn().clone();
+        // The link is lost (the hub is told first, as the Redis subscriber does), 4 MB are
+        // published that never arrive live, and the link comes back.
+        let channels = vec![
+            crate::broker::user_channel("a", "u"),
+            crate::broker::app_channel("a"),
+        ];
+        hub.suspend();
+        broker.unsubscribe(channels.clone());
+        let ids = publish_4mb(&broker).await;
+        broker.subscribe(channels).await.unwrap();
+        hub.clone().resume();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = read_paged(&conn, 1000).await;
+        // Live delivery goes on after the catch-up.
+        let (live, _) = broker
+            .publish_durable("a", Some("u"), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        got.extend(read_paged(&conn, 1).await);
+        let mut want: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        want.push(live.to_string());
         assert_eq!(got, want);
     }
 }

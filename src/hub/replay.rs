@@ -82,6 +82,11 @@ impl Replays {
         }
     }
 
+    /// Entries of each history one read takes (0: all).
+    pub fn page(&self) -> usize {
+        self.page
+    }
+
     fn lock(&self) -> MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -266,11 +271,19 @@ impl Hub {
         last: &str,
     ) -> (Vec<(Option<EventId>, Bytes)>, Option<EventId>, bool) {
         let mut replay = self.replays.replay(&conn.app, &conn.user, last).await;
+        let more = self.fit(&mut replay);
+        let (events, after) = self.replayed(conn, replay, last);
+        (events, after, more)
+    }
+
+    /// Cuts a read's events to a page, half a stream's byte budget (at least one event); returns
+    /// whether history goes on after what is left.
+    pub(super) fn fit(&self, replay: &mut Result<Replay, BrokerError>) -> bool {
         if let Ok(Replay::Events {
             events,
             after,
             more,
-        }) = &mut replay
+        }) = replay
         {
             let budget = self.config.queue.bytes / 2;
             let mut bytes = 0;
@@ -287,9 +300,7 @@ impl Hub {
                 *more = true;
             }
         }
-        let more = matches!(replay, Ok(Replay::Events { more: true, .. }));
-        let (events, after) = self.replayed(conn, replay, last);
-        (events, after, more)
+        matches!(replay, Ok(Replay::Events { more: true, .. }))
     }
 
     /// A history read's part for `conn`, as events to queue (ids kept, to skip what the stream

@@ -4,9 +4,11 @@
 //! Whatever was published while the link was down never reached this instance. So when the link
 //! comes back, before the subscriptions are sent again, every live stream is held
 //! ([`Hub::suspend_for_resync`]); once they are live, each application's history is read once
-//! from its position (its newest id every stream here had been given), 256 users per read, and
-//! each stream gets its part followed by the live events held meanwhile, duplicates skipped by id
-//! ([`Hub::start_resync`]). Before reading, the position is checked against what the broker holds:
+//! from its position (its newest id every stream here had been given), 256 users and a page of
+//! each history per read, and each stream gets its part followed by the live events held
+//! meanwhile, duplicates skipped by id ([`Hub::start_resync`]). A stream whose part goes on gets
+//! the rest page by page through the replay path, as a resuming stream does, so that a long outage
+//! never costs a stream (or the hub) more than a page at once. Before reading, the position is checked against what the broker holds:
 //! if the broker lost its data or rolled writes back, a new history starts and the streams get a
 //! `reset` instead of a silent gap.
 //!
@@ -172,6 +174,9 @@ impl Hub {
         let mut users: Vec<Arc<str>> = app.streams.iter().map(|c| c.user.clone()).collect();
         users.sort();
         users.dedup();
+        // A page per history, as a resuming stream reads: a long outage costs a stream no more
+        // than a page at once, and the rest follows page by page as its client reads.
+        let page = self.replays.page();
         let mut parts: HashMap<Arc<str>, Result<Replay, BrokerError>> = HashMap::new();
         for chunk in users.chunks(BATCH) {
             let names: Vec<String> = chunk.iter().map(|u| u.to_string()).collect();
@@ -183,7 +188,9 @@ impl Hub {
                 (Some(_), Some(_)) => {
                     self.metrics.replay_reads.inc();
                     match self
-                        .with_retries(generation, || self.broker.since(&app.app, &last, &names, 0))
+                        .with_retries(generation, || {
+                            self.broker.since(&app.app, &last, &names, page)
+                        })
                         .await
                     {
                         None => return,
@@ -191,7 +198,10 @@ impl Hub {
                     }
                 }
             };
-            for (user, part) in chunk.iter().zip(replay::split(read, &last, chunk.len(), 0)) {
+            for (user, part) in chunk
+                .iter()
+                .zip(replay::split(read, &last, chunk.len(), page))
+            {
                 parts.insert(user.clone(), part);
             }
         }
@@ -201,13 +211,19 @@ impl Hub {
         }
         for conn in &app.streams {
             pending.streams.remove(&conn.key);
-            let part = parts.get(&conn.user).cloned().unwrap_or_else(|| {
+            let mut part = parts.get(&conn.user).cloned().unwrap_or_else(|| {
                 Err(BrokerError::Unavailable(
                     "no history read for this user".into(),
                 ))
             });
+            let more = self.fit(&mut part);
             let (events, after) = self.replayed(conn, part, &last);
-            conn.catch_up(events, after);
+            // The rest through the shared replay path, live events held until it is all out.
+            if !more {
+                conn.catch_up(events, after);
+            } else if conn.catch_up_page(events, after) {
+                tokio::spawn(self.clone().page_on(conn.clone(), after));
+            }
         }
         let mut state = self.lock();
         if let Some(p) = state.positions.get_mut(&app.app) {
