@@ -330,6 +330,33 @@ async fn one_application_spreads_over_every_shard() {
         holders.insert(node);
     }
     assert_eq!(holders.len(), 3);
+
+    // An instance started with another CLUSTER_PARTITIONS loads its library: calls naming a
+    // partition are then refused, saying why, instead of going where nobody reads.
+    let _odd = Gateway::builder()
+        .env("REDIS_URL", &cluster.url(0))
+        .start()
+        .await;
+    let key = format!("{{{}}}", history(&users[1]));
+    let refused: Result<RedisValue, _> = poll_until(
+        || async {
+            redis
+                .custom(
+                    fred::cmd!("FCALL", hash: ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))),
+                    vec!["sse_publish", "1", &key, &history(&users[1]), &users[1], r#"{"data":"x"}"#],
+                )
+                .await
+        },
+        |r: &Result<RedisValue, _>| r.is_err(),
+    )
+    .await;
+    let refused = refused.expect_err("refused");
+    assert!(
+        refused
+            .details()
+            .contains("every instance must use the same CLUSTER_PARTITIONS"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

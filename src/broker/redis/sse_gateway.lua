@@ -128,6 +128,18 @@ local function valid_app(s)
   return app
 end
 
+-- nil when `s` is an <app> this library takes, else an error reply for function `name`. A
+-- partition name that does not fit PARTITIONS means instances disagree on CLUSTER_PARTITIONS
+-- (the library is the last-started instance's): said plainly, since events would go astray.
+local function invalid_app(s, name)
+  if valid_app(s) then return nil end
+  if type(s) == 'string' and string.find(s, '#', 1, true) then
+    return redis.error_reply(name .. ': ' .. s .. ' names a partition, but the library loaded is for '
+      .. 'CLUSTER_PARTITIONS=' .. PARTITIONS .. ': every instance must use the same CLUSTER_PARTITIONS')
+  end
+  return redis.error_reply(name .. ': invalid application id')
+end
+
 -- nil when a durable publish names the history its recipients read, else an error reply that
 -- names the call to make (on a partitioned cluster a user's events go to their partition, and a
 -- broadcast to every partition: an event written anywhere else would reach nobody).
@@ -274,7 +286,8 @@ local function sse_publish(keys, args)
     local wrong = misplaced(app, user)
     if wrong then return wrong end
   end
-  if not valid_app(app) then return redis.error_reply('sse_publish: invalid application id') end
+  local bad_app = invalid_app(app, 'sse_publish')
+  if bad_app then return bad_app end
   local wrong = undeclared(keys, app, 'sse_publish')
   if wrong then return wrong end
   if user ~= '' and not valid_id(user) then return redis.error_reply('sse_publish: invalid user id') end
@@ -360,6 +373,8 @@ end
 
 local function sse_since(keys, args)
   local app, user, from = args[1], args[2], args[3]
+  local bad_app = invalid_app(app, 'sse_since')
+  if bad_app then return bad_app end
   if not valid_app(app) or not valid_id(user) then
     return redis.error_reply('sse_since: invalid application or user id')
   end
@@ -405,7 +420,8 @@ end
 
 local function sse_backlog(keys, args)
   local app, from = args[1], args[2]
-  if not valid_app(app) then return redis.error_reply('sse_backlog: invalid application id') end
+  local bad_app = invalid_app(app, 'sse_backlog')
+  if bad_app then return bad_app end
   local wrong = undeclared(keys, app, 'sse_backlog')
   if wrong then return wrong end
   -- An optional "#<n>" (never a user id) reads a page: at most n entries of each stream.
@@ -438,7 +454,8 @@ end
 
 local function sse_position(keys, args)
   local app, seen = args[1], parse(args[2])
-  if not valid_app(app) then return redis.error_reply('sse_position: invalid application id') end
+  local bad_app = invalid_app(app, 'sse_position')
+  if bad_app then return bad_app end
   local wrong = undeclared(keys, app, 'sse_position')
   if wrong then return wrong end
   local last = current(app)
@@ -488,6 +505,8 @@ local function sse_registry(keys, args)
     local n = REGISTRY_FIELDS[op]
     if not n or i + n > #args then return redis.error_reply('sse_registry: bad operation at ' .. i) end
     local app, user, conn = args[i + 1], args[i + 2], args[i + 3]
+    local bad_app = invalid_app(app, 'sse_registry')
+    if bad_app then return bad_app end
     if not valid_app(app) or not valid_id(user) or not valid_id(conn) then
       return redis.error_reply('sse_registry: invalid application, user or connection id')
     end
@@ -534,6 +553,8 @@ local MAX_PAGE = 1000
 
 local function sse_list(keys, args)
   local app, cursor, count, user = args[1], args[2], tonumber(args[3]), args[4]
+  local bad_app = invalid_app(app, 'sse_list')
+  if bad_app then return bad_app end
   if not valid_app(app) or (user ~= nil and not valid_id(user)) then
     return redis.error_reply('sse_list: invalid application or user id')
   end
@@ -599,6 +620,8 @@ local function sse_admit(keys, args)
   for i = 2, #args, ADMIT_FIELDS do
     local app, user, conn = args[i], args[i + 1], args[i + 2]
     local max_app, max_user = tonumber(args[i + 3]), tonumber(args[i + 4])
+    local bad_app = invalid_app(app, 'sse_admit')
+    if bad_app then return bad_app end
     if not valid_app(app) or not valid_id(user) or not valid_id(conn) or not max_app or not max_user then
       return redis.error_reply('sse_admit: invalid application, user, connection id or cap')
     end
