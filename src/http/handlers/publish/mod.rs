@@ -4,6 +4,8 @@
 
 mod plan;
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use serde_json::json;
@@ -11,6 +13,7 @@ use serde_json::json;
 use super::admission::{authenticate_token, check_rate};
 use crate::auth::Identity;
 use crate::broker::{BrokerError, app_channel, user_channel};
+use crate::history::EventId;
 use crate::http::body::json_response;
 use crate::http::errors::ApiError;
 use crate::http::read_body::read_body;
@@ -93,41 +96,36 @@ where
             Target::User(u) => (Some(u.as_str()), vec![partitions.history(app, u)]),
             Target::Broadcast => (None, partitions.histories(app)),
         };
-        for history in &histories {
-            let sent = if plan.durable {
-                state
-                    .broker
-                    .publish_durable(history, user, plan.envelope.clone())
-                    .await
-                    .map(|(id, n)| {
-                        state.hub.published(history, id);
-                        ids.push(id.to_string());
-                        n
-                    })
-            } else {
-                let channel = match user {
-                    Some(u) => user_channel(history, u),
-                    None => app_channel(history),
-                };
-                state.broker.publish(channel, plan.envelope.clone()).await
-            };
+        let histories = histories.into_iter().map(Cow::into_owned).collect();
+        let mut failed = None;
+        for (history, sent) in send_all(state, histories, user, &plan.envelope, plan.durable).await
+        {
             match sent {
-                Ok(n) => subscribers += n,
+                Ok((id, n)) => {
+                    if let Some(id) = id {
+                        state.hub.published(&history, id);
+                        ids.push(id.to_string());
+                    }
+                    subscribers += n;
+                }
                 Err(e) => {
                     // An event that reached too few replicas exists (it may be delivered, and a
                     // failover may lose it): the publisher gets its id, to retry knowingly.
                     if let BrokerError::NotReplicated { id, .. } = &e {
-                        state.hub.published(history, *id);
+                        state.hub.published(&history, *id);
                         ids.push(id.to_string());
                     }
                     tracing::warn!(%app, %history, error = %e, "publish failed");
-                    return Err(ApiError::PublishFailed {
-                        source: e,
-                        published: done,
-                        ids,
-                    });
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        if let Some(source) = failed {
+            return Err(ApiError::PublishFailed {
+                source,
+                published: done,
+                ids,
+            });
         }
     }
     let mut body = json!({"published": plan.targets.len(), "subscribers": subscribers});
@@ -135,4 +133,62 @@ where
         body["ids"] = json!(ids);
     }
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// What one history's publish gave: the event's id (durable only) and the subscribers reached.
+type Sent = Result<(Option<EventId>, u64), BrokerError>;
+
+/// One target's publishes, one per history, answered in the order of `histories`. A partitioned
+/// broadcast's go out together: one round trip, not one per partition.
+async fn send_all(
+    state: &AppState,
+    histories: Vec<String>,
+    user: Option<&str>,
+    envelope: &Bytes,
+    durable: bool,
+) -> Vec<(String, Sent)> {
+    let send = |history: String| {
+        let (broker, envelope) = (state.broker.clone(), envelope.clone());
+        let user = user.map(str::to_owned);
+        async move {
+            let sent = if durable {
+                broker
+                    .publish_durable(&history, user.as_deref(), envelope)
+                    .await
+                    .map(|(id, n)| (Some(id), n))
+            } else {
+                let channel = match &user {
+                    Some(u) => user_channel(&history, u),
+                    None => app_channel(&history),
+                };
+                broker.publish(channel, envelope).await.map(|n| (None, n))
+            };
+            (history, sent)
+        }
+    };
+    if histories.len() == 1 {
+        let mut one = Vec::with_capacity(1);
+        for history in histories {
+            one.push(send(history).await);
+        }
+        return one;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, history) in histories.iter().enumerate() {
+        let publish = send(history.clone());
+        tasks.spawn(async move { (i, publish.await) });
+    }
+    let mut answers: Vec<(String, Sent)> = histories
+        .into_iter()
+        .map(|h| {
+            let lost = BrokerError::Unavailable("the publish task ended early".into());
+            (h, Err(lost))
+        })
+        .collect();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((i, answer)) = done {
+            answers[i] = answer;
+        }
+    }
+    answers
 }
