@@ -1,10 +1,11 @@
-//! Redis Cluster: one slot per application, and where keys, channels and calls go.
+//! Redis Cluster: one slot per history, and where keys, channels and calls go.
 //!
-//! On a cluster every key and channel of an application starts with the hash tag `{<app>}`, so
-//! that a function call (history, registry, admission) touches one slot, and its events go out on
-//! that slot's shard channels with `SPUBLISH`. Applications spread over the shards; one
-//! application lives on one. A single Redis keeps the untagged names, so nothing moves there.
-
+//! On a cluster every key and channel of a history (an application, or with `CLUSTER_PARTITIONS`
+//! one partition of it, `<app>#<k>`) starts with the hash tag `{<history>}`, so that a function
+//! call (history, registry, admission) touches one slot, and its events go out on that slot's
+//! shard channels with `SPUBLISH`. Histories spread over the shards: applications by default, one
+//! application's users with partitions. Partitions also subscribe the application's own channel
+//! names, for backends that `PUBLISH` to them. A single Redis keeps the untagged names.
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
