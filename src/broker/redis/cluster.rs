@@ -6,6 +6,7 @@
 //! shard channels with `SPUBLISH`. Histories spread over the shards: applications by default, one
 //! application's users with partitions. Partitions also subscribe the application's own channel
 //! names, for backends that `PUBLISH` to them. A single Redis keeps the untagged names.
+
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
