@@ -41,19 +41,46 @@ fn apps_on_every_shard() -> Vec<String> {
     unreachable!()
 }
 
+/// `FCALL sse_publish <args>` sent to the node that holds `route`'s slot.
+async fn sse_publish(
+    redis: &fred::clients::Client,
+    route: &str,
+    args: &[&str],
+) -> Result<RedisValue, fred::error::Error> {
+    let slot = fred::util::redis_keyslot(route.as_bytes());
+    let mut all = vec!["sse_publish"];
+    all.extend_from_slice(args);
+    redis
+        .custom(fred::cmd!("FCALL", hash: ClusterHash::Custom(slot)), all)
+        .await
+}
+
 /// `FCALL sse_publish 1 {app} app user envelope`, the cluster form; the event id.
 async fn fcall_publish(redis: &fred::clients::Client, app: &str, user: &str, data: &str) -> String {
     let key = format!("{{{app}}}");
-    let slot = fred::util::redis_keyslot(key.as_bytes());
     let envelope = json!({"type": "note", "data": data}).to_string();
-    let answer: Vec<RedisValue> = redis
-        .custom(
-            fred::cmd!("FCALL", hash: ClusterHash::Custom(slot)),
-            vec!["sse_publish", "1", &key, app, user, &envelope],
-        )
+    let answer = sse_publish(redis, &key, &["1", &key, app, user, &envelope])
         .await
         .expect("FCALL sse_publish in the cluster form");
-    answer[0].as_string().expect("an event id")
+    answer.into_array()[0].as_string().expect("an event id")
+}
+
+/// `GET /connections/<app>` on `gw` with an operator token: the answer, and the users it lists.
+async fn listing(gw: &Gateway, app: &str) -> (Value, HashSet<String>) {
+    let listing: Value = http()
+        .get(gw.url(&format!("/connections/{app}")))
+        .bearer_auth(operator_token(app))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let users = listing
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    (listing, users)
 }
 
 async fn ready(gw: &Gateway) -> u16 {
@@ -111,12 +138,7 @@ async fn every_feature_works_from_any_node() {
             .await;
         assert_eq!(alice.next().await.id.as_ref(), Some(&second));
         // The documented single-Redis form names the cluster form in its error.
-        let zero_keys: Result<RedisValue, _> = redis
-            .custom(
-                fred::cmd!("FCALL", hash: ClusterHash::Custom(fred::util::redis_keyslot(app.as_bytes()))),
-                vec!["sse_publish", "0", app, "alice", r#"{"data":"x"}"#],
-            )
-            .await;
+        let zero_keys = sse_publish(&redis, app, &["0", app, "alice", r#"{"data":"x"}"#]).await;
         let refused = zero_keys.expect_err("no declared key on a cluster");
         assert!(
             refused.details().contains(&format!("1 {{{app}}}")),
@@ -150,20 +172,9 @@ async fn every_feature_works_from_any_node() {
         assert_eq!(bob.next().await.json(), json!("sharded"));
 
         // Listing from the third instance sees both streams.
-        let listing: Value = http()
-            .get(c.url(&format!("/connections/{app}")))
-            .bearer_auth(operator_token(app))
-            .send()
-            .await
-            .expect("list")
-            .json()
-            .await
-            .expect("json");
-        let users: HashSet<&str> = listing
-            .as_object()
-            .map(|m| m.keys().map(String::as_str).collect())
-            .unwrap_or_default();
-        assert_eq!(users, HashSet::from(["alice", "bob"]), "{app}: {listing}");
+        let (listing, users) = listing(c, app).await;
+        let both = HashSet::from(["alice".to_string(), "bob".to_string()]);
+        assert_eq!(users, both, "{app}: {listing}");
 
         // Replay across instances: alice resumes on the third from the first event.
         drop(alice);
@@ -237,12 +248,12 @@ async fn one_application_spreads_over_every_shard() {
         (wrong, format!("partition {}", history(user))),
     ] {
         let key = format!("{{{key_app}}}");
-        let refused: Result<RedisValue, _> = redis
-            .custom(
-                fred::cmd!("FCALL", hash: ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))),
-                vec!["sse_publish", "1", &key, &key_app, user, r#"{"data":"x"}"#],
-            )
-            .await;
+        let refused = sse_publish(
+            &redis,
+            &key,
+            &["1", &key, &key_app, user, r#"{"data":"x"}"#],
+        )
+        .await;
         let refused = refused.expect_err("an event nobody would read is refused");
         assert!(refused.details().contains(&expected), "{refused:?}");
     }
@@ -289,20 +300,8 @@ async fn one_application_spreads_over_every_shard() {
     }
 
     // Listing from any instance sees every user, under the application's name.
-    let listing: Value = http()
-        .get(gateways[2].url(&format!("/connections/{app}")))
-        .bearer_auth(operator_token(app))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
-    let listed: HashSet<&str> = listing
-        .as_object()
-        .map(|m| m.keys().map(String::as_str).collect())
-        .unwrap_or_default();
-    let wanted: HashSet<&str> = users.iter().map(String::as_str).collect();
+    let (listing, listed) = listing(&gateways[2], app).await;
+    let wanted: HashSet<String> = users.iter().cloned().collect();
     assert_eq!(listed, wanted, "{listing}");
     for entries in listing.as_object().into_iter().flat_map(|m| m.values()) {
         for entry in entries.as_object().into_iter().flat_map(|m| m.values()) {
@@ -337,16 +336,11 @@ async fn one_application_spreads_over_every_shard() {
         .env("REDIS_URL", &cluster.url(0))
         .start()
         .await;
-    let key = format!("{{{}}}", history(&users[1]));
+    let (partition, user) = (history(&users[1]), &users[1]);
+    let key = format!("{{{partition}}}");
+    let args = ["1", &key, &partition, user, r#"{"data":"x"}"#];
     let refused: Result<RedisValue, _> = poll_until(
-        || async {
-            redis
-                .custom(
-                    fred::cmd!("FCALL", hash: ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))),
-                    vec!["sse_publish", "1", &key, &history(&users[1]), &users[1], r#"{"data":"x"}"#],
-                )
-                .await
-        },
+        || sse_publish(&redis, &key, &args),
         |r: &Result<RedisValue, _>| r.is_err(),
     )
     .await;
