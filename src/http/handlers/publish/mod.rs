@@ -166,12 +166,8 @@ async fn send_all(
             (history, sent)
         }
     };
-    if histories.len() == 1 {
-        let mut one = Vec::with_capacity(1);
-        for history in histories {
-            one.push(send(history).await);
-        }
-        return one;
+    if let [history] = &histories[..] {
+        return vec![send(history.clone()).await];
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (i, history) in histories.iter().enumerate() {
