@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fred::interfaces::PubsubInterface;
+use fred::interfaces::{ClientLike, PubsubInterface};
 use serde_json::json;
 
 const QUIET: Duration = Duration::from_millis(400);
@@ -244,6 +244,64 @@ async fn subscription_is_live_before_the_headers_arrive() {
         assert_eq!(n, 1, "subscribed before the response (iteration {i})");
         assert_eq!(c.next().await.data, i.to_string());
     }
+}
+
+/// A user's channel outlives its last stream by a grace, so that a client that comes back (as
+/// EventSource does, or every client after a deploy) joins without a new subscription; what was
+/// published meanwhile comes from history, once; after the grace the channel is let go.
+#[tokio::test]
+async fn a_channel_waits_for_a_returning_client_then_is_let_go() {
+    let redis = RedisServer::start();
+    let gw = Gateway::with_redis(&redis).await;
+    let r = redis.client().await;
+    let numsub = |channel: &'static str| {
+        let r = r.clone();
+        async move {
+            let v: Vec<fred::types::Value> = r
+                .custom(fred::cmd!("PUBSUB"), vec!["NUMSUB", channel])
+                .await
+                .expect("PUBSUB NUMSUB");
+            v.get(1).and_then(|n| n.as_i64()).unwrap_or(-1)
+        }
+    };
+    let mut alice = gw.connect("shop", "alice").await;
+    let first = gw
+        .publish_id("shop", json!({"user": "alice", "data": 1}))
+        .await;
+    assert_eq!(alice.next().await.id.as_deref(), Some(first.as_str()));
+    drop(alice);
+    eventually(Duration::from_secs(5), "the stream to close", || async {
+        gw.metric("sse_active_clients").await == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        numsub("shop:channel:alice").await,
+        1,
+        "kept for a returning client"
+    );
+    // Published while she is away: reaches no stream now, and comes back from history.
+    let missed = gw
+        .publish_id("shop", json!({"user": "alice", "data": 2}))
+        .await;
+    let mut back = gw.resume("shop", "alice", &first).await;
+    assert_eq!(back.next().await.id.as_deref(), Some(missed.as_str()));
+    let live = gw
+        .publish_id("shop", json!({"user": "alice", "data": 3}))
+        .await;
+    assert_eq!(back.next().await.id.as_deref(), Some(live.as_str()));
+    back.expect_silence(QUIET).await;
+    drop(back);
+    // Nobody came back this time: the channel is let go once the grace (5 s) is over.
+    eventually(
+        Duration::from_secs(10),
+        "the channel to be unsubscribed",
+        || {
+            let n = numsub("shop:channel:alice");
+            async move { n.await == 0 }
+        },
+    )
+    .await;
+    assert_eq!(numsub("shop:broadcast").await, 0);
 }
 
 #[tokio::test]

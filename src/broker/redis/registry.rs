@@ -17,6 +17,10 @@ use crate::broker::{Admission, Admitted, BrokerError, ConnectionRecord, IdRef, R
 
 /// Most admissions in one call.
 const ADMIT_BATCH: usize = 256;
+/// Most admission calls in flight at once. One at a time made a connect storm wait in line
+/// behind its own registry writes and replays on the command connection; a few overlap those
+/// round trips while each call still carries a batch.
+const ADMIT_IN_FLIGHT: usize = 4;
 /// Entries read per listing call (the library's most is 1,000).
 const LIST_PAGE: usize = 500;
 /// A listing gives up after this many pages (10 million entries).
@@ -33,20 +37,20 @@ pub(super) struct Pending {
     answer: oneshot::Sender<Result<Admitted, BrokerError>>,
 }
 
-/// Admissions waiting for a call; `running` while a task sends them.
+/// Admissions waiting for a call, and how many tasks send them.
 #[derive(Default)]
 pub(super) struct Admissions {
-    waiting: Mutex<(Vec<Pending>, bool)>,
+    waiting: Mutex<(Vec<Pending>, usize)>,
 }
 
 impl Admissions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Pending>, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Pending>, usize)> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Reserves `a`'s place: queued with the admissions that arrive while a call is in flight, and
-/// sent with them in the next one.
+/// Reserves `a`'s place: sent at once while fewer than [`ADMIT_IN_FLIGHT`] calls are out, else
+/// queued with the admissions that arrive meanwhile and sent with them in the next call.
 pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitted, BrokerError> {
     links.commands_up()?;
     let (tx, rx) = oneshot::channel();
@@ -61,7 +65,9 @@ pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitt
             ttl_secs: a.ttl_secs,
             answer: tx,
         });
-        !std::mem::replace(&mut waiting.1, true)
+        let start = waiting.1 < ADMIT_IN_FLIGHT;
+        waiting.1 += usize::from(start);
+        start
     };
     if start {
         // Its own task: the stream that started it may give up while others wait.
@@ -71,7 +77,7 @@ pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitt
                 let batch: Vec<Pending> = {
                     let mut waiting = links.admissions.lock();
                     if waiting.0.is_empty() {
-                        waiting.1 = false;
+                        waiting.1 -= 1;
                         return;
                     }
                     let n = waiting.0.len().min(ADMIT_BATCH);

@@ -588,12 +588,18 @@ end
 
 local ADMIT_FIELDS = 5
 
--- One admission: { "ok" } | { "user", n } | { "app", n } (see the header).
-local function admit_one(ttl, now, app, user, conn, max_app, max_user)
+-- One admission: { "ok" } | { "user", n } | { "app", n } (see the header). `seen` holds the
+-- indexes this call already pruned: expired entries are dropped once per index per call, and
+-- the indexes' own expiry pushed out once at its end (a storm's batch shares one app index).
+local function admit_one(ttl, now, app, user, conn, max_app, max_user, seen)
   local app_index, user_index = base(app) .. ':connections', base(app) .. ':connections:' .. user
   -- Entries of instances that died stay until their score passes: counted out, and pruned.
-  redis.call('ZREMRANGEBYSCORE', app_index, '-inf', now)
-  redis.call('ZREMRANGEBYSCORE', user_index, '-inf', now)
+  for _, index in ipairs({ app_index, user_index }) do
+    if not seen[index] then
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+      seen[index] = false
+    end
+  end
   if max_user > 0 then
     local n = redis.call('ZCARD', user_index)
     if n >= max_user then return { 'user', n } end
@@ -604,8 +610,7 @@ local function admit_one(ttl, now, app, user, conn, max_app, max_user)
   end
   redis.call('ZADD', app_index, now + ttl, user .. ':' .. conn)
   redis.call('ZADD', user_index, now + ttl, conn)
-  extend(app_index, ttl)
-  extend(user_index, ttl)
+  seen[app_index], seen[user_index] = true, true
   return { 'ok' }
 end
 
@@ -616,18 +621,26 @@ local function sse_admit(keys, args)
   end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  local answers = {}
+  -- Every admission is checked before any is written: a refused call writes nothing.
   for i = 2, #args, ADMIT_FIELDS do
     local app, user, conn = args[i], args[i + 1], args[i + 2]
-    local max_app, max_user = tonumber(args[i + 3]), tonumber(args[i + 4])
     local bad_app = invalid_app(app, 'sse_admit')
     if bad_app then return bad_app end
-    if not valid_app(app) or not valid_id(user) or not valid_id(conn) or not max_app or not max_user then
+    if not valid_app(app) or not valid_id(user) or not valid_id(conn)
+      or not tonumber(args[i + 3]) or not tonumber(args[i + 4]) then
       return redis.error_reply('sse_admit: invalid application, user, connection id or cap')
     end
     local wrong = undeclared(keys, app, 'sse_admit')
     if wrong then return wrong end
-    answers[#answers + 1] = admit_one(ttl, now, app, user, conn, max_app, max_user)
+  end
+  local answers, seen = {}, {}
+  for i = 2, #args, ADMIT_FIELDS do
+    answers[#answers + 1] = admit_one(ttl, now, args[i], args[i + 1], args[i + 2],
+      tonumber(args[i + 3]), tonumber(args[i + 4]), seen)
+  end
+  -- Only indexes that gained an entry: a refused one may not exist.
+  for index, added in pairs(seen) do
+    if added then extend(index, ttl) end
   end
   return answers
 end

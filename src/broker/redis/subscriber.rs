@@ -8,7 +8,7 @@
 //! the first subscribe on a fresh link). Before it does, the hub is told to hold live delivery, and
 //! once the subscriptions are live again, to catch every stream up from history.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +31,58 @@ const SUBSCRIBE_BATCH: usize = 1024;
 const DELIVER_BATCH: usize = 256;
 /// A failed re-subscription on a link that is still up is tried again after this long.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
+/// A channel nobody wants any more stays subscribed this long before it is unsubscribed: a client
+/// that comes back within it (EventSource retries after 3 s by default, and a deploy or a network
+/// blip reconnects every stream at once) finds its channels live, and joins without a SUBSCRIBE
+/// round trip, while Redis is spared an UNSUBSCRIBE and a SUBSCRIBE per stream. Messages on a
+/// lingering channel reach no stream; a resuming client reads them from history.
+const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(5);
+
+/// Channels unwanted but still subscribed, until their grace ends (in that order: the grace is
+/// the same for all).
+#[derive(Default)]
+struct Lingering {
+    until: HashMap<String, Instant>,
+    queue: VecDeque<(Instant, String)>,
+}
+
+impl Lingering {
+    fn add(&mut self, channel: String, now: Instant) {
+        let until = now + UNSUBSCRIBE_GRACE;
+        self.until.insert(channel.clone(), until);
+        self.queue.push_back((until, channel));
+    }
+
+    /// Wanted again: still subscribed, so nothing to send.
+    fn revive(&mut self, channel: &str) -> bool {
+        self.until.remove(channel).is_some()
+    }
+
+    fn next_end(&self) -> Option<Instant> {
+        self.queue.front().map(|(until, _)| *until)
+    }
+
+    /// The channels whose grace is over at `now`.
+    fn ended(&mut self, now: Instant) -> Vec<String> {
+        let mut ended = Vec::new();
+        while let Some((until, _)) = self.queue.front()
+            && *until <= now
+        {
+            let Some((until, channel)) = self.queue.pop_front() else {
+                break;
+            };
+            // Only if it was not revived (and let go again, with a later end) meanwhile.
+            if self.until.get(&channel) == Some(&until) {
+                self.until.remove(&channel);
+                ended.push(channel);
+            }
+        }
+        if self.until.is_empty() {
+            *self = Lingering::default(); // give back what a storm of departures took
+        }
+        ended
+    }
+}
 
 pub enum SubRequest {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
@@ -228,11 +280,31 @@ pub async fn manage_subscriptions(
 ) {
     let mut wanted: HashSet<String> = HashSet::new();
     let mut unconfirmed: HashSet<String> = HashSet::new();
+    let mut lingering = Lingering::default();
     // A re-sync is owed to the sink once the subscriptions are all live again.
     let mut suspended = false;
     // Before the first connection nothing was subscribed, so nothing can have been missed.
     let mut first_connection = true;
-    while let Some(first) = incoming.recv().await {
+    loop {
+        let first = match lingering.next_end() {
+            None => incoming.recv().await,
+            Some(end) => tokio::select! {
+                r = incoming.recv() => r,
+                _ = tokio::time::sleep_until(end.into()) => {
+                    let ended: HashSet<String> = lingering.ended(Instant::now()).into_iter().collect();
+                    if !ended.is_empty()
+                        && let Err(error) =
+                            unsubscribe(&subscriber, cluster, &ended, &wanted, &lingering).await
+                    {
+                        // Harmless: messages for nobody are dropped by the hub; a reconnect
+                        // clears them.
+                        tracing::warn!(%error, "UNSUBSCRIBE failed");
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(first) = first else { return };
         let mut batch = vec![first];
         while batch.len() < SUBSCRIBE_BATCH {
             match incoming.try_recv() {
@@ -242,15 +314,15 @@ pub async fn manage_subscriptions(
         }
         let mut to_sub: Vec<String> = Vec::new();
         let mut pending: HashSet<String> = HashSet::new();
-        let mut to_unsub: HashSet<String> = HashSet::new();
         let mut waiters = Vec::new();
         let mut resubscribe = false;
+        let now = Instant::now();
         for request in batch {
             match request {
                 SubRequest::Subscribe(channels, tx) => {
                     for ch in &channels {
-                        to_unsub.remove(ch);
-                        if wanted.insert(ch.clone()) {
+                        let live = lingering.revive(ch);
+                        if wanted.insert(ch.clone()) && !live {
                             unconfirmed.insert(ch.clone());
                         }
                         if unconfirmed.contains(ch) && pending.insert(ch.clone()) {
@@ -269,7 +341,7 @@ pub async fn manage_subscriptions(
                         }
                         // Only a confirmed channel is subscribed on this connection.
                         if !unconfirmed.remove(&ch) {
-                            to_unsub.insert(ch);
+                            lingering.add(ch, now);
                         }
                     }
                 }
@@ -285,17 +357,11 @@ pub async fn manage_subscriptions(
             }
             first_connection = false;
             unconfirmed = wanted.clone();
-            to_unsub.clear();
+            lingering = Lingering::default();
             to_sub = wanted.iter().cloned().collect();
             if !to_sub.is_empty() {
                 tracing::info!(channels = to_sub.len(), "restoring subscriptions");
             }
-        }
-        if !to_unsub.is_empty()
-            && let Err(error) = unsubscribe(&subscriber, cluster, &to_unsub, &wanted).await
-        {
-            // Harmless: messages for nobody are dropped by the hub; a reconnect clears them.
-            tracing::warn!(%error, "UNSUBSCRIBE failed");
         }
         let (sent, outcome) = if cluster {
             ssubscribe(&subscriber, &to_sub).await
@@ -409,6 +475,7 @@ async fn unsubscribe(
     cluster: bool,
     channels: &HashSet<String>,
     wanted: &HashSet<String>,
+    lingering: &Lingering,
 ) -> Result<(), FredError> {
     if !cluster {
         return subscriber
@@ -417,7 +484,8 @@ async fn unsubscribe(
     }
     let mut plan = cluster::plan(channels);
     if channels.iter().any(|c| cluster::plain_name(c).is_some()) {
-        let still = cluster::plain_names_wanted(wanted);
+        // A lingering partition channel still needs its plain name: it may be wanted again.
+        let still = cluster::plain_names_wanted(wanted.iter().chain(lingering.until.keys()));
         plan.plain.retain(|plain| !still.contains(plain));
     }
     subscriber.unsubscribe(plan.plain).await?;
@@ -425,4 +493,37 @@ async fn unsubscribe(
         subscriber.sunsubscribe(group).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_ends_its_grace_unless_wanted_again_meanwhile() {
+        let t0 = Instant::now();
+        let mut l = Lingering::default();
+        l.add("a".into(), t0);
+        l.add("b".into(), t0 + Duration::from_secs(1));
+        assert_eq!(l.next_end(), Some(t0 + UNSUBSCRIBE_GRACE));
+        assert!(
+            l.ended(t0 + UNSUBSCRIBE_GRACE - Duration::from_millis(1))
+                .is_empty()
+        );
+        // "a" is wanted again, then let go again later: its first grace no longer counts.
+        assert!(l.revive("a"));
+        assert!(!l.revive("a"));
+        l.add("a".into(), t0 + Duration::from_secs(2));
+        assert!(l.ended(t0 + UNSUBSCRIBE_GRACE).is_empty());
+        assert_eq!(
+            l.ended(t0 + UNSUBSCRIBE_GRACE + Duration::from_secs(1)),
+            vec!["b".to_string()]
+        );
+        assert_eq!(
+            l.ended(t0 + UNSUBSCRIBE_GRACE + Duration::from_secs(2)),
+            vec!["a".to_string()]
+        );
+        assert_eq!(l.next_end(), None);
+        assert!(l.until.is_empty() && l.queue.capacity() == 0);
+    }
 }
