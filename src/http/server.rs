@@ -133,7 +133,9 @@ async fn connection(
     match Box::pin(h1::read_head(&mut stream, HEADER_READ_TIMEOUT)).await {
         Head::Sse(request) => {
             drop(watcher);
-            Box::pin(h1::serve(stream, peer, state, request)).await;
+            if let Some(lease) = Box::pin(h1::answer(stream, peer, state, request)).await {
+                h1::drive(lease).await;
+            }
         }
         Head::Other(prefix) => {
             let service = service_fn(move |req| handle(state.clone(), peer, req));

@@ -34,45 +34,49 @@ use self::response::{response_head, write_full};
 use super::errors::ApiError;
 use super::handlers::sse::{self, Opened, Refused};
 use super::{AppState, cors, strict};
+use crate::hub::Lease;
 
 pub use self::head::{Head, Parsed, parse, read_head};
 pub use self::rewind::Rewind;
 
-/// Answers a `GET /sse` request read by [`read_head`], and streams it until either side ends it.
-/// This path's adapter of the handler's domain result: the head is written here, once, and the
-/// socket handed to the stream.
-pub async fn serve(
+/// Answers a `GET /sse` request read by [`read_head`]: writes the refusal, or hands the socket and
+/// the response head to the stream and returns its lease. This path's adapter of the handler's
+/// domain result. The caller boxes this future and lets it go before [`drive`]: an idle stream's
+/// task must not keep room for the request handling (a future is as big as its largest await
+/// point, and this one's was 900 bytes).
+pub async fn answer(
     mut stream: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
     req: Box<Request<()>>,
-) {
-    // Boxed: an idle stream's task should not keep room for the request-handling future, which is
-    // far larger than the streaming loop below (a future is as big as its largest await point).
-    let opened = Box::pin(open(&state, peer, &req)).await;
+) -> Option<Lease> {
+    let opened = open(&state, peer, &req).await;
     let origin = req.headers().get(header::ORIGIN);
-    let (lease, head) = match opened {
+    match opened {
         Ok(Opened { lease, mut headers }) => {
             cors::apply(&state.config.cors, origin, &mut headers);
-            (lease, response_head(StatusCode::OK, &headers, None))
+            let head = response_head(StatusCode::OK, &headers, None);
+            // From here on the hub writes the stream's events.
+            lease
+                .conn()
+                .attach_wire(Box::new(Chunked::new(stream)), Bytes::from(head));
+            Some(lease)
         }
         Err(refused) => {
             let mut resp = refused.into_response();
             cors::apply(&state.config.cors, origin, resp.headers_mut());
             let _ = write_full(&mut stream, resp).await;
-            return;
+            None
         }
-    };
-    // Neither the request nor the state is needed for the stream's life.
-    drop(req);
-    drop(state);
-    // From here on the hub writes the stream's events; this task only wakes when the socket is
-    // full, when the stream ends, or when the client leaves.
+    }
+}
+
+/// A stream's life after [`answer`]: its task only wakes when the socket is full, when the stream
+/// ends, or when the client leaves. Dropping the lease removes the stream from the hub and the
+/// registry.
+pub async fn drive(lease: Lease) {
     let conn = lease.conn();
-    conn.attach_wire(Box::new(Chunked::new(stream)), Bytes::from(head));
     poll_fn(|cx| conn.poll_drive(cx)).await;
-    // Dropping the lease removes the stream from the hub and the registry.
-    drop(lease);
 }
 
 /// What routing does for hyper's requests, less what [`parse`] already settled (the route, the

@@ -53,7 +53,7 @@ pub async fn write_full(stream: &mut TcpStream, resp: HttpResponse) -> io::Resul
     let (parts, body) = resp.into_parts();
     let bytes = match body {
         Body::Full(bytes) => bytes.unwrap_or_default(),
-        Body::Stream(_) => Bytes::new(), // never: streams are answered by `serve`
+        Body::Stream(_) => Bytes::new(), // never: streams are answered by `answer`
     };
     let head = response_head(parts.status, &parts.headers, Some(bytes.len()));
     write_all_vectored(stream, &mut [&head[..], &bytes[..]]).await?;
