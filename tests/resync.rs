@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fred::interfaces::ClientLike;
+use fred::interfaces::{ClientLike, PubsubInterface};
 use fred::types::Value as RedisValue;
 use serde_json::Value;
 
@@ -130,6 +130,38 @@ async fn any_drop_of_the_subscriber_link_is_caught_up_under_load() {
         assert_eq!(ns(&got), want, "stream {i}: all, once, in order, no reset");
     }
     assert!(gw.metric("sse_resyncs_total").await.unwrap_or(0.0) >= 1.0);
+}
+
+/// A channel in its grace (its last stream just left) is not subscribed on a new link: a client
+/// that comes back after the link was lost is subscribed afresh, not told its channel is live.
+#[tokio::test]
+async fn a_client_back_after_a_lost_link_is_subscribed_again() {
+    let redis = RedisServer::start();
+    let gw = Gateway::builder().redis(&redis).start().await;
+    let admin = redis.client().await;
+    let alice = gw.connect("shop", "alice").await;
+    drop(alice);
+    eventually(Duration::from_secs(5), "the stream to close", || async {
+        gw.metric("sse_active_clients").await == Some(0.0)
+    })
+    .await;
+    // Within the grace, the subscriber link is cut and comes back.
+    let _: RedisValue = admin
+        .custom(fred::cmd!("CLIENT"), vec!["KILL", "TYPE", "pubsub"])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(3), "the link to come back", || async {
+        gw.metric("sse_broker_reconnects_total").await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let mut back = gw.connect("shop", "alice").await;
+    // Plain pub/sub has no history: only a live subscription delivers this.
+    let n: i64 = admin
+        .publish("shop:channel:alice", r#"{"type":"t","data":{"n":7}}"#)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "subscribed on the new link");
+    assert_eq!(back.next().await.json()["n"], 7);
 }
 
 #[tokio::test]
