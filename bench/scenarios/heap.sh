@@ -2,7 +2,8 @@
 # What an idle stream is made of, allocation by allocation: a gateway built with the system
 # allocator runs under heaptrack with STREAMS idle streams (sse-bench), is killed while they are
 # open, and the call sites of what was still allocated are printed, largest first, in bytes per
-# stream. Sites that do not grow with the streams (fred's buffers, the runtime) show as fractions.
+# stream. Sites that do not grow with the streams (fred's message buffers, the runtime) are
+# divided by the streams too: they are the ones whose figure halves when STREAMS doubles.
 #
 #   bench/scenarios/heap.sh            STREAMS=2000 by default; TOP=25 sites
 #
@@ -19,33 +20,22 @@ log "building the gateway with the system allocator into $HEAP_TARGET"
 (cd "$REPO_DIR" && CARGO_TARGET_DIR=$HEAP_TARGET cargo build --release -q -p sse-gateway \
   --bin sse-gateway --features system-allocator && cargo build --release -q -p sse-bench)
 start_redis
+GATEWAY=$HEAP_TARGET/release/sse-gateway
+GATEWAY_WRAP=(heaptrack -o "$WORK/heap")
 port=$(free_port)
-operator=$(free_port)
-(
-  ulimit -n "$(ulimit -Hn)"
-  export APP_HOST=127.0.0.1 APP_PORT="$port" JWT_SECRET="$SECRET" APP_MODE=production \
-    OPERATOR_ADDR="127.0.0.1:$operator" PING_INTERVAL=30 RUST_LOG=warn \
-    REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-  exec heaptrack -o "$WORK/heap" "$HEAP_TARGET/release/sse-gateway"
-) >"$WORK/gateway.log" 2>&1 &
-STARTED_PIDS+=("$!")
-wait_port "$port" 30
-for ((i = 0; i < 100; i++)); do
-  curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-  sleep 0.2
-done
-gateway=$(pgrep -f "^$HEAP_TARGET/release/sse-gateway" | head -1)
-[ -n "$gateway" ] || die "the gateway did not start (see $WORK/gateway.log)"
+start_gateway "$port" "redis://127.0.0.1:$REDIS_PORT"
+# heaptrack runs the gateway as its child: the pid to kill is the gateway's own.
+gateway=$(pgrep -f "^$GATEWAY" | head -1)
+[ -n "$gateway" ] || die "the gateway did not start (see $WORK/gateway-$port.log)"
 (
   ulimit -n "$(ulimit -Hn)"
   exec "$SSE_BENCH" run --url "http://127.0.0.1:$port/sse" --token-in header --secret "$SECRET" \
     --connections "$STREAMS" --connect-rate 1000 --hold 600 --quiet
 ) >"$WORK/bench.log" 2>&1 &
-tool=$!
-STARTED_PIDS+=("$tool")
+STARTED_PIDS+=("$!")
 # Connected, then idle long enough for a ping round and the registry's first heartbeat.
 sleep $((STREAMS / 1000 + 15))
-open=$(curl -sf "http://127.0.0.1:$operator/metrics" | awk '/^sse_active_clients /{print $2}')
+open=$(curl -sf "http://127.0.0.1:$OPERATOR_PORT/metrics" | awk '/^sse_active_clients /{print $2}')
 log "killing the gateway with ${open:-?} streams open"
 kill -KILL "$gateway"
 sleep 3

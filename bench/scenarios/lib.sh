@@ -15,6 +15,8 @@ RESULTS=${RESULTS:-$BENCH_DIR/results/$(date +%Y%m%d-%H%M%S)}
 SECRET=${BENCH_SECRET:-bench-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}
 WORK=$(mktemp -d /tmp/sse-bench-run.XXXXXX)
 STARTED_PIDS=()
+# A command the gateway runs under (a profiler: bench/scenarios/heap.sh), none by default.
+GATEWAY_WRAP=()
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -171,7 +173,7 @@ start_gateway() {
       OPERATOR_ADDR="127.0.0.1:$OPERATOR_PORT" \
       PING_INTERVAL="${PING_INTERVAL:-30}" RUST_LOG="${GATEWAY_LOG:-warn}"
     if [ -n "$redis" ]; then export REDIS_URL="$redis"; else unset REDIS_URL REDIS_HOST; fi
-    exec "$GATEWAY"
+    exec "${GATEWAY_WRAP[@]}" "$GATEWAY"
   ) >"$WORK/gateway-$port.log" 2>&1 &
   GATEWAY_PID=$!
   STARTED_PIDS+=("$GATEWAY_PID")
