@@ -151,7 +151,10 @@ async fn a_client_back_after_a_lost_link_is_subscribed_again() {
         .await
         .unwrap();
     eventually(Duration::from_secs(3), "the link to come back", || async {
-        gw.metric("sse_broker_reconnects_total").await.unwrap_or(0.0) >= 1.0
+        gw.metric("sse_broker_reconnects_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
     })
     .await;
     let mut back = gw.connect("shop", "alice").await;
