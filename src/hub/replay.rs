@@ -4,10 +4,11 @@
 //! After a deploy, thousands of clients reconnect within a second, most of them with the same
 //! `Last-Event-ID` (the last broadcast). One history read per stream would queue thousands of
 //! function calls on the command link and encode the same broadcasts thousands of times. Instead
-//! the first stream to resume from an id starts a read; streams arriving while it runs wait for the
-//! next read, which serves all of them (up to [`BATCH`] users per call). Each stream's read starts
-//! after it asked, so after its subscription was live: the no-gap guarantee is kept. The
-//! broadcasts are encoded once and shared by every stream that replays them.
+//! the first streams to resume from an id start reads (up to [`READS_IN_FLIGHT`] at once); streams
+//! arriving while they run wait for the next read, which serves all of them (up to [`BATCH`]
+//! users per call). Each stream's read starts after it asked, so after its subscription was live:
+//! the no-gap guarantee is kept. The broadcasts are encoded once per read and shared by every
+//! stream that replays them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,6 +25,10 @@ use crate::sse::{self, Event};
 
 /// Most users asked for in one history read (a few milliseconds of Redis time).
 pub(super) const BATCH: usize = 256;
+/// Most reads in flight for one application and id. One at a time made a reconnect wave of 19,500
+/// streams wait for 76 reads in a row, each a round trip and its answers' encoding; a few
+/// overlap those, while each still carries a batch.
+const READS_IN_FLIGHT: usize = 4;
 
 /// Entries of each history read per page: what half a stream's queue holds of events of 4 KB
 /// (reads are sized before the events are seen; larger ones are cut to the byte budget when
@@ -54,11 +59,11 @@ pub enum Replay {
 type Answer = oneshot::Sender<Result<Replay, BrokerError>>;
 /// An application and the id its streams resume from.
 type Key = (Arc<str>, Arc<str>);
-/// The streams (user, answer) waiting for a read, by key.
-type Waiting = HashMap<Key, Vec<(Arc<str>, Answer)>>;
+/// The streams (user, answer) waiting for a read, and how many reader tasks serve them, by key.
+type Waiting = HashMap<Key, (Vec<(Arc<str>, Answer)>, usize)>;
 
-/// Streams waiting for a history read, by application and id. A key is present while its reader
-/// task runs.
+/// Streams waiting for a history read, by application and id. A key is present while a reader
+/// task for it runs.
 pub struct Replays {
     broker: Arc<dyn Broker>,
     /// Most entries read of each history per read (a page); 0 reads everything.
@@ -103,11 +108,10 @@ impl Replays {
         let key: Key = (app.clone(), Arc::from(last));
         let start = {
             let mut waiting = self.lock();
-            let start = !waiting.contains_key(&key);
-            waiting
-                .entry(key.clone())
-                .or_default()
-                .push((user.clone(), tx));
+            let (list, readers) = waiting.entry(key.clone()).or_default();
+            list.push((user.clone(), tx));
+            let start = *readers < READS_IN_FLIGHT;
+            *readers += usize::from(start);
             start
         };
         if start {
@@ -124,11 +128,14 @@ impl Replays {
         loop {
             let batch: Vec<(Arc<str>, Answer)> = {
                 let mut waiting = self.lock();
-                let Some(list) = waiting.get_mut(&key) else {
+                let Some((list, readers)) = waiting.get_mut(&key) else {
                     return;
                 };
                 if list.is_empty() {
-                    waiting.remove(&key);
+                    *readers -= 1;
+                    if *readers == 0 {
+                        waiting.remove(&key);
+                    }
                     return;
                 }
                 let n = list.len().min(BATCH);
