@@ -33,8 +33,6 @@ enum Op {
     Put(Arc<dyn Entry>),
     Touch(Arc<dyn Entry>),
     Remove(Arc<dyn Entry>),
-    /// A place admitted for a stream that never joined.
-    Release(RegistryOp),
     Flush(oneshot::Sender<()>),
 }
 
@@ -42,6 +40,7 @@ enum Op {
 #[derive(Clone)]
 pub struct Registry {
     tx: mpsc::UnboundedSender<Op>,
+    instance: Arc<str>,
 }
 
 /// The writer side, run by [`RegistryWriter::run`].
@@ -61,16 +60,26 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> (Registry, RegistryWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let instance: Arc<str> = Arc::from(instance);
         (
-            Registry { tx },
+            Registry {
+                tx,
+                instance: instance.clone(),
+            },
             RegistryWriter {
                 rx,
                 broker,
-                instance: Arc::from(instance),
+                instance,
                 ttl_secs: ttl.as_secs().max(1),
                 metrics,
             },
         )
+    }
+
+    /// The entry as this instance stores it (an admission writes it; see
+    /// [`crate::broker::Broker::admit`]).
+    pub fn record<E: Entry>(&self, entry: &E) -> ConnectionRecord {
+        entry.record(&self.instance)
     }
 
     pub fn put<E: Entry>(&self, entry: &Arc<E>) {
@@ -84,16 +93,6 @@ impl Registry {
 
     pub fn remove<E: Entry>(&self, entry: &Arc<E>) {
         let _ = self.tx.send(Op::Remove(entry.clone()));
-    }
-
-    /// Gives back the place [`crate::broker::Broker::admit`] reserved for a stream that then did
-    /// not join.
-    pub fn release(&self, app: &str, user: &str, id: &uuid::Uuid) {
-        let _ = self.tx.send(Op::Release(RegistryOp::Remove {
-            app: app.to_string(),
-            user: user.to_string(),
-            id: id.to_string(),
-        }));
     }
 
     /// Resolves once every change queued before it has been tried.
@@ -145,7 +144,6 @@ impl RegistryWriter {
                             id,
                         });
                     }
-                    Op::Release(op) => batch.push(op),
                     Op::Flush(tx) => flushes.push(tx),
                 }
                 if batch.len() >= BATCH {

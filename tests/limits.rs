@@ -349,3 +349,108 @@ async fn streams_resuming_from_far_back_are_served_page_by_page_as_they_read() {
     sorted.dedup();
     assert_eq!(sorted, got, "in order, once each");
 }
+
+/// During a rolling upgrade, earlier gateways admit with `sse_admit` (caps and index entries,
+/// no registry hash): the library still answers it as before, and counts those places with the
+/// ones `sse_join` takes.
+#[tokio::test]
+async fn earlier_gateways_admissions_still_count_against_the_caps() {
+    use fred::interfaces::ClientLike;
+    use fred::types::Value as Reply;
+    let redis = RedisServer::start();
+    let gw = no_rates(Gateway::builder())
+        .redis(&redis)
+        .env("MAX_USER_CONNECTIONS", "2")
+        .start()
+        .await;
+    let r = redis.client().await;
+    let admit = |conn: &str| {
+        let args: Vec<String> = ["sse_admit", "0", "60", "shop", "alice", conn, "0", "2"]
+            .map(String::from)
+            .to_vec();
+        let r = r.clone();
+        async move {
+            let Reply::Array(answers) = r.custom(fred::cmd!("FCALL"), args).await.unwrap() else {
+                panic!("sse_admit answers a list")
+            };
+            answers
+                .into_iter()
+                .map(|a| match a {
+                    Reply::Array(items) => items.iter().filter_map(|i| i.as_string()).collect(),
+                    other => panic!("an answer is a list: {other:?}"),
+                })
+                .collect::<Vec<Vec<String>>>()
+        }
+    };
+    assert_eq!(admit("old-1").await, vec![vec!["ok"]]);
+    let members: Vec<String> = r
+        .custom(
+            fred::cmd!("ZRANGE"),
+            vec!["shop:connections:alice", "0", "-1"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(members, vec!["old-1".to_string()]);
+    let hash: i64 = r
+        .custom(fred::cmd!("EXISTS"), vec!["shop:client:alice:old-1"])
+        .await
+        .unwrap();
+    assert_eq!(hash, 0, "sse_admit writes no registry hash");
+
+    // One place left: this gateway's stream takes it, and the next is refused.
+    let first = SseClient::try_open(gw.sse().bearer_auth(user_token("shop", "alice")))
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200);
+    let refused = SseClient::try_open(gw.sse().bearer_auth(user_token("shop", "alice")))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 429);
+    assert_eq!(admit("old-2").await, vec![vec!["user", "2"]]);
+}
+
+/// A stream's admission runs beside its subscriptions and history read: a refused stream has
+/// joined the hub for a moment, but leaves it unanswered and uncounted (opened counts only the
+/// streams answered 200), and holds no place afterwards.
+#[tokio::test]
+async fn a_refused_stream_is_neither_counted_nor_kept() {
+    let redis = RedisServer::start();
+    let gw = no_rates(Gateway::builder())
+        .redis(&redis)
+        .env("MAX_USER_CONNECTIONS", "1")
+        .start()
+        .await;
+    let kept = SseClient::open(gw.sse().bearer_auth(user_token("shop", "alice"))).await;
+    for _ in 0..5 {
+        let refused = SseClient::try_open(gw.sse().bearer_auth(user_token("shop", "alice")))
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 429);
+    }
+    let metric = |name: &'static str| {
+        let gw = &gw;
+        async move { gw.metric(name).await.unwrap_or_default() }
+    };
+    assert_eq!(
+        metric("sse_connections_opened_total{app=\"shop\"}").await,
+        1.0
+    );
+    assert_eq!(metric("sse_connections{app=\"shop\"}").await, 1.0);
+    assert_eq!(metric("sse_active_clients").await, 1.0);
+    assert_eq!(
+        metric("sse_limit_rejections_total{app=\"shop\",reason=\"user\"}").await,
+        5.0
+    );
+    let (status, body) = {
+        let r = http()
+            .get(gw.url("/connections/shop/alice"))
+            .bearer_auth(operator_token("shop"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200);
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    assert!(body.get(kept.connection_id().as_str()).is_some(), "{body}");
+}

@@ -397,3 +397,50 @@ async fn a_large_application_is_listed_whole_a_page_at_a_time() {
             .count()
     );
 }
+
+/// Under the caps (on by default), a stream's admission writes its registry entry before the
+/// stream is answered: any instance lists it at once, with every field, without waiting for the
+/// registry's own writes. With the caps off, the registry writes it shortly after.
+#[tokio::test]
+async fn an_admitted_stream_is_listed_as_soon_as_it_is_answered() {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        Gateway::with_redis(&redis).await,
+        Gateway::with_redis(&redis).await,
+    );
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let user = format!("u{i}");
+        let c = SseClient::open(
+            a.sse()
+                .header("user-agent", "test-agent/2.0")
+                .bearer_auth(user_token("shop", &user)),
+        )
+        .await;
+        let path = format!("/connections/shop/{user}");
+        let (status, body) = list(&b, &path, &operator_token("shop")).await;
+        assert_eq!(status, 200, "{user} listed once answered");
+        let entry = &body[c.connection_id().as_str()];
+        assert_eq!(entry["instance"], a.instance.as_str(), "{body}");
+        assert_eq!(entry["user_agent"], "test-agent/2.0", "{body}");
+        assert_eq!(entry["user"], json!({"id": user}));
+        streams.push(c);
+    }
+
+    let uncapped = Gateway::builder()
+        .redis(&redis)
+        .env("MAX_USER_CONNECTIONS", "0")
+        .env("MAX_APP_CONNECTIONS", "0")
+        .start()
+        .await;
+    let c = SseClient::open(uncapped.sse().bearer_auth(user_token("shop", "free"))).await;
+    let id = c.connection_id();
+    eventually(Duration::from_secs(5), "the uncapped stream listed", || {
+        let (b, id) = (&b, id.clone());
+        async move {
+            let (status, body) = list(b, "/connections/shop/free", &operator_token("shop")).await;
+            status == 200 && body.get(&id).is_some()
+        }
+    })
+    .await;
+}

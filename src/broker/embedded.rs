@@ -16,9 +16,8 @@ use super::{
 use crate::clock;
 use crate::history::{self, Backlog, Epoch, EventId, ResetReason};
 
-/// app -> (user, connection id) -> entry; `None` while the stream is admitted but not yet written
-/// (the reservation that [`Broker::admit`] makes).
-type Entries = HashMap<String, BTreeMap<(String, String), Option<Arc<ConnectionRecord>>>>;
+/// app -> (user, connection id) -> entry.
+type Entries = HashMap<String, BTreeMap<(String, String), Arc<ConnectionRecord>>>;
 
 pub struct EmbeddedBroker {
     sink: OnceLock<Arc<dyn MessageSink>>,
@@ -299,20 +298,22 @@ impl Broker for EmbeddedBroker {
 
     fn admit<'a>(&'a self, a: Admission<'a>) -> BoxFuture<'a, Result<Admitted, BrokerError>> {
         // Counted and reserved under one lock, as the Redis function does in one call.
+        let rec = a.record;
         let mut reg = lock(&self.registry);
-        let entries = reg.entry(a.app.to_string()).or_default();
-        let users = entries.keys().filter(|(u, _)| u == a.user).count() as u64;
+        let entries = reg.entry(rec.application.id.clone()).or_default();
+        let users = entries.keys().filter(|(u, _)| *u == rec.user.id).count() as u64;
         let total = entries.len() as u64;
         let answer = if a.max_user > 0 && users >= a.max_user {
             Admitted::UserFull(users)
         } else if a.max_app > 0 && total >= a.max_app {
             Admitted::AppFull(total)
         } else {
-            entries.insert((a.user.to_string(), a.conn.to_string()), None);
+            let key = (rec.user.id.clone(), rec.id.clone());
+            entries.insert(key, Arc::new(rec.clone()));
             Admitted::Yes
         };
         if entries.is_empty() {
-            reg.remove(a.app);
+            reg.remove(&rec.application.id);
         }
         Box::pin(async move { Ok(answer) })
     }
@@ -330,7 +331,7 @@ impl Broker for EmbeddedBroker {
                 RegistryOp::Put(rec) => {
                     reg.entry(rec.application.id.clone())
                         .or_default()
-                        .insert((rec.user.id.clone(), rec.id.clone()), Some(rec));
+                        .insert((rec.user.id.clone(), rec.id.clone()), rec);
                 }
                 RegistryOp::Touch { app, user, id } => {
                     if !reg
@@ -365,7 +366,7 @@ impl Broker for EmbeddedBroker {
                 entries
                     .iter()
                     .filter(|((u, _), _)| user.is_none_or(|want| want == u))
-                    .filter_map(|(_, rec)| rec.as_deref().cloned())
+                    .map(|(_, rec)| (**rec).clone())
                     .collect()
             })
             .unwrap_or_default();

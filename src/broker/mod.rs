@@ -175,9 +175,9 @@ pub trait Broker: Send + Sync + 'static {
         seen: Option<EventId>,
     ) -> BoxFuture<'a, Result<Position, BrokerError>>;
 
-    /// Checks the caps and reserves a place in one atomic step, so that no burst of connects
-    /// on any number of instances gets past a cap. The place is released with the registry
-    /// entry ([`RegistryOp::Remove`]), or expires with it.
+    /// Checks the caps and, if they allow, writes the stream's registry entry, in one atomic
+    /// step, so that no burst of connects on any number of instances gets past a cap. The place
+    /// is released with the entry ([`RegistryOp::Remove`]), or expires with it.
     fn admit<'a>(
         &'a self,
         admission: Admission<'a>,

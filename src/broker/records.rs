@@ -42,24 +42,21 @@ pub enum RegistryOp {
     },
 }
 
-/// A new stream asking for a place under the cluster-wide caps (0: no cap).
+/// A new stream asking for a place under the cluster-wide caps (0: no cap). Admitted, its
+/// registry entry is written in the same step: the entry is the reservation.
 #[derive(Debug, Clone, Copy)]
 pub struct Admission<'a> {
-    pub app: &'a str,
-    pub user: &'a str,
-    /// The stream's connection id: its registry entry is the reservation.
-    pub conn: &'a str,
+    pub record: &'a ConnectionRecord,
     pub max_app: u64,
     pub max_user: u64,
-    /// How long the reservation lives unless the registry keeps it alive.
+    /// How long the entry lives unless the registry keeps it alive.
     pub ttl_secs: u64,
 }
 
 /// The broker's answer to an [`Admission`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admitted {
-    /// A place is reserved: the registry entry exists (in the indexes) until it is removed or
-    /// expires.
+    /// A place is reserved: the registry entry exists until it is removed or expires.
     Yes,
     /// The user already has this many live streams, at least the cap.
     UserFull(u64),

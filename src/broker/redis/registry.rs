@@ -28,9 +28,7 @@ const MAX_LIST_PAGES: usize = 20_000;
 
 /// An admission waiting for its batch.
 pub(super) struct Pending {
-    app: String,
-    user: String,
-    conn: String,
+    record: ConnectionRecord,
     max_app: u64,
     max_user: u64,
     ttl_secs: u64,
@@ -57,9 +55,7 @@ pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitt
     let start = {
         let mut waiting = links.admissions.lock();
         waiting.0.push(Pending {
-            app: a.app.to_string(),
-            user: a.user.to_string(),
-            conn: a.conn.to_string(),
+            record: a.record.clone(),
             max_app: a.max_app,
             max_user: a.max_user,
             ttl_secs: a.ttl_secs,
@@ -118,27 +114,33 @@ fn by_app<'a>(apps: impl Iterator<Item = &'a str>) -> Vec<(&'a str, Vec<usize>)>
 }
 
 impl Links {
-    /// One call per application for a batch of admissions (in order, each atomic): a connect
-    /// storm costs a few function calls instead of one per stream. (One call may not span
-    /// applications: on a cluster each has its own slot.)
+    /// One call per application for a batch of admissions (in order, each atomic, each writing
+    /// its registry entry if admitted): a connect storm costs a few function calls instead of one
+    /// per stream. (One call may not span applications: on a cluster each has its own slot.)
     async fn admit_batch(&self, batch: &[Pending]) -> Result<Vec<Admitted>, BrokerError> {
         let mut answers: Vec<Option<Admitted>> = vec![None; batch.len()];
-        for (app, members) in by_app(batch.iter().map(|p| p.app.as_str())) {
+        let apps = batch.iter().map(|p| p.record.application.id.as_str());
+        for (app, members) in by_app(apps) {
             let ttl = batch[members[0]].ttl_secs;
-            let mut args: Vec<Value> = Vec::with_capacity(1 + members.len() * 5);
+            let mut args: Vec<Value> = Vec::with_capacity(1 + members.len() * 9);
             args.push(ttl.to_string().into());
             for &i in &members {
                 let p = &batch[i];
+                let rec = &p.record;
                 args.extend([
-                    p.app.as_str().into(),
-                    p.user.as_str().into(),
-                    p.conn.as_str().into(),
+                    app.into(),
+                    rec.user.id.as_str().into(),
+                    rec.id.as_str().into(),
                     p.max_app.to_string().into(),
                     p.max_user.to_string().into(),
+                    rec.instance.as_str().into(),
+                    rec.remote_addr.as_str().into(),
+                    rec.created_at.to_string().into(),
+                    rec.user_agent.as_str().into(),
                 ]);
             }
-            let bad = || BrokerError::Command("unexpected answer from sse_admit".into());
-            let Value::Array(got) = self.fcall("sse_admit", app, args).await? else {
+            let bad = || BrokerError::Command("unexpected answer from sse_join".into());
+            let Value::Array(got) = self.fcall("sse_join", app, args).await? else {
                 return Err(bad());
             };
             if got.len() != members.len() {

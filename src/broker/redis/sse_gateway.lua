@@ -58,10 +58,14 @@
 -- The cursor is ZSCAN's: an entry live throughout is listed at least once (rarely twice).
 --
 -- Admission (used by the gateway before a stream's 200): the caps, checked and reserved at once.
---   FCALL sse_admit 0 <ttl> { <app> <user> <conn> <max per app> <max per user> }...  (0: no cap)
+--   FCALL sse_join 0 <ttl> { <app> <user> <conn> <max per app> <max per user>
+--                            <instance> <remote_addr> <created_at> <user_agent> }...  (0: no cap)
 --   -> one answer per admission, in order: { "ok" } | { "user", <live streams> } | { "app", <n> }
---   "ok" enters <conn> in both indexes (the registry's own entry, written in full later), so
---   that no burst of connects, on any number of instances, gets past a cap.
+--   "ok" writes <conn>'s registry entry (as sse_registry's put), so that no burst of connects,
+--   on any number of instances, gets past a cap, and a stream costs one write, not two.
+--   FCALL sse_admit 0 <ttl> { <app> <user> <conn> <max per app> <max per user> }...
+--   The same for earlier gateways: "ok" enters <conn> in both indexes only (they write the
+--   entry in full later).
 --
 -- Keys: {app}:history:last (newest id), {app}:history:user:{user} and {app}:history:app (streams,
 -- entry ids "<ms>-<seq>"), each stream with a <stream>:trimmed key: every id up to it may be
@@ -493,6 +497,16 @@ end
 
 local REGISTRY_FIELDS = { put = 7, touch = 3, remove = 3 }
 
+-- A connection's registry hash, its fields args[at] .. args[at + 3]: instance, remote_addr,
+-- created_at, user_agent.
+local function write_entry(ttl, app, user, conn, args, at)
+  local key = base(app) .. ':client:' .. user .. ':' .. conn
+  redis.call('HSET', key, 'id', conn, 'app', app, 'user', user, 'instance', args[at],
+    'remote_addr', args[at + 1], 'created_at', args[at + 2], 'user_agent', args[at + 3],
+    'channel_id', base(app) .. ':channel:' .. user)
+  redis.call('EXPIRE', key, ttl)
+end
+
 local function sse_registry(keys, args)
   local ttl = tonumber(args[1])
   if not ttl or ttl < 1 then return redis.error_reply('sse_registry: invalid ttl') end
@@ -516,10 +530,7 @@ local function sse_registry(keys, args)
     local app_index, user_index = base(app) .. ':connections', base(app) .. ':connections:' .. user
     local index = op ~= 'remove'
     if op == 'put' then
-      redis.call('HSET', key, 'id', conn, 'app', app, 'user', user, 'instance', args[i + 4],
-        'remote_addr', args[i + 5], 'created_at', args[i + 6], 'user_agent', args[i + 7],
-        'channel_id', base(app) .. ':channel:' .. user)
-      redis.call('EXPIRE', key, ttl)
+      write_entry(ttl, app, user, conn, args, i + 4)
     elseif op == 'touch' then
       if redis.call('EXPIRE', key, ttl) == 0 then
         missing[#missing + 1] = conn
@@ -586,67 +597,93 @@ local function sse_list(keys, args)
   return out
 end
 
-local ADMIT_FIELDS = 5
+-- Fields of one admission: sse_admit's, and sse_join's (which adds the registry entry's).
+local ADMIT_FIELDS, JOIN_FIELDS = 5, 9
 
--- One admission: { "ok" } | { "user", n } | { "app", n } (see the header). `seen` holds the
--- indexes this call already pruned: expired entries are dropped once per index per call, and
--- the indexes' own expiry pushed out once at its end (a storm's batch shares one app index).
-local function admit_one(ttl, now, app, user, conn, max_app, max_user, seen)
+-- One admission, its fields from args[i]: { "ok" } | { "user", n } | { "app", n } (see the
+-- header). `pruned` holds the indexes this call already pruned: expired entries are dropped once
+-- per index per call. `gained` holds the indexes that gained an entry, true for a user index
+-- this call created, so that their expiry is pushed out once at the call's end. `entry`: write
+-- the registry entry too (sse_join).
+local function admit_one(ttl, now, args, i, pruned, gained, entry)
+  local app, user, conn = args[i], args[i + 1], args[i + 2]
+  local max_app, max_user = tonumber(args[i + 3]), tonumber(args[i + 4])
   local app_index, user_index = base(app) .. ':connections', base(app) .. ':connections:' .. user
   -- Entries of instances that died stay until their score passes: counted out, and pruned.
   for _, index in ipairs({ app_index, user_index }) do
-    if not seen[index] then
+    if not pruned[index] then
       redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-      seen[index] = false
+      pruned[index] = true
     end
   end
-  if max_user > 0 then
-    local n = redis.call('ZCARD', user_index)
-    if n >= max_user then return { 'user', n } end
-  end
+  -- Counted even without a cap: a user index with no live entry no longer exists (pruning
+  -- deletes an emptied key), and one created here needs a single EXPIRE, not two.
+  local n = redis.call('ZCARD', user_index)
+  if max_user > 0 and n >= max_user then return { 'user', n } end
   if max_app > 0 then
-    local n = redis.call('ZCARD', app_index)
-    if n >= max_app then return { 'app', n } end
+    local m = redis.call('ZCARD', app_index)
+    if m >= max_app then return { 'app', m } end
   end
   redis.call('ZADD', app_index, now + ttl, user .. ':' .. conn)
   redis.call('ZADD', user_index, now + ttl, conn)
-  seen[app_index], seen[user_index] = true, true
+  gained[app_index] = false
+  if gained[user_index] == nil then gained[user_index] = n == 0 end
+  if entry then write_entry(ttl, app, user, conn, args, i + ADMIT_FIELDS) end
   return { 'ok' }
 end
 
-local function sse_admit(keys, args)
+-- sse_admit (fields = ADMIT_FIELDS) and sse_join (JOIN_FIELDS, with the registry entry).
+local function admit(keys, args, fields, name)
   local ttl = tonumber(args[1])
-  if not ttl or ttl < 1 or (#args - 1) % ADMIT_FIELDS ~= 0 then
-    return redis.error_reply('sse_admit: invalid ttl or admission list')
+  if not ttl or ttl < 1 or (#args - 1) % fields ~= 0 then
+    return redis.error_reply(name .. ': invalid ttl or admission list')
   end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  -- Every admission is checked before any is written: a refused call writes nothing.
-  for i = 2, #args, ADMIT_FIELDS do
+  -- Every admission is checked before any is written: a refused call writes nothing. (A call
+  -- names one application, checked once.)
+  local apps = {}
+  for i = 2, #args, fields do
     local app, user, conn = args[i], args[i + 1], args[i + 2]
-    local bad_app = invalid_app(app, 'sse_admit')
-    if bad_app then return bad_app end
-    if not valid_app(app) or not valid_id(user) or not valid_id(conn)
-      or not tonumber(args[i + 3]) or not tonumber(args[i + 4]) then
-      return redis.error_reply('sse_admit: invalid application, user, connection id or cap')
+    if not apps[app] then
+      local bad_app = invalid_app(app, name)
+      if bad_app then return bad_app end
+      local wrong = undeclared(keys, app, name)
+      if wrong then return wrong end
+      apps[app] = true
     end
-    local wrong = undeclared(keys, app, 'sse_admit')
-    if wrong then return wrong end
+    if not valid_id(user) or not valid_id(conn) or not tonumber(args[i + 3])
+      or not tonumber(args[i + 4]) then
+      return redis.error_reply(name .. ': invalid application, user, connection id or cap')
+    end
   end
-  local answers, seen = {}, {}
-  for i = 2, #args, ADMIT_FIELDS do
-    answers[#answers + 1] = admit_one(ttl, now, args[i], args[i + 1], args[i + 2],
-      tonumber(args[i + 3]), tonumber(args[i + 4]), seen)
+  local answers, pruned, gained = {}, {}, {}
+  for i = 2, #args, fields do
+    answers[#answers + 1] = admit_one(ttl, now, args, i, pruned, gained, fields == JOIN_FIELDS)
   end
-  -- Only indexes that gained an entry: a refused one may not exist.
-  for index, added in pairs(seen) do
-    if added then extend(index, ttl) end
+  -- Only indexes that gained an entry: a refused one may not exist. A user index created here
+  -- has no expiry yet; any other index has one (every write sets it), which is only pushed out.
+  for index, created in pairs(gained) do
+    if created then
+      redis.call('EXPIRE', index, ttl)
+    else
+      extend(index, ttl)
+    end
   end
   return answers
 end
 
+local function sse_admit(keys, args)
+  return admit(keys, args, ADMIT_FIELDS, 'sse_admit')
+end
+
+local function sse_join(keys, args)
+  return admit(keys, args, JOIN_FIELDS, 'sse_join')
+end
+
 redis.register_function('sse_publish', sse_publish)
 redis.register_function('sse_admit', sse_admit)
+redis.register_function('sse_join', sse_join)
 redis.register_function('sse_registry', sse_registry)
 redis.register_function('sse_position', sse_position)
 redis.register_function('sse_probe', sse_probe)
