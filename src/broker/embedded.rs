@@ -296,24 +296,25 @@ impl Broker for EmbeddedBroker {
         Box::pin(async move { Ok(position) })
     }
 
-    fn admit<'a>(&'a self, a: Admission<'a>) -> BoxFuture<'a, Result<Admitted, BrokerError>> {
+    fn admit(&self, a: Admission) -> BoxFuture<'_, Result<Admitted, BrokerError>> {
         // Counted and reserved under one lock, as the Redis function does in one call.
-        let rec = a.record;
+        let app = a.record.application.id.clone();
         let mut reg = lock(&self.registry);
-        let entries = reg.entry(rec.application.id.clone()).or_default();
-        let users = entries.keys().filter(|(u, _)| *u == rec.user.id).count() as u64;
+        let entries = reg.entry(app.clone()).or_default();
+        let user = &a.record.user.id;
+        let users = entries.keys().filter(|(u, _)| u == user).count() as u64;
         let total = entries.len() as u64;
         let answer = if a.max_user > 0 && users >= a.max_user {
             Admitted::UserFull(users)
         } else if a.max_app > 0 && total >= a.max_app {
             Admitted::AppFull(total)
         } else {
-            let key = (rec.user.id.clone(), rec.id.clone());
-            entries.insert(key, Arc::new(rec.clone()));
+            let key = (user.clone(), a.record.id.clone());
+            entries.insert(key, Arc::new(a.record));
             Admitted::Yes
         };
         if entries.is_empty() {
-            reg.remove(&rec.application.id);
+            reg.remove(&app);
         }
         Box::pin(async move { Ok(answer) })
     }

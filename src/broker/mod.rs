@@ -178,10 +178,7 @@ pub trait Broker: Send + Sync + 'static {
     /// Checks the caps and, if they allow, writes the stream's registry entry, in one atomic
     /// step, so that no burst of connects on any number of instances gets past a cap. The place
     /// is released with the entry ([`RegistryOp::Remove`]), or expires with it.
-    fn admit<'a>(
-        &'a self,
-        admission: Admission<'a>,
-    ) -> BoxFuture<'a, Result<Admitted, BrokerError>>;
+    fn admit(&self, admission: Admission) -> BoxFuture<'_, Result<Admitted, BrokerError>>;
 
     /// Applies registry changes in order, each entry living `ttl_secs` unless rewritten. Returns
     /// the connection ids of touched entries that no longer exist (lost with a Redis restart,

@@ -44,9 +44,9 @@ pub enum RegistryOp {
 
 /// A new stream asking for a place under the cluster-wide caps (0: no cap). Admitted, its
 /// registry entry is written in the same step: the entry is the reservation.
-#[derive(Debug, Clone, Copy)]
-pub struct Admission<'a> {
-    pub record: &'a ConnectionRecord,
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub record: ConnectionRecord,
     pub max_app: u64,
     pub max_user: u64,
     /// How long the entry lives unless the registry keeps it alive.

@@ -184,9 +184,8 @@ impl Hub {
         if new.caps == Caps::default() {
             return Ok(false);
         }
-        let record = self.registry.record(conn);
         let admission = Admission {
-            record: &record,
+            record: self.registry.record(conn),
             max_app: self.config.partitions.share(new.caps.app),
             max_user: new.caps.user,
             ttl_secs: self.config.registry_ttl_secs,

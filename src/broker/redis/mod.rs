@@ -454,10 +454,7 @@ impl Broker for RedisBroker {
         Box::pin(self.links.position(app, seen))
     }
 
-    fn admit<'a>(
-        &'a self,
-        admission: Admission<'a>,
-    ) -> BoxFuture<'a, Result<Admitted, BrokerError>> {
+    fn admit(&self, admission: Admission) -> BoxFuture<'_, Result<Admitted, BrokerError>> {
         Box::pin(registry::admit(&self.links, admission))
     }
 

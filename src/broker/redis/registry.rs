@@ -49,13 +49,13 @@ impl Admissions {
 
 /// Reserves `a`'s place: sent at once while fewer than [`ADMIT_IN_FLIGHT`] calls are out, else
 /// queued with the admissions that arrive meanwhile and sent with them in the next call.
-pub(super) async fn admit(links: &Arc<Links>, a: Admission<'_>) -> Result<Admitted, BrokerError> {
+pub(super) async fn admit(links: &Arc<Links>, a: Admission) -> Result<Admitted, BrokerError> {
     links.commands_up()?;
     let (tx, rx) = oneshot::channel();
     let start = {
         let mut waiting = links.admissions.lock();
         waiting.0.push(Pending {
-            record: a.record.clone(),
+            record: a.record,
             max_app: a.max_app,
             max_user: a.max_user,
             ttl_secs: a.ttl_secs,
