@@ -441,15 +441,9 @@ async fn a_refused_stream_is_neither_counted_nor_kept() {
         metric("sse_limit_rejections_total{app=\"shop\",reason=\"user\"}").await,
         5.0
     );
-    let (status, body) = {
-        let r = http()
-            .get(gw.url("/connections/shop/alice"))
-            .bearer_auth(operator_token("shop"))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json::<Value>().await.unwrap())
-    };
+    let (status, body) = gw
+        .list("/connections/shop/alice", &operator_token("shop"))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
     assert!(body.get(kept.connection_id().as_str()).is_some(), "{body}");

@@ -11,23 +11,6 @@ use common::*;
 use fred::interfaces::{ClientLike, KeysInterface, PubsubInterface};
 use serde_json::{Value, json};
 
-async fn list(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
-    let r = http()
-        .get(gw.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap()
-    };
-    (status, body)
-}
-
 #[tokio::test]
 async fn entries_carry_the_fields_and_vanish_on_disconnect() {
     let redis = RedisServer::start();
@@ -75,7 +58,9 @@ async fn entries_carry_the_fields_and_vanish_on_disconnect() {
     );
 
     // The listing shows the same, in the original's shape.
-    let (status, body) = list(&gw, "/connections/shop/alice", &user_token("shop", "alice")).await;
+    let (status, body) = gw
+        .list("/connections/shop/alice", &user_token("shop", "alice"))
+        .await;
     assert_eq!(status, 200);
     let entry = &body[&id];
     assert_eq!(entry["id"], id.as_str());
@@ -90,7 +75,9 @@ async fn entries_carry_the_fields_and_vanish_on_disconnect() {
         async move { registry_keys(&r).await.is_empty() }
     })
     .await;
-    let (status, body) = list(&gw, "/connections/shop/alice", &user_token("shop", "alice")).await;
+    let (status, body) = gw
+        .list("/connections/shop/alice", &user_token("shop", "alice"))
+        .await;
     assert_eq!((status, body), (204, Value::Null));
 }
 
@@ -119,13 +106,13 @@ async fn connections_authorization_matrix() {
         ("/connections/shop/nobody", operator_token("shop"), 204),
     ];
     for (path, token, want) in cases {
-        let (status, body) = list(&gw, path, &token).await;
+        let (status, body) = gw.list(path, &token).await;
         assert_eq!(status, want, "{path}: {body}");
         if want == 403 {
             assert!(body["error"].is_string(), "{body}");
         }
     }
-    let (_, body) = list(&gw, "/connections/shop", &operator_token("shop")).await;
+    let (_, body) = gw.list("/connections/shop", &operator_token("shop")).await;
     let users: Vec<&String> = body.as_object().unwrap().keys().collect();
     assert_eq!(users, ["alice", "bob"]);
     let r = http()
@@ -173,7 +160,7 @@ async fn two_instances_share_delivery_and_listing() {
         };
         let body = poll_until(
             move || async move {
-                list(gw, "/connections/shop", &operator_token("shop"))
+                gw.list("/connections/shop", &operator_token("shop"))
                     .await
                     .1
             },
@@ -209,12 +196,16 @@ async fn entries_of_a_killed_instance_expire_by_themselves() {
     let _c2 = doomed.connect("shop", "bob").await;
     let _c3 = survivor.connect("shop", "carol").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, body) = list(&survivor, "/connections/shop", &operator_token("shop")).await;
+    let (_, body) = survivor
+        .list("/connections/shop", &operator_token("shop"))
+        .await;
     assert_eq!(body.as_object().unwrap().len(), 3);
 
     // Held past its TTL by the heartbeat while alive...
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (_, body) = list(&survivor, "/connections/shop", &operator_token("shop")).await;
+    let (_, body) = survivor
+        .list("/connections/shop", &operator_token("shop"))
+        .await;
     assert_eq!(
         body.as_object().unwrap().len(),
         3,
@@ -227,7 +218,9 @@ async fn entries_of_a_killed_instance_expire_by_themselves() {
     let survivor_ref = &survivor;
     let users: Vec<String> = poll_until(
         move || async move {
-            let (_, body) = list(survivor_ref, "/connections/shop", &operator_token("shop")).await;
+            let (_, body) = survivor_ref
+                .list("/connections/shop", &operator_token("shop"))
+                .await;
             body.as_object()
                 .map(|o| o.keys().cloned().collect())
                 .unwrap_or_default()
@@ -372,7 +365,7 @@ async fn a_large_application_is_listed_whole_a_page_at_a_time() {
         .await
         .unwrap();
 
-    let (status, body) = list(&gw, "/connections/big", &operator_token("big")).await;
+    let (status, body) = gw.list("/connections/big", &operator_token("big")).await;
     assert_eq!(status, 200);
     let mut listed = Vec::new();
     for entries in body.as_object().unwrap().values() {
@@ -384,7 +377,7 @@ async fn a_large_application_is_listed_whole_a_page_at_a_time() {
     assert_eq!(body.as_object().unwrap().len(), 700, "users");
 
     // One user's listing reads that user's index.
-    let (status, body) = list(&gw, "/connections/big/u3", &operator_token("big")).await;
+    let (status, body) = gw.list("/connections/big/u3", &operator_token("big")).await;
     assert_eq!(status, 200);
     assert_eq!(
         body.as_object().unwrap().len(),
@@ -418,7 +411,7 @@ async fn an_admitted_stream_is_listed_as_soon_as_it_is_answered() {
         )
         .await;
         let path = format!("/connections/shop/{user}");
-        let (status, body) = list(&b, &path, &operator_token("shop")).await;
+        let (status, body) = b.list(&path, &operator_token("shop")).await;
         assert_eq!(status, 200, "{user} listed once answered");
         let entry = &body[c.connection_id().as_str()];
         assert_eq!(entry["instance"], a.instance.as_str(), "{body}");
@@ -438,7 +431,9 @@ async fn an_admitted_stream_is_listed_as_soon_as_it_is_answered() {
     eventually(Duration::from_secs(5), "the uncapped stream listed", || {
         let (b, id) = (&b, id.clone());
         async move {
-            let (status, body) = list(b, "/connections/shop/free", &operator_token("shop")).await;
+            let (status, body) = b
+                .list("/connections/shop/free", &operator_token("shop"))
+                .await;
             status == 200 && body.get(&id).is_some()
         }
     })

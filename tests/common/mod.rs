@@ -885,6 +885,25 @@ impl Gateway {
         c
     }
 
+    /// `GET` of a listing (`/connections/...`) with `token`: its status and JSON body (`Null` when
+    /// empty, as for a 204).
+    pub async fn list(&self, path: &str, token: &str) -> (u16, serde_json::Value) {
+        let r = http()
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let body = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        (status, body)
+    }
+
     /// Scrapes `/metrics` (on the operator listener) and returns the value of the first sample whose
     /// line starts with `prefix`.
     pub async fn metric(&self, prefix: &str) -> Option<f64> {
