@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use fred::types::Value as RedisValue;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
@@ -350,13 +351,28 @@ async fn streams_resuming_from_far_back_are_served_page_by_page_as_they_read() {
     assert_eq!(sorted, got, "in order, once each");
 }
 
+/// Calls an admission function directly: one answer per admission, each as its strings.
+async fn fcall_admissions(r: &fred::clients::Client, args: Vec<String>) -> Vec<Vec<String>> {
+    use fred::interfaces::ClientLike;
+    use fred::types::Value as Reply;
+    let Reply::Array(answers) = r.custom(fred::cmd!("FCALL"), args).await.unwrap() else {
+        panic!("an admission function answers a list")
+    };
+    answers
+        .into_iter()
+        .map(|a| match a {
+            Reply::Array(items) => items.iter().filter_map(|i| i.as_string()).collect(),
+            other => panic!("an answer is a list: {other:?}"),
+        })
+        .collect()
+}
+
 /// During a rolling upgrade, earlier gateways admit with `sse_admit` (caps and index entries,
 /// no registry hash): the library still answers it as before, and counts those places with the
 /// ones `sse_join` takes.
 #[tokio::test]
 async fn earlier_gateways_admissions_still_count_against_the_caps() {
     use fred::interfaces::ClientLike;
-    use fred::types::Value as Reply;
     let redis = RedisServer::start();
     let gw = no_rates(Gateway::builder())
         .redis(&redis)
@@ -369,18 +385,7 @@ async fn earlier_gateways_admissions_still_count_against_the_caps() {
             .map(String::from)
             .to_vec();
         let r = r.clone();
-        async move {
-            let Reply::Array(answers) = r.custom(fred::cmd!("FCALL"), args).await.unwrap() else {
-                panic!("sse_admit answers a list")
-            };
-            answers
-                .into_iter()
-                .map(|a| match a {
-                    Reply::Array(items) => items.iter().filter_map(|i| i.as_string()).collect(),
-                    other => panic!("an answer is a list: {other:?}"),
-                })
-                .collect::<Vec<Vec<String>>>()
-        }
+        async move { fcall_admissions(&r, args).await }
     };
     assert_eq!(admit("old-1").await, vec![vec!["ok"]]);
     let members: Vec<String> = r
@@ -447,4 +452,111 @@ async fn a_refused_stream_is_neither_counted_nor_kept() {
     assert_eq!(status, 200);
     assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
     assert!(body.get(kept.connection_id().as_str()).is_some(), "{body}");
+}
+
+/// Entries that dead instances left behind count against a cap only until it is reached: then
+/// they are pruned and the live ones counted again, within one call of many admissions, where
+/// the app index's new members are written only at the call's end and must still be counted.
+#[tokio::test]
+async fn a_cap_counts_out_dead_entries_and_counts_in_the_admissions_of_the_same_call() {
+    use fred::interfaces::ClientLike;
+    let redis = RedisServer::start();
+    let _gw = Gateway::with_redis(&redis).await;
+    let r = redis.client().await;
+    let write = |cmd: &'static str, args: Vec<&str>| {
+        let r = r.clone();
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        async move {
+            let _: RedisValue = r.custom(fred::cmd!(cmd), args).await.unwrap();
+        }
+    };
+    // Three dead entries in the app index, two of them alice's.
+    let app_ghosts = vec![
+        "shop:connections",
+        "1",
+        "ghost:1",
+        "1",
+        "alice:g1",
+        "1",
+        "alice:g2",
+    ];
+    write("ZADD", app_ghosts).await;
+    write("ZADD", vec!["shop:connections:alice", "1", "g1", "1", "g2"]).await;
+    write("EXPIRE", vec!["shop:connections", "60"]).await;
+    write("EXPIRE", vec!["shop:connections:alice", "60"]).await;
+
+    // Cap 5 per app; alice and bob capped at 2 each, carol not capped.
+    let mut args: Vec<String> = vec!["sse_join".into(), "0".into(), "60".into()];
+    let admissions = [
+        ("alice", "a1", "2"),
+        ("alice", "a2", "2"),
+        ("alice", "a3", "2"),
+        ("bob", "b1", "2"),
+        ("carol", "c1", "0"),
+        ("carol", "c2", "0"),
+        ("carol", "c3", "0"),
+    ];
+    for (user, conn, max_user) in admissions {
+        let fields = [
+            "shop",
+            user,
+            conn,
+            "5",
+            max_user,
+            "i-1",
+            "127.0.0.1",
+            "0",
+            "test",
+        ];
+        args.extend(fields.map(String::from));
+    }
+    let answers = fcall_admissions(&r, args).await;
+    let ok = || vec!["ok".to_string()];
+    let refused = |why: &str, n: &str| vec![why.to_string(), n.to_string()];
+    assert_eq!(
+        answers,
+        vec![
+            ok(),
+            ok(),
+            refused("user", "2"),
+            ok(),
+            ok(),
+            ok(),
+            refused("app", "5"),
+        ]
+    );
+
+    let members: Vec<String> = r
+        .custom(fred::cmd!("ZRANGE"), vec!["shop:connections", "0", "-1"])
+        .await
+        .unwrap();
+    let mut members = members;
+    members.sort();
+    assert_eq!(
+        members,
+        ["alice:a1", "alice:a2", "bob:b1", "carol:c1", "carol:c2"].map(String::from)
+    );
+    for index in [
+        "shop:connections",
+        "shop:connections:alice",
+        "shop:connections:bob",
+        "shop:connections:carol",
+    ] {
+        let ttl: i64 = r.custom(fred::cmd!("TTL"), vec![index]).await.unwrap();
+        assert!((1..=60).contains(&ttl), "{index} expires: {ttl}");
+    }
+    let id: Option<String> = r
+        .custom(fred::cmd!("HGET"), vec!["shop:client:bob:b1", "id"])
+        .await
+        .unwrap();
+    assert_eq!(
+        id.as_deref(),
+        Some("b1"),
+        "an admitted join writes its entry"
+    );
+    let refused_entry: i64 = r
+        .custom(fred::cmd!("EXISTS"), vec!["shop:client:carol:c3"])
+        .await
+        .unwrap();
+    assert_eq!(refused_entry, 0, "a refused join writes nothing");
 }

@@ -600,34 +600,53 @@ end
 -- Fields of one admission: sse_admit's, and sse_join's (which adds the registry entry's).
 local ADMIT_FIELDS, JOIN_FIELDS = 5, 9
 
+-- Most members one ZADD of the app index takes (its arguments go through unpack).
+local ZADD_SLICE = 1000
+
+-- An index's entry count within one call (`seen`, see admit): counted once, then kept up to
+-- date by the call's own additions, including the app index's members written at the call's
+-- end. Entries of instances that died stay until their score passes: they are counted until the
+-- count reaches the cap, and only then pruned and counted again, so that a refusal counts live
+-- entries only and an admission far below the cap costs no pruning.
+local function entries(seen, index, cap, now)
+  local n = seen.counts[index]
+  if n == nil then n = redis.call('ZCARD', index) end
+  if cap > 0 and n >= cap and not seen.pruned[index] then
+    seen.pruned[index] = true
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+    n = redis.call('ZCARD', index) + (seen.pending[index] or 0)
+  end
+  seen.counts[index] = n
+  return n
+end
+
 -- One admission, its fields from args[i]: { "ok" } | { "user", n } | { "app", n } (see the
--- header). `pruned` holds the indexes this call already pruned: expired entries are dropped once
--- per index per call. `gained` holds the indexes that gained an entry, true for a user index
--- this call created, so that their expiry is pushed out once at the call's end. `entry`: write
--- the registry entry too (sse_join).
-local function admit_one(ttl, now, args, i, pruned, gained, entry)
+-- header). `entry`: write the registry entry too (sse_join). The user index is written at once;
+-- the app index's member is kept in `seen.members` for one ZADD at the call's end.
+local function admit_one(ttl, now, args, i, seen, entry)
   local app, user, conn = args[i], args[i + 1], args[i + 2]
   local max_app, max_user = tonumber(args[i + 3]), tonumber(args[i + 4])
   local app_index, user_index = base(app) .. ':connections', base(app) .. ':connections:' .. user
-  -- Entries of instances that died stay until their score passes: counted out, and pruned.
-  for _, index in ipairs({ app_index, user_index }) do
-    if not pruned[index] then
-      redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-      pruned[index] = true
-    end
-  end
-  -- Counted even without a cap: a user index with no live entry no longer exists (pruning
-  -- deletes an emptied key), and one created here needs a single EXPIRE, not two.
-  local n = redis.call('ZCARD', user_index)
+  -- Counted even without a cap: a user index with no entry no longer exists (pruning deletes an
+  -- emptied key), and one created here needs a single EXPIRE, not two.
+  local n = entries(seen, user_index, max_user, now)
   if max_user > 0 and n >= max_user then return { 'user', n } end
-  if max_app > 0 then
-    local m = redis.call('ZCARD', app_index)
-    if m >= max_app then return { 'app', m } end
+  local m = entries(seen, app_index, max_app, now)
+  if max_app > 0 and m >= max_app then return { 'app', m } end
+  local score = now + ttl
+  -- 0 when <conn> was in the index already: counted once, in both indexes.
+  local added = redis.call('ZADD', user_index, score, conn)
+  seen.counts[user_index] = n + added
+  seen.counts[app_index] = m + added
+  seen.pending[app_index] = (seen.pending[app_index] or 0) + added
+  local members = seen.members[app_index]
+  if not members then
+    members = {}
+    seen.members[app_index] = members
   end
-  redis.call('ZADD', app_index, now + ttl, user .. ':' .. conn)
-  redis.call('ZADD', user_index, now + ttl, conn)
-  gained[app_index] = false
-  if gained[user_index] == nil then gained[user_index] = n == 0 end
+  members[#members + 1] = score
+  members[#members + 1] = user .. ':' .. conn
+  if seen.gained[user_index] == nil then seen.gained[user_index] = n == 0 end
   if entry then write_entry(ttl, app, user, conn, args, i + ADMIT_FIELDS) end
   return { 'ok' }
 end
@@ -657,17 +676,28 @@ local function admit(keys, args, fields, name)
       return redis.error_reply(name .. ': invalid application, user, connection id or cap')
     end
   end
-  local answers, pruned, gained = {}, {}, {}
+  -- counts: entries per index; pruned: indexes pruned by this call; pending: app index members
+  -- admitted but not yet written; members: those members, as ZADD's score-member pairs; gained:
+  -- user indexes that gained an entry, true for one this call created.
+  local seen = { counts = {}, pruned = {}, pending = {}, members = {}, gained = {} }
+  local answers = {}
   for i = 2, #args, fields do
-    answers[#answers + 1] = admit_one(ttl, now, args, i, pruned, gained, fields == JOIN_FIELDS)
+    answers[#answers + 1] = admit_one(ttl, now, args, i, seen, fields == JOIN_FIELDS)
+  end
+  for index, members in pairs(seen.members) do
+    for first = 1, #members, 2 * ZADD_SLICE do
+      local last = math.min(first + 2 * ZADD_SLICE - 1, #members)
+      redis.call('ZADD', index, unpack(members, first, last))
+    end
+    extend(index, ttl)
   end
   -- Only indexes that gained an entry: a refused one may not exist. A user index created here
-  -- has no expiry yet; any other index has one (every write sets it), which is only pushed out.
-  for index, created in pairs(gained) do
+  -- has no expiry yet; any other has one (every write sets it), which is only pushed out.
+  for index, created in pairs(seen.gained) do
     if created then
       redis.call('EXPIRE', index, ttl)
     else
-      extend(index, ttl)
+      redis.call('EXPIRE', index, ttl, 'GT')
     end
   end
   return answers
