@@ -19,6 +19,8 @@
 //! - [`registry`]: the cluster-wide connection registry and its ordered writer (core).
 //! - [`rate`]: request rates per token, user and application (token buckets; core).
 //! - [`history`]: event ids and their epochs, replay merging and reset reasons (core).
+//! - [`batch`]: items that arrive one at a time sent in batches by a few workers per key
+//!   (admissions, history reads; core).
 //! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`], [`clock`]: settings, Prometheus
 //!   metrics, log output, signal handling and drain order, the open-file limit (and the
 //!   descriptors kept free of streams), the wall clock.
@@ -30,6 +32,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod auth;
+pub mod batch;
 pub mod broker;
 pub mod clock;
 pub mod config;

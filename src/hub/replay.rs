@@ -10,14 +10,14 @@
 //! the no-gap guarantee is kept. The broadcasts are encoded once per read and shared by every
 //! stream that replays them.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::{Hub, Stream};
+use crate::batch::Batches;
 use crate::broker::{Broker, BrokerError};
 use crate::history::{self, Backlog, EventId, ResetReason};
 use crate::metrics::{AppReasonLabel, Metrics};
@@ -59,8 +59,6 @@ pub enum Replay {
 type Answer = oneshot::Sender<Result<Replay, BrokerError>>;
 /// An application and the id its streams resume from.
 type Key = (Arc<str>, Arc<str>);
-/// The streams (user, answer) waiting for a read, and how many reader tasks serve them, by key.
-type Waiting = HashMap<Key, (Vec<(Arc<str>, Answer)>, usize)>;
 
 /// Streams waiting for a history read, by application and id. A key is present while a reader
 /// task for it runs.
@@ -68,7 +66,8 @@ pub struct Replays {
     broker: Arc<dyn Broker>,
     /// Most entries read of each history per read (a page); 0 reads everything.
     page: usize,
-    waiting: Mutex<Waiting>,
+    /// The streams (user, answer) waiting for a read, by key.
+    waiting: Batches<Key, (Arc<str>, Answer)>,
     /// History reads made, for the metrics.
     reads: prometheus_client::metrics::counter::Counter,
 }
@@ -82,7 +81,7 @@ impl Replays {
         Replays {
             broker,
             page,
-            waiting: Mutex::default(),
+            waiting: Batches::new(READS_IN_FLIGHT, BATCH),
             reads,
         }
     }
@@ -90,10 +89,6 @@ impl Replays {
     /// Entries of each history one read takes (0: all).
     pub fn page(&self) -> usize {
         self.page
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Waiting> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What `user` of `app` missed after `last`, read together with every other stream resuming
@@ -106,15 +101,7 @@ impl Replays {
     ) -> Result<Replay, BrokerError> {
         let (tx, rx) = oneshot::channel();
         let key: Key = (app.clone(), Arc::from(last));
-        let start = {
-            let mut waiting = self.lock();
-            let (list, readers) = waiting.entry(key.clone()).or_default();
-            list.push((user.clone(), tx));
-            let start = *readers < READS_IN_FLIGHT;
-            *readers += usize::from(start);
-            start
-        };
-        if start {
+        if self.waiting.push(&key, (user.clone(), tx)) {
             // Its own task: the stream that started it may give up (its client leaves) while
             // others wait for the same read.
             tokio::spawn(self.clone().read(key));
@@ -125,22 +112,7 @@ impl Replays {
 
     /// Reads for the streams waiting on `key`, batch after batch, until none is left.
     async fn read(self: Arc<Self>, key: Key) {
-        loop {
-            let batch: Vec<(Arc<str>, Answer)> = {
-                let mut waiting = self.lock();
-                let Some((list, readers)) = waiting.get_mut(&key) else {
-                    return;
-                };
-                if list.is_empty() {
-                    *readers -= 1;
-                    if *readers == 0 {
-                        waiting.remove(&key);
-                    }
-                    return;
-                }
-                let n = list.len().min(BATCH);
-                list.drain(..n).collect()
-            };
+        while let Some(batch) = self.waiting.next(&key) {
             let users: Vec<String> = batch.iter().map(|(u, _)| u.to_string()).collect();
             self.reads.inc();
             let backlog = self.broker.since(&key.0, &key.1, &users, self.page).await;

@@ -148,7 +148,7 @@ impl RedisBroker {
                 library: library(retention, max_message_bytes, cluster, partitions),
                 functions: AtomicBool::new(false),
                 probe: Arc::new(Probe::new(instance)),
-                admissions: registry::Admissions::default(),
+                admissions: registry::admissions(),
             }),
             requests,
             request_rx: std::sync::Mutex::new(Some(request_rx)),

@@ -6,7 +6,7 @@
 //!   a listing reads them a page per call (`sse_list`: the index members and their hashes).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
@@ -35,16 +35,11 @@ pub(super) struct Pending {
     answer: oneshot::Sender<Result<Admitted, BrokerError>>,
 }
 
-/// Admissions waiting for a call, and how many tasks send them.
-#[derive(Default)]
-pub(super) struct Admissions {
-    waiting: Mutex<(Vec<Pending>, usize)>,
-}
+/// Admissions waiting for a call, all under one key: a call may carry several applications.
+pub(super) type Admissions = crate::batch::Batches<(), Pending>;
 
-impl Admissions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Pending>, usize)> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
-    }
+pub(super) fn admissions() -> Admissions {
+    Admissions::new(ADMIT_IN_FLIGHT, ADMIT_BATCH)
 }
 
 /// Reserves `a`'s place: sent at once while fewer than [`ADMIT_IN_FLIGHT`] calls are out, else
@@ -52,35 +47,19 @@ impl Admissions {
 pub(super) async fn admit(links: &Arc<Links>, a: Admission) -> Result<Admitted, BrokerError> {
     links.commands_up()?;
     let (tx, rx) = oneshot::channel();
-    let start = {
-        let mut waiting = links.admissions.lock();
-        waiting.0.push(Pending {
-            record: a.record,
-            max_app: a.max_app,
-            max_user: a.max_user,
-            ttl_secs: a.ttl_secs,
-            answer: tx,
-        });
-        let start = waiting.1 < ADMIT_IN_FLIGHT;
-        waiting.1 += usize::from(start);
-        start
+    let pending = Pending {
+        record: a.record,
+        max_app: a.max_app,
+        max_user: a.max_user,
+        ttl_secs: a.ttl_secs,
+        answer: tx,
     };
-    if start {
+    if links.admissions.push(&(), pending) {
         // Its own task: the stream that started it may give up while others wait.
         let links = links.clone();
         tokio::spawn(async move {
-            loop {
-                let batch: Vec<Pending> = {
-                    let mut waiting = links.admissions.lock();
-                    if waiting.0.is_empty() {
-                        waiting.1 -= 1;
-                        return;
-                    }
-                    let n = waiting.0.len().min(ADMIT_BATCH);
-                    waiting.0.drain(..n).collect()
-                };
-                let answers = links.admit_batch(&batch).await;
-                match answers {
+            while let Some(batch) = links.admissions.next(&()) {
+                match links.admit_batch(&batch).await {
                     Ok(answers) => {
                         for (p, answer) in batch.into_iter().zip(answers) {
                             let _ = p.answer.send(Ok(answer));
