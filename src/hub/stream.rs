@@ -219,8 +219,8 @@ impl Stream {
                 wake(guard);
             }
             Err(_) => {
-                q.phase = disconnected(q.phase);
-                wake(guard);
+                q.lose_client();
+                wake(guard); // the task ends the stream
             }
         }
     }
@@ -247,15 +247,15 @@ impl Stream {
                 return Poll::Ready(());
             };
             if wire.poll_closed(cx).is_ready() {
-                q.phase = disconnected(q.phase);
-                continue;
+                q.lose_client();
+                return Poll::Ready(());
             }
             if q.blocked {
                 match wire.poll_writable(cx) {
                     Poll::Pending => return q.park(cx),
                     Poll::Ready(Err(_)) => {
-                        q.phase = disconnected(q.phase);
-                        continue;
+                        q.lose_client();
+                        return Poll::Ready(());
                     }
                     Poll::Ready(Ok(())) => q.blocked = false,
                 }
@@ -268,8 +268,8 @@ impl Stream {
                         continue;
                     }
                     Err(_) => {
-                        q.phase = disconnected(q.phase);
-                        continue;
+                        q.lose_client();
+                        return Poll::Ready(());
                     }
                 }
             }
@@ -440,15 +440,17 @@ impl Entry for Stream {
     }
 }
 
-/// The state after the client went: a stream that was already ending keeps its reason.
-fn disconnected(phase: Phase) -> Phase {
-    match phase {
-        Phase::Open => Phase::Disconnected,
-        other => other,
-    }
-}
-
 impl StreamState {
+    /// The client went, or its connection failed: the stream ends now, whatever it was doing (a
+    /// stream already ending cannot deliver the rest either), and lets go of its socket. One that
+    /// was already ending keeps its reason, under which it is counted.
+    fn lose_client(&mut self) {
+        if self.phase == Phase::Open {
+            self.phase = Phase::Disconnected;
+        }
+        self.wire = None;
+    }
+
     /// Queues history read for a catch-up (past the limits: a page, or bounded by history),
     /// except what the stream already has, and moves the stream's position to `after`.
     fn queue_replay(&mut self, replay: Vec<(Option<EventId>, Bytes)>, after: Option<EventId>) {
@@ -561,7 +563,12 @@ mod tests {
         written: Vec<u8>,
         room: usize,
         closed_by_peer: bool,
+        /// Every write fails (EPIPE) while the peer is not seen closed.
+        broken: bool,
         ended: bool,
+        /// Writes and close checks so far: a stream that retries for ever fails its test instead
+        /// of hanging it.
+        calls: usize,
     }
 
     impl TestWire {
@@ -573,6 +580,13 @@ mod tests {
         fn socket(&self) -> MutexGuard<'_, TestSocket> {
             self.state.lock().unwrap()
         }
+        /// The socket, counting one more write or close check.
+        fn call(&self) -> MutexGuard<'_, TestSocket> {
+            let mut s = self.socket();
+            s.calls += 1;
+            assert!(s.calls < 10_000, "the stream keeps calling its socket");
+            s
+        }
         fn text(&self) -> String {
             String::from_utf8(self.socket().written.clone()).unwrap()
         }
@@ -580,7 +594,10 @@ mod tests {
 
     impl Wire for TestWire {
         fn write(&mut self, out: &mut Outbox) -> io::Result<bool> {
-            let mut s = self.socket();
+            let mut s = self.call();
+            if s.broken {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
             loop {
                 if out.partial().is_empty() {
                     let Some(ev) = out.pop() else {
@@ -605,7 +622,7 @@ mod tests {
             }
         }
         fn poll_closed(&mut self, _: &mut Context<'_>) -> Poll<()> {
-            if self.socket().closed_by_peer {
+            if self.call().closed_by_peer {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -810,6 +827,28 @@ mod tests {
         assert!(drive(&c).is_ready());
         assert_eq!(c.push(b("x"), None), Push::Gone);
         assert_eq!(c.close_reason(), close_reason::CLIENT_GONE);
+    }
+
+    /// A stream told to end (shutdown's farewell, an expired token) whose client is gone, or
+    /// whose socket fails, ends at once under its reason: it used to retry the write for ever
+    /// inside one poll, holding a runtime thread.
+    #[test]
+    fn an_ending_stream_whose_client_is_gone_ends_at_once() {
+        let (c, wire) = wired(10, 100);
+        assert!(drive(&c).is_pending());
+        wire.socket().closed_by_peer = true;
+        c.finish(close_reason::SHUTDOWN, Some(b("bye")));
+        assert!(drive(&c).is_ready());
+        assert_eq!(Arc::strong_count(&wire.state), 1, "the socket is closed");
+        assert_eq!(c.close_reason(), close_reason::SHUTDOWN);
+
+        let (c, wire) = wired(10, 100);
+        assert!(drive(&c).is_pending());
+        wire.socket().broken = true;
+        c.finish(close_reason::SHUTDOWN, Some(b("bye")));
+        assert!(drive(&c).is_ready());
+        assert_eq!(Arc::strong_count(&wire.state), 1, "the socket is closed");
+        assert_eq!(c.close_reason(), close_reason::SHUTDOWN);
     }
 
     #[test]
