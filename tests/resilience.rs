@@ -328,3 +328,35 @@ async fn a_reader_that_falls_far_behind_then_catches_up_gets_every_byte_in_order
         "within its limits, a slow reader is waited for"
     );
 }
+
+/// A client that vanishes while its stream is ending (here shutdown's farewell, queued behind
+/// events its full socket held back): the stream ends at once and the gateway exits. It used to
+/// retry the stream's socket for ever inside one poll, holding a runtime thread, so that the
+/// gateway never exited.
+#[tokio::test]
+async fn a_client_gone_while_its_stream_ends_never_holds_the_gateway() {
+    let redis = RedisServer::start();
+    let mut gw = Gateway::builder()
+        .process()
+        .redis(&redis)
+        .env("SHUTDOWN_TIMEOUT", "60")
+        .start()
+        .await;
+    let client = raw_sse_request(gw.port, "shop", "leaving", Some(4096)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 3.5 MiB: more than the socket's buffers take (about 1.6 MiB), less than they and the
+    // stream's queue (4 MiB) hold together.
+    let blob = "b".repeat(64 * 1024);
+    for _ in 0..56 {
+        let resp = gw
+            .publish("shop", json!({"user": "leaving", "data": blob}))
+            .await;
+        assert!(resp.status().is_success());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Unread data: the close is a reset.
+    drop(client);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
