@@ -834,21 +834,16 @@ mod tests {
     /// inside one poll, holding a runtime thread.
     #[test]
     fn an_ending_stream_whose_client_is_gone_ends_at_once() {
-        let (c, wire) = wired(10, 100);
-        assert!(drive(&c).is_pending());
-        wire.socket().closed_by_peer = true;
-        c.finish(close_reason::SHUTDOWN, Some(b("bye")));
-        assert!(drive(&c).is_ready());
-        assert_eq!(Arc::strong_count(&wire.state), 1, "the socket is closed");
-        assert_eq!(c.close_reason(), close_reason::SHUTDOWN);
-
-        let (c, wire) = wired(10, 100);
-        assert!(drive(&c).is_pending());
-        wire.socket().broken = true;
-        c.finish(close_reason::SHUTDOWN, Some(b("bye")));
-        assert!(drive(&c).is_ready());
-        assert_eq!(Arc::strong_count(&wire.state), 1, "the socket is closed");
-        assert_eq!(c.close_reason(), close_reason::SHUTDOWN);
+        let gone: [fn(&mut TestSocket); 2] = [|s| s.closed_by_peer = true, |s| s.broken = true];
+        for leave in gone {
+            let (c, wire) = wired(10, 100);
+            assert!(drive(&c).is_pending());
+            leave(&mut wire.socket());
+            c.finish(close_reason::SHUTDOWN, Some(b("bye")));
+            assert!(drive(&c).is_ready());
+            assert_eq!(Arc::strong_count(&wire.state), 1, "the socket is closed");
+            assert_eq!(c.close_reason(), close_reason::SHUTDOWN);
+        }
     }
 
     #[test]
