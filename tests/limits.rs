@@ -354,14 +354,13 @@ async fn streams_resuming_from_far_back_are_served_page_by_page_as_they_read() {
 /// Calls an admission function directly: one answer per admission, each as its strings.
 async fn fcall_admissions(r: &fred::clients::Client, args: Vec<String>) -> Vec<Vec<String>> {
     use fred::interfaces::ClientLike;
-    use fred::types::Value as Reply;
-    let Reply::Array(answers) = r.custom(fred::cmd!("FCALL"), args).await.unwrap() else {
+    let RedisValue::Array(answers) = r.custom(fred::cmd!("FCALL"), args).await.unwrap() else {
         panic!("an admission function answers a list")
     };
     answers
         .into_iter()
         .map(|a| match a {
-            Reply::Array(items) => items.iter().filter_map(|i| i.as_string()).collect(),
+            RedisValue::Array(items) => items.iter().filter_map(|i| i.as_string()).collect(),
             other => panic!("an answer is a list: {other:?}"),
         })
         .collect()
@@ -526,11 +525,10 @@ async fn a_cap_counts_out_dead_entries_and_counts_in_the_admissions_of_the_same_
         ]
     );
 
-    let members: Vec<String> = r
+    let mut members: Vec<String> = r
         .custom(fred::cmd!("ZRANGE"), vec!["shop:connections", "0", "-1"])
         .await
         .unwrap();
-    let mut members = members;
     members.sort();
     assert_eq!(
         members,
