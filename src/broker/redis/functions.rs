@@ -106,7 +106,7 @@ impl Links {
 
     /// `FCALL` on `client`, loading the library first if this Redis lost it (restarted without
     /// persistence, or a replica promoted before the library reached it).
-    async fn fcall_on(
+    pub(super) async fn fcall_on(
         &self,
         client: &Client,
         function: &str,

@@ -1,8 +1,9 @@
 //! The Redis broker: every use of fred lives under this module.
 //!
-//! Two connections (on a Redis Cluster, two per primary): one for commands (publish, history,
-//! registry; pipelined) and one dedicated subscriber. Both reconnect forever, with a backoff capped
-//! at one second so that the gateway is back within about a second of Redis.
+//! Three connections (on a Redis Cluster, three per primary): one for commands (publish, history,
+//! registry; pipelined), one for admissions, and one dedicated subscriber (with
+//! `DURABLE_MIN_REPLICAS`, a fourth for durable publishes). All reconnect forever, with a backoff
+//! capped at one second so that the gateway is back within about a second of Redis.
 //!
 //! - [`functions`]: the Redis Functions library (durable publish, replay, history position, probe);
 //! - [`subscriber`]: subscriptions, message delivery to the hub, re-sync after a lost link;
@@ -53,13 +54,18 @@ const RECONNECT_MIN_MS: u32 = 50;
 const RECONNECT_MAX_MS: u32 = 1_000;
 const RECONNECT_JITTER_MS: u32 = 100;
 
-/// The two connections and what this instance knows about them; shared with the broker's tasks.
+/// The connections and what this instance knows about them; shared with the broker's tasks.
 struct Links {
     client: Client,
     subscriber: SubscriberClient,
     /// With `DURABLE_MIN_REPLICAS`, durable publishes and their `WAIT` go on a connection of their
     /// own: `WAIT` blocks the connection it runs on, and the registry and replay must not wait.
     durable: Option<Client>,
+    /// Admissions go on a connection of their own: Redis answers one connection's commands in
+    /// order, and in a connect storm a queue of admission calls ahead of the history reads (or
+    /// of the admissions behind those) delays every stream's `200`. Redis alternates between
+    /// connections, so each waits for at most one call of the other.
+    admitter: Client,
     durability: Durability,
     metrics: Arc<Metrics>,
     /// Redis Cluster: hash-tagged names, sharded pub/sub, the library on every primary.
@@ -124,6 +130,9 @@ impl RedisBroker {
         let client = builder
             .build()
             .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let admitter = builder
+            .build()
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
         let durable = match durability.min_replicas {
             0 => None,
             _ => Some(
@@ -142,6 +151,7 @@ impl RedisBroker {
                 client,
                 subscriber,
                 durable,
+                admitter,
                 durability,
                 metrics,
                 cluster,
@@ -161,7 +171,7 @@ impl RedisBroker {
 impl Links {
     /// Fails fast when the command link is down, instead of queueing behind a reconnect.
     fn commands_up(&self) -> Result<(), BrokerError> {
-        if self.client.is_connected() {
+        if self.client.is_connected() && self.admitter.is_connected() {
             Ok(())
         } else {
             Err(BrokerError::Unavailable("Redis link is down".into()))
@@ -173,7 +183,7 @@ impl Links {
     /// the subscriber's reconnect then re-syncs the open streams.
     fn demoted(&self) {
         tracing::warn!("Redis answered READONLY: reconnecting to the current primary");
-        let mut clients = vec![self.client.clone()];
+        let mut clients = vec![self.client.clone(), self.admitter.clone()];
         clients.extend(self.durable.clone());
         for client in clients {
             tokio::spawn(async move {
@@ -350,12 +360,18 @@ impl Broker for RedisBroker {
                 ));
             }
             links.client.connect();
+            links.admitter.connect();
             links.subscriber.connect();
             if let Some(durable) = &links.durable {
                 durable.connect();
             }
             let wait = async {
                 links.client.wait_for_connect().await.map_err(unavailable)?;
+                links
+                    .admitter
+                    .wait_for_connect()
+                    .await
+                    .map_err(unavailable)?;
                 links
                     .subscriber
                     .wait_for_connect()
@@ -478,7 +494,7 @@ impl Broker for RedisBroker {
         let links = &self.links;
         LinkState {
             kind: "redis",
-            commands: links.client.is_connected(),
+            commands: links.client.is_connected() && links.admitter.is_connected(),
             pubsub: links.subscriber.is_connected(),
             functions: links.functions.load(Ordering::Relaxed),
             probe: links.probe.fresh(),
@@ -496,6 +512,7 @@ impl Broker for RedisBroker {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 let _ = self.links.subscriber.quit().await;
                 let _ = self.links.client.quit().await;
+                let _ = self.links.admitter.quit().await;
                 if let Some(durable) = &self.links.durable {
                     let _ = durable.quit().await;
                 }

@@ -121,7 +121,9 @@ impl Links {
                 ]);
             }
             let bad = || BrokerError::Command("unexpected answer from sse_join".into());
-            let Value::Array(got) = self.fcall("sse_join", app, args).await? else {
+            let key = super::cluster::base(self.cluster, app);
+            let call = self.fcall_on(&self.admitter, "sse_join", Some(&key), args);
+            let Value::Array(got) = call.await? else {
                 return Err(bad());
             };
             if got.len() != members.len() {
