@@ -99,14 +99,24 @@ impl Links {
         app: &str,
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
+        self.app_fcall_on(&self.client, function, app, args).await
+    }
+
+    /// `FCALL` of an application's function on `client` (its key declared, as a cluster needs).
+    pub(super) async fn app_fcall_on(
+        &self,
+        client: &Client,
+        function: &str,
+        app: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, BrokerError> {
         let key = cluster::base(self.cluster, app);
-        self.fcall_on(&self.client, function, Some(&key), args)
-            .await
+        self.fcall_on(client, function, Some(&key), args).await
     }
 
     /// `FCALL` on `client`, loading the library first if this Redis lost it (restarted without
     /// persistence, or a replica promoted before the library reached it).
-    pub(super) async fn fcall_on(
+    async fn fcall_on(
         &self,
         client: &Client,
         function: &str,

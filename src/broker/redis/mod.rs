@@ -169,9 +169,22 @@ impl RedisBroker {
 }
 
 impl Links {
+    /// The command and admission connections, and the durable one if there is one.
+    fn command_clients(&self) -> impl Iterator<Item = &Client> {
+        [&self.client, &self.admitter]
+            .into_iter()
+            .chain(self.durable.as_ref())
+    }
+
+    /// Whether commands can go out: the command link is both the command and the admission
+    /// connections.
+    fn commands_connected(&self) -> bool {
+        self.client.is_connected() && self.admitter.is_connected()
+    }
+
     /// Fails fast when the command link is down, instead of queueing behind a reconnect.
     fn commands_up(&self) -> Result<(), BrokerError> {
-        if self.client.is_connected() && self.admitter.is_connected() {
+        if self.commands_connected() {
             Ok(())
         } else {
             Err(BrokerError::Unavailable("Redis link is down".into()))
@@ -183,9 +196,8 @@ impl Links {
     /// the subscriber's reconnect then re-syncs the open streams.
     fn demoted(&self) {
         tracing::warn!("Redis answered READONLY: reconnecting to the current primary");
-        let mut clients = vec![self.client.clone(), self.admitter.clone()];
-        clients.extend(self.durable.clone());
-        for client in clients {
+        for client in self.command_clients() {
+            let client = client.clone();
             tokio::spawn(async move {
                 let _ = client.force_reconnection().await;
             });
@@ -359,12 +371,10 @@ impl Broker for RedisBroker {
                     self.requests.clone(),
                 ));
             }
-            links.client.connect();
-            links.admitter.connect();
-            links.subscriber.connect();
-            if let Some(durable) = &links.durable {
-                durable.connect();
+            for client in links.command_clients() {
+                client.connect();
             }
+            links.subscriber.connect();
             let wait = async {
                 links.client.wait_for_connect().await.map_err(unavailable)?;
                 links
@@ -494,7 +504,7 @@ impl Broker for RedisBroker {
         let links = &self.links;
         LinkState {
             kind: "redis",
-            commands: links.client.is_connected() && links.admitter.is_connected(),
+            commands: links.commands_connected(),
             pubsub: links.subscriber.is_connected(),
             functions: links.functions.load(Ordering::Relaxed),
             probe: links.probe.fresh(),
@@ -511,10 +521,8 @@ impl Broker for RedisBroker {
             let _ = self.stopped.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 let _ = self.links.subscriber.quit().await;
-                let _ = self.links.client.quit().await;
-                let _ = self.links.admitter.quit().await;
-                if let Some(durable) = &self.links.durable {
-                    let _ = durable.quit().await;
+                for client in self.links.command_clients() {
+                    let _ = client.quit().await;
                 }
             })
             .await;

@@ -121,8 +121,7 @@ impl Links {
                 ]);
             }
             let bad = || BrokerError::Command("unexpected answer from sse_join".into());
-            let key = super::cluster::base(self.cluster, app);
-            let call = self.fcall_on(&self.admitter, "sse_join", Some(&key), args);
+            let call = self.app_fcall_on(&self.admitter, "sse_join", app, args);
             let Value::Array(got) = call.await? else {
                 return Err(bad());
             };
