@@ -52,7 +52,10 @@ async fn through(scenario: &str, fault: Fault) {
     }
     let new = set.wait_new_primary(old).await;
     if let Fault::KillPrimary = fault {
-        tokio::task::block_in_place(|| set.primary.restart());
+        // As an operator's restart does it (asking the Sentinels where the primary is). Restarted
+        // empty as a primary, it is what a spurious second failover promotes (Redis 7.0's
+        // Sentinels were seen to do it a second after the first), wiping every acknowledged event.
+        tokio::task::block_in_place(|| set.primary.restart_as_replica_of(new));
     }
     let gw = &gateways[0];
     let ready_again = async {

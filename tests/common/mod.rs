@@ -150,6 +150,18 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// Starts the server again as a replica of `primary`, as a node without persistence must
+    /// come back under Sentinel: restarted as a primary, it is empty, and a second failover may
+    /// promote it and wipe the node that holds the data.
+    pub fn restart_as_replica_of(&mut self, primary: u16) {
+        self.args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.to_string(),
+        ]);
+        self.restart();
+    }
+
     pub async fn client(&self) -> fred::clients::Client {
         let config = fred::types::config::Config::from_url(&self.url()).expect("url");
         let client = fred::types::Builder::from_config(config)
