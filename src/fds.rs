@@ -8,7 +8,7 @@
 //! here: every connect in flight at 256, 512, 1024, ... open files took 15-22 ms instead of 0.3.
 //! Growing the table once, while the process is still single-threaded, costs nothing of the kind.
 //!
-//! The gateway's only `unsafe` code (libc calls) is here; every other module is compiled with
+//! Its libc calls are `unsafe`, as are [`crate::sched`]'s; every other module is compiled with
 //! `unsafe_code` denied.
 #![allow(unsafe_code)]
 

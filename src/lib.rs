@@ -21,9 +21,9 @@
 //! - [`history`]: event ids and their epochs, replay merging and reset reasons (core).
 //! - [`batch`]: items that arrive one at a time sent in batches by a few workers per key
 //!   (admissions, history reads; core).
-//! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`], [`clock`]: settings, Prometheus
-//!   metrics, log output, signal handling and drain order, the open-file limit (and the
-//!   descriptors kept free of streams), the wall clock.
+//! - [`config`], [`metrics`], [`logging`], [`shutdown`], [`fds`], [`sched`], [`clock`]: settings,
+//!   Prometheus metrics, log output, signal handling and drain order, the open-file limit (and the
+//!   descriptors kept free of streams), the fan-out writers' lower priority, the wall clock.
 //!
 //! [`run`] wires them together; `main.rs` only loads the configuration and starts a runtime.
 
@@ -45,6 +45,7 @@ pub mod logging;
 pub mod metrics;
 pub mod rate;
 pub mod registry;
+pub mod sched;
 pub mod shutdown;
 pub mod sse;
 

@@ -3,7 +3,8 @@
 //! Writing one event to a loopback or LAN socket costs a few microseconds of kernel time, so a
 //! broadcast to thousands of streams is milliseconds of `writev` calls. Split over the cores, the
 //! last stream gets its event that many times sooner. Order is safe whoever writes: each stream's
-//! writes take its own outbox in order, under its lock.
+//! writes take its own outbox in order, under its lock. The writers run below the runtime's
+//! priority ([`crate::sched`]): on saturated cores, serving connections comes first.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -90,6 +91,7 @@ impl Writers {
 }
 
 fn work(shared: &Shared) {
+    crate::sched::lower_this_thread();
     loop {
         let job = {
             let mut jobs = shared.lock();
