@@ -5,11 +5,11 @@
 //! time in `writev`. Left at equal weight they share the cores evenly, and in a reconnect storm every
 //! stream still waiting for its `200` waits behind broadcasts to the streams already back. At a lower
 //! priority the writers still get a tenth of a contended core, and whatever they leave waiting is
-//! written together later (an outbox is flushed whole), so events are delayed, never dropped. On a
-//! machine with idle cores nothing changes.
+//! written together later (an outbox is flushed whole): events are delayed, and the outbox limits
+//! apply as before. On a machine with idle cores nothing changes.
 //!
-//! Measured (`docs/benchmarks.md`): the 19,500-stream storm 11% faster (medians of ten), broadcast
-//! deliveries per CPU-second and their latency unchanged.
+//! Measured (`docs/benchmarks.md`): the 19,500-stream storm 11% faster (medians of sixteen),
+//! broadcast deliveries per CPU-second and their latency unchanged.
 #![allow(unsafe_code)]
 
 /// The writers' `nice` value: the runtime's threads outweigh them about ten to one on a busy core.
