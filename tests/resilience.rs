@@ -127,7 +127,15 @@ async fn a_client_that_vanishes_is_cleaned_up() {
     let redis_ref = &redis;
     let keys = poll_until(move || redis_keys(redis_ref), |k| k.len() == 3).await;
     assert_eq!(keys.len(), 3);
-    assert_eq!(gw.metric("sse_active_clients").await, Some(1.0));
+    // The registry entry is written at admission, before the stream is attached and counted:
+    // this test never reads the response, so it waits for the count too.
+    let gw_ref = &gw;
+    let active = poll_until(
+        move || gw_ref.metric("sse_active_clients"),
+        |m| *m == Some(1.0),
+    )
+    .await;
+    assert_eq!(active, Some(1.0));
     drop(s);
     let keys = poll_until(move || redis_keys(redis_ref), |k| k.is_empty()).await;
     assert_eq!(keys, Vec::<String>::new());
