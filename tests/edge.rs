@@ -194,12 +194,7 @@ async fn http2_prior_knowledge_streams() {
     assert_eq!(s.next().await.event, "h2");
     drop(s);
     // The h2 stream reset is seen as a disconnect.
-    let gw_ref = &gw;
-    let open = poll_until(
-        move || gw_ref.metric("sse_active_clients"),
-        |n| *n == Some(0.0),
-    )
-    .await;
+    let open = gw.metric_reaches("sse_active_clients", 0.0).await;
     assert_eq!(open, Some(0.0));
 }
 
@@ -796,12 +791,7 @@ async fn junk_on_an_open_stream_ends_it_and_costs_nothing() {
     let mut junk = raw_sse_request(gw.port, "shop", "alice", None).await;
     let head = read_stream_start(&mut junk).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let gw_ref = &gw;
-    let open = poll_until(
-        move || gw_ref.metric("sse_active_clients"),
-        |n| *n == Some(2.0),
-    )
-    .await;
+    let open = gw.metric_reaches("sse_active_clients", 2.0).await;
     assert_eq!(open, Some(2.0));
 
     let cpu = gw.cpu_seconds();
@@ -817,11 +807,7 @@ async fn junk_on_an_open_stream_ends_it_and_costs_nothing() {
     let mut rest = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(5), junk.read_to_end(&mut rest)).await;
     assert!(end.is_ok(), "the stream was not ended");
-    let open = poll_until(
-        move || gw_ref.metric("sse_active_clients"),
-        |n| *n == Some(1.0),
-    )
-    .await;
+    let open = gw.metric_reaches("sse_active_clients", 1.0).await;
     assert_eq!(open, Some(1.0), "only bob's stream is left");
 
     // Everyone else is served as before.

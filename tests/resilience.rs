@@ -129,17 +129,15 @@ async fn a_client_that_vanishes_is_cleaned_up() {
     assert_eq!(keys.len(), 3);
     // The registry entry is written at admission, before the stream is attached and counted:
     // this test never reads the response, so it waits for the count too.
-    let gw_ref = &gw;
-    let active = poll_until(
-        move || gw_ref.metric("sse_active_clients"),
-        |m| *m == Some(1.0),
-    )
-    .await;
+    let active = gw.metric_reaches("sse_active_clients", 1.0).await;
     assert_eq!(active, Some(1.0));
     drop(s);
     let keys = poll_until(move || redis_keys(redis_ref), |k| k.is_empty()).await;
     assert_eq!(keys, Vec::<String>::new());
-    assert_eq!(gw.metric("sse_active_clients").await, Some(0.0));
+    assert_eq!(
+        gw.metric_reaches("sse_active_clients", 0.0).await,
+        Some(0.0)
+    );
     let closed = gw
         .metric("sse_connections_closed_total{app=\"shop\",reason=\"client_gone\"}")
         .await;
@@ -206,12 +204,9 @@ async fn a_slow_reader_is_cut_off_while_fast_readers_get_everything() {
     let want: Vec<String> = (0..total).map(|i| i.to_string()).collect();
     assert_eq!(got, want, "the fast reader saw every message, in order");
 
-    let gw_ref = &gw;
-    let cut = poll_until(
-        move || gw_ref.metric("sse_slow_clients_disconnected_total{app=\"shop\"}"),
-        |c| *c == Some(1.0),
-    )
-    .await;
+    let cut = gw
+        .metric_reaches("sse_slow_clients_disconnected_total{app=\"shop\"}", 1.0)
+        .await;
     assert_eq!(cut, Some(1.0), "the slow reader was cut off");
     assert!(
         gw.metric("sse_dropped_message_total{app=\"shop\"}")

@@ -932,6 +932,12 @@ impl Gateway {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }
+
+    /// [`Gateway::metric`], read again until it is `value` (for at most 5 s); returns what it
+    /// read last.
+    pub async fn metric_reaches(&self, prefix: &str, value: f64) -> Option<f64> {
+        poll_until(|| self.metric(prefix), |m| *m == Some(value)).await
+    }
 }
 
 impl Drop for Gateway {
