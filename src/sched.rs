@@ -20,18 +20,28 @@ pub const WRITER_NICE: i32 = 10;
 /// its priority.
 #[cfg(target_os = "linux")]
 pub fn lower_this_thread() {
-    // SAFETY: gettid has no preconditions; getpriority and setpriority only read their integer
-    // arguments, and on Linux PRIO_PROCESS with a thread id names that one thread.
-    unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        if libc::getpriority(libc::PRIO_PROCESS, tid) < WRITER_NICE {
-            libc::setpriority(libc::PRIO_PROCESS, tid, WRITER_NICE);
-        }
+    if this_thread_nice() < WRITER_NICE {
+        // SAFETY: gettid has no preconditions; setpriority only reads its integer arguments, and
+        // on Linux PRIO_PROCESS with a thread id names that one thread.
+        unsafe {
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                libc::gettid() as libc::id_t,
+                WRITER_NICE,
+            )
+        };
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 pub fn lower_this_thread() {}
+
+/// The calling thread's nice value.
+#[cfg(target_os = "linux")]
+fn this_thread_nice() -> i32 {
+    // SAFETY: as in `lower_this_thread`; getpriority only reads its integer arguments.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
@@ -39,19 +49,18 @@ mod tests {
 
     #[test]
     fn lowers_only_the_calling_thread() {
-        let before = current_nice();
+        let before = this_thread_nice();
         let lowered = std::thread::spawn(|| {
             lower_this_thread();
-            current_nice()
+            this_thread_nice()
         })
         .join()
         .unwrap_or(before);
         assert_eq!(lowered, before.max(WRITER_NICE));
-        assert_eq!(current_nice(), before, "other threads keep their priority");
-    }
-
-    fn current_nice() -> i32 {
-        // SAFETY: as above; getpriority reads its arguments only.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+        assert_eq!(
+            this_thread_nice(),
+            before,
+            "other threads keep their priority"
+        );
     }
 }
