@@ -74,12 +74,15 @@ use crate::registry::Registry;
 pub enum StartError {
     #[error("broker: {0}")]
     Broker(#[from] broker::BrokerError),
+    #[error("cannot start accepting connections: {0}")]
+    Accept(#[from] std::io::Error),
 }
 
 /// The sockets the gateway serves, bound by the caller (`main` names a taken address itself).
 pub struct Listeners {
-    /// Streams, publishing, listing, `/health` and `/ready` (`APP_HOST`, `APP_PORT`).
-    pub public: TcpListener,
+    /// Streams, publishing, listing, `/health` and `/ready` (`APP_HOST`, `APP_PORT`), from
+    /// [`http::server::listen`].
+    pub public: http::server::PublicListener,
     /// `/metrics`, `/health` and `/ready` for operators (`OPERATOR_ADDR`); `None` when it is `off`.
     pub operator: Option<TcpListener>,
 }
@@ -181,15 +184,12 @@ pub async fn run(
         tracing::info!(%addr, instance = %state.config.instance_id, app_name = %state.config.app_name,
             "ready to accept connections");
     }
-    let server = tokio::spawn(http::server::serve(listener, state.clone(), stop.clone()));
+    let serving = http::server::serve(listener, state.clone(), stop.clone())?;
     shutdown.await;
     stop.cancel();
-    let connections = match server.await {
-        Ok(c) => c,
-        Err(error) => {
-            tracing::error!(%error, "accept loop failed");
-            return Ok(());
-        }
+    let Some(connections) = serving.stopped().await else {
+        tracing::error!("the accept thread died");
+        return Ok(());
     };
     shutdown::drain(
         &hub,
