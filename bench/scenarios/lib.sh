@@ -96,6 +96,26 @@ start_redis() {
   wait_port "$REDIS_PORT"
 }
 
+# redis_stats_reset / redis_stats NAME: the run's standalone Redis's per-command counts and times
+# and its CPU (`INFO commandstats`, `INFO cpu`), reset before a run and written after it to
+# $RESULTS/NAME.redis.txt: where Redis's share of a run goes, command by command.
+redis_stats_reset() {
+  [ -n "${REDIS_PORT:-}" ] && command -v redis-cli >/dev/null || return 0
+  redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null 2>&1 || true
+  REDIS_CPU0=$(redis-cli -p "$REDIS_PORT" INFO cpu 2>/dev/null | tr -d '\r' |
+    awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }')
+}
+redis_stats() {
+  [ -n "${REDIS_PORT:-}" ] && command -v redis-cli >/dev/null || return 0
+  local cpu
+  cpu=$(redis-cli -p "$REDIS_PORT" INFO cpu 2>/dev/null | tr -d '\r' |
+    awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }')
+  {
+    echo "redis cpu seconds during the run: $(echo "$cpu ${REDIS_CPU0:-0}" | awk '{ print $1 - $2 }')"
+    redis-cli -p "$REDIS_PORT" INFO commandstats 2>/dev/null | tr -d '\r'
+  } >"$RESULTS/$1.redis.txt" || true
+}
+
 # start_cluster: a Redis Cluster of six nodes (three primaries, three replicas) on free ports, bus
 # ports chosen explicitly, no persistence, each node's files in its own directory under $WORK; waits
 # until every node says the cluster is ok and every primary has its replica in sync. Sets
@@ -244,12 +264,14 @@ bench() {
   shift
   mkdir -p "$RESULTS"
   log "$name: sse-bench run $*"
+  redis_stats_reset
   if ! "$SSE_BENCH" run --label "$name" --out "$RESULTS/$name.json" "$@" \
     >/dev/null 2>"$RESULTS/$name.log"; then
     log "$name: sse-bench failed, see $RESULTS/$name.log"
     tail -3 "$RESULTS/$name.log" >&2
     return 1
   fi
+  redis_stats "$name"
   headline "$RESULTS/$name.json"
 }
 

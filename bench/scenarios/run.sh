@@ -119,6 +119,7 @@ split_run() {
   start_at=$(($(date +%s%3N) + 1500))
   rm -f "$WORK/$name.sent"
   log "$name: $procs processes: sse-bench run $* ${SHARD0_ARGS[*]}"
+  redis_stats_reset
   for ((i = 0; i < procs; i++)); do
     extra=()
     if [ ${#SHARD0_ARGS[@]} -gt 0 ]; then
@@ -137,6 +138,7 @@ split_run() {
     return 1
   }
   "$SSE_BENCH" merge --label "$name" --out "$RESULTS/$name.json" "${parts[@]}" >/dev/null
+  redis_stats "$name"
   headline "$RESULTS/$name.json"
 }
 
