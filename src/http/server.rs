@@ -132,13 +132,16 @@ pub fn serve(
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
-    // A quarter of the descriptor reserve short of the limit, accepting pauses until sockets
-    // close: the kernel's backlog holds the connects meanwhile (they are served late, not
-    // refused), and the last quarter stays for the broker's links, logs and the runtime, so that
-    // `accept` never fails with EMFILE. Streams stop well before (the whole reserve short), so
-    // this only happens when a burst of connects arrives at a full instance.
+    // A quarter of the descriptor reserve short of the limit (less the listener's own sockets,
+    // its poller and its wake-up), accepting pauses until sockets close: the kernel's backlog
+    // holds the connects meanwhile (they are served late, not refused), and the last quarter
+    // stays for the broker's links, logs and the runtime, so that `accept` never fails with
+    // EMFILE. Streams stop well before (the whole reserve short), so this only happens when a
+    // burst of connects arrives at a full instance.
+    let own = listener.sockets.len() as u64 + 2;
     let pause_at = crate::fds::open_files_limit().map_or(usize::MAX, |limit| {
-        usize::try_from(limit.saturating_sub(state.config.fd_reserve / 4)).unwrap_or(usize::MAX)
+        usize::try_from(limit.saturating_sub(state.config.fd_reserve / 4 + own))
+            .unwrap_or(usize::MAX)
     });
     let acceptor = Acceptor {
         ready: vec![true; listener.sockets.len()],
