@@ -363,3 +363,18 @@ async fn a_client_gone_while_its_stream_ends_never_holds_the_gateway() {
     drop(client);
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[tokio::test]
+async fn a_gateway_whose_runtime_is_gone_lets_go_of_its_port() {
+    // Accepting runs on a thread of its own: a runtime shut down without the graceful stop (as
+    // when an embedding program drops it) must stop that thread too, or the port stays taken.
+    let port = free_port();
+    let mut gw = Gateway::builder().port(port).start().await;
+    let health = http().get(gw.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    gw.kill();
+    eventually(Duration::from_secs(5), "the port is free again", || async {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+}

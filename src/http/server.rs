@@ -165,12 +165,27 @@ pub fn serve(
             let _ = done.send(acceptor.run());
         })?;
     tokio::spawn(async move {
-        stop.cancelled().await;
-        if let Err(error) = waker.wake() {
-            tracing::warn!(%error, "could not wake the accept thread; it stops within a second");
-        }
+        let wake = StopAccepting { stop, waker };
+        wake.stop.cancelled().await;
     });
     Ok(Serving { stopped })
+}
+
+/// Held by a task that waits for `stop`: dropped when `stop` is cancelled, or with the task when
+/// the runtime shuts down first, it stops the accept thread (which would otherwise go on holding
+/// the port with nowhere to send connections).
+struct StopAccepting {
+    stop: CancellationToken,
+    waker: mio::Waker,
+}
+
+impl Drop for StopAccepting {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Err(error) = self.waker.wake() {
+            tracing::warn!(%error, "could not wake the accept thread; it stops within a second");
+        }
+    }
 }
 
 /// The accept thread's state.
