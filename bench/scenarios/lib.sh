@@ -99,19 +99,19 @@ start_redis() {
 # redis_stats_reset / redis_stats NAME: the run's standalone Redis's per-command counts and times
 # and its CPU (`INFO commandstats`, `INFO cpu`), reset before a run and written after it to
 # $RESULTS/NAME.redis.txt: where Redis's share of a run goes, command by command.
+redis_cpu() {
+  redis-cli -p "$REDIS_PORT" INFO cpu 2>/dev/null | tr -d '\r' |
+    awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }'
+}
 redis_stats_reset() {
   [ -n "${REDIS_PORT:-}" ] && command -v redis-cli >/dev/null || return 0
   redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null 2>&1 || true
-  REDIS_CPU0=$(redis-cli -p "$REDIS_PORT" INFO cpu 2>/dev/null | tr -d '\r' |
-    awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }')
+  REDIS_CPU0=$(redis_cpu)
 }
 redis_stats() {
   [ -n "${REDIS_PORT:-}" ] && command -v redis-cli >/dev/null || return 0
-  local cpu
-  cpu=$(redis-cli -p "$REDIS_PORT" INFO cpu 2>/dev/null | tr -d '\r' |
-    awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s + 0 }')
   {
-    echo "redis cpu seconds during the run: $(echo "$cpu ${REDIS_CPU0:-0}" | awk '{ print $1 - $2 }')"
+    echo "redis cpu seconds during the run: $(echo "$(redis_cpu) ${REDIS_CPU0:-0}" | awk '{ print $1 - $2 }')"
     redis-cli -p "$REDIS_PORT" INFO commandstats 2>/dev/null | tr -d '\r'
   } >"$RESULTS/$1.redis.txt" || true
 }
